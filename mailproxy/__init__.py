@@ -1,0 +1,3 @@
+"""mailproxy: a before-queue SMTP filtering proxy built on Twisted."""
+
+__version__ = "0.1.0"

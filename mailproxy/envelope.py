@@ -1,0 +1,51 @@
+"""
+The SMTP domain model shared by the relay and the filters.
+
+A L{Session} lives as long as one client connection; an L{Envelope} as long as one
+mail transaction (MAIL to end of data or RSET); a L{Message} is the spooled content
+of one transaction, handed to message-stage filters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO, Any
+
+import attrs
+
+
+@attrs.define
+class Session:
+    """One client connection, as filters see it."""
+
+    id: str
+    clientAddress: str
+    clientPort: int
+    helo: str | None = None
+    esmtp: bool = False
+    #: Facts that filters attach for each other (the p0f OS guess, a DNSWL hit, ...).
+    notes: dict[str, Any] = attrs.Factory(dict)
+
+
+@attrs.define
+class Envelope:
+    """One mail transaction: the sender, its parameters, and the accepted recipients."""
+
+    mailFrom: str
+    mailParameters: str = ""
+    recipients: list[str] = attrs.Factory(list)
+
+
+@attrs.frozen
+class Message:
+    """The spooled content of one message: CRLF lines, not dot-stuffed."""
+
+    path: str
+    size: int
+
+    @contextmanager
+    def open(self) -> Iterator[IO[bytes]]:
+        """Open the spooled content for reading; stream it, never read it whole."""
+        with open(self.path, "rb") as f:
+            yield f
