@@ -5,10 +5,21 @@ listens. Every error names the file and the key at fault.
 
 from __future__ import annotations
 
+import datetime
+import difflib
 import enum
-from collections.abc import Mapping
+import json
+import math
+import os
+import re
+import socket
+import tomllib
+import types
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import attrs
+from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.interfaces import IReactorTime
 
 
@@ -22,6 +33,8 @@ class ConfigError(Exception):
         self.message = message
 
     def __str__(self) -> str:
+        if not self.key:  # the file as a whole: unreadable, or not TOML
+            return f"{self.path}: {self.message}"
         return f"{self.path}: {self.key}: {self.message}"
 
 
@@ -41,6 +54,8 @@ class BareLineEndings(enum.Enum):
 
 @attrs.frozen
 class Limits:
+    """C{[limits]}: what one client may send, and how many clients at once."""
+
     messageSize: int = 50 * 1024 * 1024
     recipients: int = 100
     lineLength: int = 2048
@@ -71,6 +86,8 @@ class FilterSpec:
 
 @attrs.frozen
 class Config:
+    """The whole validated file; C{path} is the path it was loaded from, as given."""
+
     path: str
     listen: tuple[str, ...]
     upstream: str
@@ -82,11 +99,289 @@ class Config:
     filters: tuple[FilterSpec, ...] = ()
 
 
+class _InvalidValueError(Exception):
+    """A value is wrong; the caller adds the file and the key."""
+
+
+#: Turns a TOML value into the attribute value, or raises L{_InvalidValueError}.
+_Check = Callable[[object], Any]
+
+_TOML_TYPES: tuple[tuple[type, str], ...] = (
+    (dict, "a table"),
+    (list, "an array"),
+    (datetime.datetime, "a date-time"),
+    (datetime.date, "a date"),
+    (datetime.time, "a time"),
+)
+
+
+def _show(value: object) -> str:
+    """A TOML value as a short, one-line phrase for an error message."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    for kind, phrase in _TOML_TYPES:
+        if isinstance(value, kind):
+            return phrase
+    return repr(value)
+
+
+def _dotted(*parts: str) -> str:
+    """A dotted TOML key, quoting the parts that are not bare keys."""
+    return ".".join(p if re.fullmatch(r"[A-Za-z0-9_-]+", p) else json.dumps(p) for p in parts)
+
+
+def _oneLine(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _integer(minimum: int) -> _Check:
+    wanted = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+
+    def check(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise _InvalidValueError(f"must be {wanted}, not {_show(value)}")
+        return value
+
+    return check
+
+
+def _seconds(value: object) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not (value > 0 and math.isfinite(value))
+    ):
+        raise _InvalidValueError(f"must be a positive number of seconds, not {_show(value)}")
+    return float(value)
+
+
+def _boolean(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _InvalidValueError(f"must be true or false, not {_show(value)}")
+    return value
+
+
+def _choice(kind: type[enum.Enum]) -> _Check:
+    allowed = ", ".join(json.dumps(member.value) for member in kind)
+
+    def check(value: object) -> enum.Enum:
+        for member in kind:
+            if member.value == value:
+                return member
+        raise _InvalidValueError(f"must be one of {allowed}, not {_show(value)}")
+
+    return check
+
+
+def _string(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise _InvalidValueError(f"must be a non-empty string, not {_show(value)}")
+    return value
+
+
+def _hostname(value: object) -> str:
+    name = _string(value)
+    if not re.fullmatch(r"[\x21-\x7e]{1,255}", name):
+        raise _InvalidValueError(
+            f"must be a host name without spaces or control characters, not {_show(name)}"
+        )
+    return name
+
+
+def _endpoint(parse: Callable[[Any, str], object], what: str, reactor: IReactorTime) -> _Check:
+    """Check an endpoint string by parsing it: the endpoint is built, never used."""
+
+    def check(value: object) -> str:
+        description = _string(value)
+        try:
+            parse(reactor, description)
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            # OSError: ssl: and similar read their certificate files while parsing.
+            raise _InvalidValueError(
+                f"{_show(description)} is not a valid {what} endpoint: {_oneLine(str(e))}"
+            ) from None
+        return description
+
+    return check
+
+
+def _listen(reactor: IReactorTime) -> _Check:
+    single = _endpoint(serverFromString, "server", reactor)
+
+    def check(value: object) -> tuple[str, ...]:
+        if isinstance(value, list):
+            if not value:
+                raise _InvalidValueError(
+                    "must list at least one server endpoint, not an empty array"
+                )
+            listen = tuple(single(item) for item in value)
+            if len(set(listen)) != len(listen):
+                raise _InvalidValueError("lists the same endpoint twice")
+            return listen
+        if isinstance(value, str):
+            return (single(value),)
+        raise _InvalidValueError(
+            f"must be an endpoint string or an array of them, not {_show(value)}"
+        )
+
+    return check
+
+
+def _spoolDir(value: object) -> str:
+    """An absolute path; the directory itself is checked by L{_prepareSpool}, last."""
+    return os.path.abspath(_string(value))
+
+
+def _prepareSpool(spoolDir: str) -> None:
+    """Create the spool directory if missing (mode 0700) and check that we may use it."""
+    try:
+        os.makedirs(spoolDir, mode=0o700, exist_ok=True)
+    except FileExistsError:
+        raise _InvalidValueError(f"{_show(spoolDir)} exists and is not a directory") from None
+    except OSError as e:
+        raise _InvalidValueError(f"cannot create {_show(spoolDir)}: {e.strerror}") from None
+    if not os.access(spoolDir, os.W_OK | os.X_OK):
+        raise _InvalidValueError(f"{_show(spoolDir)} is not writable")
+
+
+def _proxyKeys(reactor: IReactorTime) -> dict[str, _Check]:
+    return {
+        "listen": _listen(reactor),
+        "upstream": _endpoint(clientFromString, "client", reactor),
+        "hostname": _hostname,
+        "spool_dir": _spoolDir,
+        "bare_line_endings": _choice(BareLineEndings),
+    }
+
+
+_LIMITS_KEYS: dict[str, _Check] = {
+    "message_size": _integer(1),
+    "recipients": _integer(1),
+    "line_length": _integer(512),
+    "connections": _integer(1),
+    "connections_per_client": _integer(1),
+}
+_TIMEOUTS_KEYS: dict[str, _Check] = dict.fromkeys(
+    ("client_idle", "mta_connect", "mta_reply", "filters"), _seconds
+)
+_FILTER_KEYS: dict[str, _Check] = {
+    "timeout": _seconds,
+    "on_error": _choice(OnError),
+    "dry_run": _boolean,
+}
+_SECTIONS = ("proxy", "limits", "timeouts", "filters")
+_REQUIRED = {"listen": "a server endpoint string", "upstream": "a client endpoint string"}
+
+
+def _camel(key: str) -> str:
+    """C{connections_per_client} -> C{connectionsPerClient}."""
+    return re.sub(r"_([a-z])", lambda m: m.group(1).upper(), key)
+
+
+def _unknown(path: str, key: str, name: str, known: list[str], what: str) -> ConfigError:
+    close = difflib.get_close_matches(name, known, n=1)
+    if close:
+        return ConfigError(path, key, f'unknown {what}, did you mean "{close[0]}"?')
+    return ConfigError(path, key, f"unknown {what}; known: {', '.join(known)}")
+
+
+def _table(path: str, document: Mapping[str, object], *names: str) -> dict[str, object]:
+    """The table at C{names}, or an empty one if it is missing."""
+    value = document.get(names[-1], {})
+    if not isinstance(value, dict):
+        key = _dotted(*names)
+        raise ConfigError(path, key, f"must be a table ([{key}]), not {_show(value)}")
+    return value
+
+
+def _convert(
+    path: str, section: tuple[str, ...], table: Mapping[str, object], keys: Mapping[str, _Check]
+) -> dict[str, Any]:
+    """Check the known keys of C{table}; return them as attribute names and values."""
+    result = {}
+    for name, value in table.items():
+        if name in keys:
+            try:
+                result[_camel(name)] = keys[name](value)
+            except _InvalidValueError as e:
+                raise ConfigError(path, _dotted(*section, name), str(e)) from None
+    return result
+
+
+def _section(
+    path: str, document: Mapping[str, object], name: str, keys: Mapping[str, _Check]
+) -> dict[str, Any]:
+    """A section whose keys are all known: an unknown one is a typo."""
+    table = _table(path, document, name)
+    for key in table:
+        if key not in keys:
+            raise _unknown(path, _dotted(name, key), key, list(keys), "key")
+    return _convert(path, (name,), table, keys)
+
+
+def _freeze(value: object) -> object:
+    """A read-only copy of a TOML value: tables become mapping proxies, arrays tuples."""
+    if isinstance(value, dict):
+        return types.MappingProxyType({k: _freeze(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _filters(path: str, document: Mapping[str, object]) -> tuple[FilterSpec, ...]:
+    """The C{[filters.NAME]} sections, in file order."""
+    specs = []
+    filters = _table(path, document, "filters")
+    for name in filters:
+        table = _table(path, filters, "filters", name)
+        common = _convert(path, ("filters", name), table, _FILTER_KEYS)
+        options = {k: _freeze(v) for k, v in table.items() if k not in _FILTER_KEYS}
+        specs.append(FilterSpec(name=name, options=types.MappingProxyType(options), **common))
+    return tuple(specs)
+
+
+def _read(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(path, "", f"cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, "", f"not UTF-8 text: {e.reason} at byte {e.start}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, "", f"not valid TOML: {_oneLine(str(e))}") from None
+
+
 def load(path: str, reactor: IReactorTime) -> Config:
     """
     Read and validate the configuration file at C{path}.
 
+    The spool directory is created (mode 0700) if missing, once everything else is valid.
+
     @param reactor: only used to parse endpoint strings; nothing listens or connects.
     @raise ConfigError: the file is unreadable, not TOML, or any key is wrong.
     """
-    raise NotImplementedError
+    document = _read(path)
+    for name in document:
+        if name not in _SECTIONS:
+            raise _unknown(path, _dotted(name), name, list(_SECTIONS), "section")
+    proxy = _section(path, document, "proxy", _proxyKeys(reactor))
+    for key, what in _REQUIRED.items():
+        if key not in proxy:
+            raise ConfigError(path, f"proxy.{key}", f"missing: {what} is required")
+    proxy.setdefault("hostname", socket.gethostname())
+    proxy.setdefault("spoolDir", os.path.abspath("spool"))
+    config = Config(
+        path=path,
+        limits=Limits(**_section(path, document, "limits", _LIMITS_KEYS)),
+        timeouts=Timeouts(**_section(path, document, "timeouts", _TIMEOUTS_KEYS)),
+        filters=_filters(path, document),
+        **proxy,
+    )
+    try:
+        _prepareSpool(config.spoolDir)
+    except _InvalidValueError as e:
+        raise ConfigError(path, "proxy.spool_dir", str(e)) from None
+    return config

@@ -1,0 +1,547 @@
+"""
+Tests for L{mailproxy.config}: the mapping of the TOML file to frozen objects, and the
+one-line errors that stop a bad configuration before anything listens.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import stat
+from collections.abc import Mapping
+
+import attrs
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from mailproxy.config import (
+    BareLineEndings,
+    Config,
+    ConfigError,
+    FilterSpec,
+    Limits,
+    OnError,
+    Timeouts,
+    load,
+)
+
+SAMPLE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "mailproxy.toml"
+)
+UPSTREAM = "tcp:host=127.0.0.1:port=10025"
+
+
+def snake(name: str) -> str:
+    """C{connectionsPerClient} -> C{connections_per_client}."""
+    return re.sub(r"[A-Z]", lambda m: "_" + m.group(0).lower(), name)
+
+
+class ConfigTestCase(SynchronousTestCase):
+    """Helpers: write a configuration file in a temporary directory and load it."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.spool = os.path.abspath(self.mktemp())
+
+    def write(self, text: str) -> str:
+        """Write C{text} to a new temporary file; return its path."""
+        path: str = self.mktemp()
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
+
+    def configure(self, body: str = "", proxy: str = "", before: str = "") -> str:
+        """
+        Write C{before}, a valid [proxy] section with the C{proxy} lines added, then C{body}.
+
+        @return: the path of the file.
+        """
+        return self.write(
+            f'{before}\n[proxy]\nlisten = "tcp:2525"\nupstream = "{UPSTREAM}"\n'
+            f"spool_dir = '{self.spool}'\n{proxy}\n{body}"
+        )
+
+    def load(self, path: str) -> Config:
+        return load(path, self.reactor)
+
+    def error(self, path: str) -> str:
+        """The one-line message of the L{ConfigError} that loading C{path} raises."""
+        e = self.assertRaises(ConfigError, load, path, self.reactor)
+        self.assertNotIn("\n", str(e))
+        return str(e)
+
+    def assertError(self, path: str, key: str, message: str) -> None:
+        self.assertEqual(self.error(path), f"{path}: {key}: {message}")
+
+
+class SampleTests(ConfigTestCase):
+    """The shipped C{conf/mailproxy.toml}."""
+
+    def test_sampleLoads(self) -> None:
+        """
+        The sample loads as shipped, with the documented addresses and both filters in file
+        order; its relative spool directory is created in the working directory.
+        """
+        self.addCleanup(os.chdir, os.getcwd())
+        workdir = os.path.abspath(self.mktemp())
+        os.mkdir(workdir)
+        os.chdir(workdir)
+        config = self.load(SAMPLE)
+        self.assertEqual(config.path, SAMPLE)
+        self.assertEqual(config.listen, ("tcp:2525:interface=127.0.0.1",))
+        self.assertEqual(config.upstream, UPSTREAM)
+        self.assertEqual(config.spoolDir, os.path.join(workdir, "spool"))
+        self.assertTrue(os.path.isdir(config.spoolDir))
+        self.assertEqual([f.name for f in config.filters], ["access", "size"])
+        self.assertEqual(config.filters[0].options["deny_networks"], ("192.0.2.0/24",))
+        self.assertEqual(config.filters[1].options, {"max_bytes": 26214400})
+        self.assertEqual(self.reactor.tcpServers, [])
+        self.assertEqual(self.reactor.tcpClients, [])
+
+    def test_sampleDocumentsEveryKey(self) -> None:
+        """Every key mailproxy knows appears in the sample, set or commented out."""
+        with open(SAMPLE, encoding="utf-8") as f:
+            text = f.read()
+
+        def keys(cls: type, *skip: str) -> list[str]:
+            return [snake(a.name) for a in attrs.fields(cls) if a.name not in skip]
+
+        names = [
+            *keys(Config, "path", "limits", "timeouts", "filters"),
+            *keys(Limits),
+            *keys(Timeouts),
+            *keys(FilterSpec, "name", "options"),
+        ]
+        self.assertEqual(len(names), 17)
+        for name in names:
+            self.assertRegex(text, rf"(?m)^#? *{name} *=", name)
+
+
+class MappingTests(ConfigTestCase):
+    """What the keys become."""
+
+    def test_minimal(self) -> None:
+        """
+        With only the required keys, everything else takes its default, the host name is
+        C{socket.gethostname()}, and C{path} is the path as given.
+        """
+        path = self.configure()
+        config = self.load(path)
+        self.assertEqual(
+            config,
+            Config(
+                path=path,
+                listen=("tcp:2525",),
+                upstream=UPSTREAM,
+                hostname=socket.gethostname(),
+                spoolDir=self.spool,
+            ),
+        )
+        self.assertIs(config.bareLineEndings, BareLineEndings.REJECT)
+        self.assertEqual(config.limits, Limits())
+        self.assertEqual(config.timeouts, Timeouts())
+        self.assertEqual(config.filters, ())
+
+    def test_defaultSpoolDir(self) -> None:
+        """
+        Without C{spool_dir} the spool is C{spool} in the working directory, stored as an
+        absolute path and created with mode 0700.
+        """
+        self.addCleanup(os.chdir, os.getcwd())
+        path = os.path.abspath(
+            self.write(f'[proxy]\nlisten = "tcp:2525"\nupstream = "{UPSTREAM}"\n')
+        )
+        workdir = os.path.abspath(self.mktemp())
+        os.mkdir(workdir)
+        os.chdir(workdir)
+        config = self.load(path)
+        self.assertEqual(config.spoolDir, os.path.join(workdir, "spool"))
+        self.assertEqual(stat.S_IMODE(os.stat(config.spoolDir).st_mode), 0o700)
+
+    def test_everyKey(self) -> None:
+        """
+        Every key maps to its camelCase attribute; integer seconds become floats and
+        decimal ones are kept.
+        """
+        config = self.load(
+            self.configure(
+                proxy='hostname = "mx.example.org"\nbare_line_endings = "normalise"',
+                body="[limits]\nmessage_size = 1000\nrecipients = 2\nline_length = 512\n"
+                "connections = 3\nconnections_per_client = 1\n"
+                "[timeouts]\nclient_idle = 1\nmta_connect = 2.5\nmta_reply = 3\nfilters = 0.25\n",
+            )
+        )
+        self.assertEqual(config.hostname, "mx.example.org")
+        self.assertIs(config.bareLineEndings, BareLineEndings.NORMALISE)
+        self.assertEqual(config.limits, Limits(1000, 2, 512, 3, 1))
+        self.assertEqual(config.timeouts, Timeouts(1.0, 2.5, 3.0, 0.25))
+        self.assertIsInstance(config.timeouts.clientIdle, float)
+
+    def test_relativeSpoolDirIsAbsolute(self) -> None:
+        """A relative C{spool_dir} is stored as an absolute path, created if missing."""
+        relative = self.mktemp()
+        config = self.load(
+            self.write(
+                f'[proxy]\nlisten = "tcp:2525"\nupstream = "{UPSTREAM}"\n'
+                f"spool_dir = '{relative}/spool'\n"
+            )
+        )
+        self.assertEqual(config.spoolDir, os.path.abspath(os.path.join(relative, "spool")))
+        self.assertTrue(os.path.isdir(config.spoolDir))
+
+    def test_listenList(self) -> None:
+        """An array of listen endpoints becomes a tuple in the same order."""
+        path = self.write(
+            '[proxy]\nlisten = ["tcp:25", "tcp6:25:interface=\\\\:\\\\:", "haproxy:tcp:2526"]\n'
+            f"upstream = \"{UPSTREAM}\"\nspool_dir = '{self.spool}'\n"
+        )
+        self.assertEqual(
+            self.load(path).listen, ("tcp:25", "tcp6:25:interface=\\:\\:", "haproxy:tcp:2526")
+        )
+
+    def test_nothingListensOrConnects(self) -> None:
+        """Checking the endpoint strings neither listens nor connects."""
+        self.load(self.configure())
+        self.assertEqual(self.reactor.tcpServers, [])
+        self.assertEqual(self.reactor.tcpClients, [])
+        self.assertEqual(self.reactor.unixServers, [])
+        self.assertEqual(self.reactor.unixClients, [])
+
+    def test_filtersInFileOrder(self) -> None:
+        """Filters come out in the order of their sections in the file, not sorted."""
+        config = self.load(self.configure("[filters.spamd]\n[filters.access]\n[filters.clamd]\n"))
+        self.assertEqual([f.name for f in config.filters], ["spamd", "access", "clamd"])
+
+    def test_filterCommonKeys(self) -> None:
+        """
+        C{timeout}, C{on_error} and C{dry_run} become attributes with their defaults when
+        left out; the other keys, and only those, become options.
+        """
+        config = self.load(
+            self.configure(
+                "[filters.a]\ntimeout = 5\non_error = \"accept\"\ndry_run = true\nhost = 'x'\n"
+                "[filters.b]\n"
+            )
+        )
+        self.assertEqual(
+            config.filters,
+            (
+                FilterSpec("a", 5.0, OnError.ACCEPT, True, {"host": "x"}),
+                FilterSpec("b", 30.0, OnError.TEMPFAIL, False, {}),
+            ),
+        )
+
+    def test_filterOptionsReadOnly(self) -> None:
+        """A filter's options cannot be changed: tables are read-only, arrays are tuples."""
+        options = (
+            self.load(self.configure("[filters.a]\nlist = [1, [2]]\ntable = { k = [3] }\n"))
+            .filters[0]
+            .options
+        )
+        self.assertEqual(options["list"], (1, (2,)))
+        self.assertIsInstance(options["table"], Mapping)
+        self.assertEqual(options["table"], {"k": (3,)})
+        with self.assertRaises(TypeError):
+            options["new"] = 1  # type: ignore[index]
+        with self.assertRaises(TypeError):
+            options["table"]["k"] = 1  # type: ignore[index]
+
+
+class FileErrorTests(ConfigTestCase):
+    """The file as a whole."""
+
+    def test_missingFile(self) -> None:
+        """A missing file is named, with the reason and no traceback."""
+        path = self.mktemp()
+        self.assertEqual(self.error(path), f"{path}: cannot read: No such file or directory")
+
+    def test_directory(self) -> None:
+        """A directory given as the file is an error naming it."""
+        path = self.mktemp()
+        os.mkdir(path)
+        self.assertEqual(self.error(path), f"{path}: cannot read: Is a directory")
+
+    def test_invalidToml(self) -> None:
+        """Invalid TOML is reported with tomllib's message, line and column."""
+        path = self.write('[proxy]\nlisten = "tcp:25"\nupstream = tcp\n')
+        self.assertEqual(
+            self.error(path), f"{path}: not valid TOML: Invalid value (at line 3, column 12)"
+        )
+
+    def test_notUtf8(self) -> None:
+        """A file that is not UTF-8 is an error, not a traceback."""
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(b'[proxy]\nhostname = "\xff"\n')
+        self.assertEqual(self.error(path), f"{path}: not UTF-8 text: invalid start byte at byte 20")
+
+    def test_emptyFile(self) -> None:
+        """An empty file lacks the required C{proxy.listen}."""
+        path = self.write("")
+        self.assertError(path, "proxy.listen", "missing: a server endpoint string is required")
+
+
+class KeyErrorTests(ConfigTestCase):
+    """Unknown, missing and misplaced keys and sections."""
+
+    def test_missingRequired(self) -> None:
+        """C{proxy.listen} and C{proxy.upstream} are required."""
+        path = self.write(f'[proxy]\nlisten = "tcp:25"\nspool_dir = "{self.spool}"\n')
+        self.assertError(path, "proxy.upstream", "missing: a client endpoint string is required")
+        path = self.write(f'[proxy]\nupstream = "{UPSTREAM}"\n')
+        self.assertError(path, "proxy.listen", "missing: a server endpoint string is required")
+
+    def test_unknownSection(self) -> None:
+        """An unknown section is an error, suggesting the nearest known one when close."""
+        path = self.configure("[limit]\nrecipients = 5\n")
+        self.assertError(path, "limit", 'unknown section, did you mean "limits"?')
+        path = self.configure("[tls]\n")
+        self.assertError(path, "tls", "unknown section; known: proxy, limits, timeouts, filters")
+
+    def test_topLevelKey(self) -> None:
+        """A key outside any section is an unknown section."""
+        path = self.write(f'upstream = "{UPSTREAM}"\n[proxy]\nlisten = "tcp:25"\n')
+        self.assertError(
+            path, "upstream", "unknown section; known: proxy, limits, timeouts, filters"
+        )
+
+    def test_unknownKey(self) -> None:
+        """A misspelt key is an error suggesting the right one, never silently ignored."""
+        path = self.configure("[limits]\nmessage_sise = 10\n")
+        self.assertError(path, "limits.message_sise", 'unknown key, did you mean "message_size"?')
+        path = self.configure(proxy='upsteam = "tcp:host=a:port=1"')
+        self.assertError(path, "proxy.upsteam", 'unknown key, did you mean "upstream"?')
+        path = self.configure("[timeouts]\nclientidle = 10\n")
+        self.assertError(path, "timeouts.clientidle", 'unknown key, did you mean "client_idle"?')
+
+    def test_unknownKeyNoSuggestion(self) -> None:
+        """An unknown key close to nothing lists the known keys."""
+        path = self.configure("[limits]\nfoo = 10\n")
+        self.assertError(
+            path,
+            "limits.foo",
+            "unknown key; known: message_size, recipients, line_length, connections, "
+            "connections_per_client",
+        )
+
+    def test_sectionNotTable(self) -> None:
+        """A section given as a plain value is an error."""
+        path = self.configure(before="limits = 5")
+        self.assertError(path, "limits", "must be a table ([limits]), not 5")
+
+    def test_filtersNotTable(self) -> None:
+        """C{filters} must be a table of tables."""
+        path = self.configure(before='filters = ["a"]')
+        self.assertError(path, "filters", "must be a table ([filters]), not an array")
+        path = self.configure("[filters]\naccess = true\n")
+        self.assertError(path, "filters.access", "must be a table ([filters.access]), not true")
+
+
+class ValueErrorTests(ConfigTestCase):
+    """Values of the wrong type or out of range."""
+
+    def test_integerNotString(self) -> None:
+        """A string where an integer belongs is quoted in the error."""
+        path = self.configure('[limits]\nmessage_size = "big"\n')
+        self.assertError(path, "limits.message_size", 'must be a positive integer, not "big"')
+
+    def test_integerNotBoolOrFloat(self) -> None:
+        """A boolean is not an integer, nor is a decimal number."""
+        path = self.configure("[limits]\nrecipients = true\n")
+        self.assertError(path, "limits.recipients", "must be a positive integer, not true")
+        path = self.configure("[limits]\nrecipients = 1.5\n")
+        self.assertError(path, "limits.recipients", "must be a positive integer, not 1.5")
+        path = self.configure("[limits]\nrecipients = [1]\n")
+        self.assertError(path, "limits.recipients", "must be a positive integer, not an array")
+
+    def test_integerRange(self) -> None:
+        """Limits must be positive, and C{line_length} at least RFC 5321's 512."""
+        for key in ("message_size", "recipients", "connections", "connections_per_client"):
+            for value in ("0", "-1"):
+                path = self.configure(f"[limits]\n{key} = {value}\n")
+                self.assertError(path, f"limits.{key}", f"must be a positive integer, not {value}")
+        path = self.configure("[limits]\nline_length = 511\n")
+        self.assertError(path, "limits.line_length", "must be an integer >= 512, not 511")
+
+    def test_seconds(self) -> None:
+        """Timeouts must be positive, finite numbers; not booleans or strings."""
+        for value, shown in [
+            ("0", "0"),
+            ("-1.5", "-1.5"),
+            ("true", "true"),
+            ('"30"', '"30"'),
+            ("inf", "inf"),
+            ("nan", "nan"),
+            ("1979-05-27", "a date"),
+        ]:
+            path = self.configure(f"[timeouts]\nmta_reply = {value}\n")
+            self.assertError(
+                path, "timeouts.mta_reply", f"must be a positive number of seconds, not {shown}"
+            )
+
+    def test_enum(self) -> None:
+        """A bad choice lists the allowed values."""
+        path = self.configure(proxy='bare_line_endings = "normalize"')
+        self.assertError(
+            path,
+            "proxy.bare_line_endings",
+            'must be one of "reject", "normalise", not "normalize"',
+        )
+
+    def test_hostname(self) -> None:
+        """The host name must be non-empty, without spaces or control characters."""
+        path = self.configure(proxy='hostname = ""')
+        self.assertError(path, "proxy.hostname", 'must be a non-empty string, not ""')
+        path = self.configure(proxy='hostname = "mx\\r\\n250 ok"')
+        self.assertError(
+            path,
+            "proxy.hostname",
+            'must be a host name without spaces or control characters, not "mx\\r\\n250 ok"',
+        )
+
+    def test_filterCommonKeys(self) -> None:
+        """A filter's common keys are checked, under the filter's dotted key."""
+        path = self.configure("[filters.access]\ntimeout = 0\n")
+        self.assertError(
+            path, "filters.access.timeout", "must be a positive number of seconds, not 0"
+        )
+        path = self.configure('[filters.access]\non_error = "reject"\n')
+        self.assertError(
+            path,
+            "filters.access.on_error",
+            'must be one of "tempfail", "accept", not "reject"',
+        )
+        path = self.configure('[filters.access]\ndry_run = "yes"\n')
+        self.assertError(path, "filters.access.dry_run", 'must be true or false, not "yes"')
+
+    def test_quotedFilterName(self) -> None:
+        """A filter name that is not a bare key is quoted in the dotted key, as TOML would."""
+        path = self.configure('[filters."my filter"]\ntimeout = -1\n')
+        self.assertError(
+            path, 'filters."my filter".timeout', "must be a positive number of seconds, not -1"
+        )
+
+
+class EndpointTests(ConfigTestCase):
+    """Endpoint strings are parsed by Twisted, and their errors named."""
+
+    def listen(self, value: str) -> str:
+        return self.write(
+            f"[proxy]\nlisten = {value}\nupstream = \"{UPSTREAM}\"\nspool_dir = '{self.spool}'\n"
+        )
+
+    def test_badServerEndpoint(self) -> None:
+        """A listen string Twisted cannot parse is quoted, with Twisted's reason."""
+        for value, reason in [
+            ("tcp:abc", "invalid literal for int() with base 10: 'abc'"),
+            ("bogus:25", "Unknown endpoint type: 'bogus'"),
+            ("tcp:25:colour=red", "_parseTCP() got an unexpected keyword argument 'colour'"),
+        ]:
+            self.assertError(
+                self.listen(f'"{value}"'),
+                "proxy.listen",
+                f'"{value}" is not a valid server endpoint: {reason}',
+            )
+
+    def test_badEndpointInList(self) -> None:
+        """A bad string inside a listen array is found and quoted."""
+        self.assertError(
+            self.listen('["tcp:25", "tcp:x"]'),
+            "proxy.listen",
+            "\"tcp:x\" is not a valid server endpoint: invalid literal for int() with base 10: 'x'",
+        )
+
+    def test_missingCertificate(self) -> None:
+        """An C{ssl:} listener whose certificate cannot be read is a configuration error."""
+        key = os.path.abspath(self.mktemp())
+        path = self.listen(f"'ssl:465:privateKey={key}'")
+        self.assertIn(
+            f"is not a valid server endpoint: [Errno 2] No such file or directory: '{key}'",
+            self.error(path),
+        )
+
+    def test_listenShape(self) -> None:
+        """Listen is a string or a non-empty array of distinct strings."""
+        self.assertError(
+            self.listen("25"),
+            "proxy.listen",
+            "must be an endpoint string or an array of them, not 25",
+        )
+        self.assertError(
+            self.listen("[]"),
+            "proxy.listen",
+            "must list at least one server endpoint, not an empty array",
+        )
+        self.assertError(
+            self.listen('["tcp:25", "tcp:25"]'), "proxy.listen", "lists the same endpoint twice"
+        )
+        self.assertError(self.listen("[25]"), "proxy.listen", "must be a non-empty string, not 25")
+
+    def test_badClientEndpoint(self) -> None:
+        """An upstream string Twisted cannot parse is quoted, with Twisted's reason."""
+        path = self.write(
+            f'[proxy]\nlisten = "tcp:25"\nupstream = "tcp:host=mta"\nspool_dir = \'{self.spool}\'\n'
+        )
+        self.assertError(
+            path,
+            "proxy.upstream",
+            '"tcp:host=mta" is not a valid client endpoint: TCP4ClientEndpoint.__init__() '
+            "missing 1 required positional argument: 'port'",
+        )
+
+
+class SpoolTests(ConfigTestCase):
+    """The spool directory is created, or refused, at load time."""
+
+    def spoolAt(self, spool: str) -> str:
+        return self.write(
+            f'[proxy]\nlisten = "tcp:25"\nupstream = "{UPSTREAM}"\nspool_dir = \'{spool}\'\n'
+        )
+
+    def test_created(self) -> None:
+        """A missing spool directory is created, with its parents, mode 0700."""
+        spool = os.path.join(self.spool, "a", "b")
+        self.load(self.spoolAt(spool))
+        self.assertEqual(stat.S_IMODE(os.stat(spool).st_mode), 0o700)
+
+    def test_existing(self) -> None:
+        """An existing writable spool directory is used as it is."""
+        os.mkdir(self.spool, 0o750)
+        self.assertEqual(self.load(self.spoolAt(self.spool)).spoolDir, self.spool)
+        self.assertEqual(stat.S_IMODE(os.stat(self.spool).st_mode) & 0o700, 0o700)
+
+    def test_isAFile(self) -> None:
+        """A regular file where the spool directory should be is an error."""
+        with open(self.spool, "w"):
+            pass
+        self.assertError(
+            self.spoolAt(self.spool),
+            "proxy.spool_dir",
+            f'"{self.spool}" exists and is not a directory',
+        )
+
+    def test_cannotCreate(self) -> None:
+        """A spool directory that cannot be created is an error (even for root)."""
+        with open(self.spool, "w"):
+            pass
+        spool = os.path.join(self.spool, "spool")
+        self.assertError(
+            self.spoolAt(spool), "proxy.spool_dir", f'cannot create "{spool}": Not a directory'
+        )
+
+    def test_notWritable(self) -> None:
+        """An existing spool directory we may not write to is an error."""
+        if os.geteuid() == 0:
+            raise SkipTest("root may write anywhere")
+        os.mkdir(self.spool, 0o500)
+        self.addCleanup(os.chmod, self.spool, 0o700)
+        self.assertError(
+            self.spoolAt(self.spool), "proxy.spool_dir", f'"{self.spool}" is not writable'
+        )
+
+    def test_notCreatedWhenInvalid(self) -> None:
+        """A configuration with any other error creates no spool directory."""
+        path = self.configure("[limits]\nrecipients = 0\n")
+        self.error(path)
+        self.assertFalse(os.path.exists(self.spool))
