@@ -1,0 +1,125 @@
+"""
+The access filter: client networks, HELO names, senders and recipients, by list.
+
+Networks are CIDR blocks (IPv4 and IPv6); names and addresses are case-insensitive glob
+patterns (C{*@spam.example}, C{*.invalid}); C{"<>"} is the null sender. Each deny list
+has an allow list of exceptions.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+from collections.abc import Mapping, Sequence
+
+import attrs
+from twisted.internet.interfaces import IReactorTime
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from mailproxy.envelope import Envelope, Session
+from mailproxy.filters import BaseFilter, IFilter, IFilterFactory, OptionError, Stage, Verdict
+from mailproxy.filters.options import Options
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@attrs.frozen
+class Patterns:
+    """Case-insensitive glob patterns, each compiled once."""
+
+    patterns: tuple[str, ...]
+
+    def match(self, value: str) -> bool:
+        value = value.lower()
+        return any(fnmatch.fnmatchcase(value, p) for p in self.patterns)
+
+    @classmethod
+    def parse(cls, options: Options, key: str) -> Patterns:
+        return cls(tuple(p.lower() for p in options.strings(key)))
+
+
+def _networks(options: Options, key: str) -> tuple[Network, ...]:
+    networks = []
+    for text in options.strings(key):
+        try:
+            networks.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            raise OptionError(key, f"not a CIDR network: {text!r}") from None
+    return tuple(networks)
+
+
+def _inNetworks(address: str, networks: Sequence[Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in networks)
+
+
+@implementer(IFilter)
+@attrs.frozen
+class AccessFilter(BaseFilter):
+    """Refuses listed clients, HELO names, senders and recipients with 550 5.7.1."""
+
+    denyNetworks: tuple[Network, ...] = ()
+    allowNetworks: tuple[Network, ...] = ()
+    denyHelo: Patterns = Patterns(())
+    denySenders: Patterns = Patterns(())
+    allowSenders: Patterns = Patterns(())
+    denyRecipients: Patterns = Patterns(())
+    allowRecipients: Patterns = Patterns(())
+    name = "access"
+
+    @property
+    def stages(self) -> frozenset[Stage]:  # type: ignore[override]
+        wanted = {
+            Stage.CONNECT: self.denyNetworks,
+            Stage.HELO: self.denyHelo.patterns,
+            Stage.MAIL: self.denySenders.patterns,
+            Stage.RCPT: self.denyRecipients.patterns,
+        }
+        return frozenset(stage for stage, rules in wanted.items() if rules)
+
+    def checkConnect(self, session: Session) -> Verdict:
+        client = session.clientAddress
+        if _inNetworks(client, self.denyNetworks) and not _inNetworks(client, self.allowNetworks):
+            return Verdict.reject(f"Client address [{client}] refused by policy", 554)
+        return Verdict.accept()
+
+    def checkHelo(self, session: Session) -> Verdict:
+        if self.denyHelo.match(session.helo or ""):
+            return Verdict.reject(f"HELO name {session.helo} refused by policy")
+        return Verdict.accept()
+
+    def checkMail(self, session: Session, envelope: Envelope) -> Verdict:
+        sender = envelope.mailFrom or "<>"
+        if self.denySenders.match(sender) and not self.allowSenders.match(sender):
+            return Verdict.reject(f"Sender <{envelope.mailFrom}> refused by policy")
+        return Verdict.accept()
+
+    def checkRcpt(self, session: Session, envelope: Envelope, recipient: str) -> Verdict:
+        if self.denyRecipients.match(recipient) and not self.allowRecipients.match(recipient):
+            return Verdict.reject(f"Recipient <{recipient}> refused by policy")
+        return Verdict.accept()
+
+
+@implementer(IPlugin, IFilterFactory)
+class AccessFilterFactory:
+    name = "access"
+
+    def build(self, options: Mapping[str, object], reactor: IReactorTime) -> IFilter:
+        o = Options(options)
+        built = AccessFilter(
+            denyNetworks=_networks(o, "deny_networks"),
+            allowNetworks=_networks(o, "allow_networks"),
+            denyHelo=Patterns.parse(o, "deny_helo"),
+            denySenders=Patterns.parse(o, "deny_senders"),
+            allowSenders=Patterns.parse(o, "allow_senders"),
+            denyRecipients=Patterns.parse(o, "deny_recipients"),
+            allowRecipients=Patterns.parse(o, "allow_recipients"),
+        )
+        o.finish()
+        return built

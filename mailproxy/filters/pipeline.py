@@ -1,0 +1,217 @@
+"""
+The filter pipeline: runs the configured filters of a stage in configuration order,
+each under its own timeout, the first refusal winning; applies each filter's
+C{on_error} policy and C{dry_run} switch; gathers the headers accepting filters add.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import attrs
+from twisted.internet import defer, error
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.plugin import getPlugins
+from twisted.python.failure import Failure
+
+from mailproxy import plugins
+from mailproxy.config import Config, ConfigError, OnError
+from mailproxy.envelope import Envelope, Message, Session
+from mailproxy.filters import (
+    FilterError,
+    IFilter,
+    IFilterFactory,
+    OptionError,
+    Stage,
+    Verdict,
+)
+
+#: Failures a filter is expected to meet; they follow its C{on_error} policy. Anything
+#: else is a bug: logged with its traceback and tempfailed, never accepted.
+EXPECTED_FAILURES: tuple[type[BaseException], ...] = (
+    FilterError,
+    defer.TimeoutError,
+    error.TimeoutError,
+    error.ConnectError,
+    error.ConnectionClosed,
+    OSError,
+)
+
+
+@attrs.frozen
+class ConfiguredFilter:
+    filter: IFilter
+    timeout: float
+    onError: OnError = OnError.TEMPFAIL
+    dryRun: bool = False
+
+
+def _call(
+    stage: Stage, f: IFilter, session: Session, args: tuple[object, ...]
+) -> Deferred[Verdict]:
+    """Ask C{f} its check for C{stage} (C{checkConnect}, ..., C{checkMessage})."""
+    check = getattr(f, "check" + stage.name.title())
+    result: Deferred[Verdict] = defer.maybeDeferred(check, session, *args)
+    return result
+
+
+class Pipeline:
+    """
+    The filters of one configuration, by stage.
+
+    @param totalTimeout: seconds for all the filters of one stage together.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self, filters: Sequence[ConfiguredFilter], clock: IReactorTime, totalTimeout: float
+    ) -> None:
+        self._clock = clock
+        self._totalTimeout = totalTimeout
+        self._byStage: Mapping[Stage, tuple[ConfiguredFilter, ...]] = {
+            stage: tuple(cf for cf in filters if stage in cf.filter.stages) for stage in Stage
+        }
+
+    def wants(self, stage: Stage) -> bool:
+        return bool(self._byStage[stage])
+
+    def checkConnect(self, session: Session) -> Deferred[Verdict]:
+        return self._check(Stage.CONNECT, session, ())
+
+    def checkHelo(self, session: Session) -> Deferred[Verdict]:
+        return self._check(Stage.HELO, session, ())
+
+    def checkMail(self, session: Session, envelope: Envelope) -> Deferred[Verdict]:
+        return self._check(Stage.MAIL, session, (envelope,))
+
+    def checkRcpt(self, session: Session, envelope: Envelope, recipient: str) -> Deferred[Verdict]:
+        return self._check(Stage.RCPT, session, (envelope, recipient))
+
+    def checkMessage(
+        self, session: Session, envelope: Envelope, message: Message
+    ) -> Deferred[Verdict]:
+        return self._check(Stage.MESSAGE, session, (envelope, message))
+
+    def _check(self, stage: Stage, session: Session, args: tuple[object, ...]) -> Deferred[Verdict]:
+        configured = self._byStage[stage]
+        if not configured:
+            return defer.succeed(Verdict.accept())
+        d = Deferred.fromCoroutine(self._run(stage, configured, session, args))
+        d.addTimeout(self._totalTimeout, self._clock)
+
+        def overran(failure: Failure) -> Verdict:
+            failure.trap(defer.TimeoutError)
+            self._log.warn(
+                "{session} {stage}: filters took over {timeout}s together",
+                session=session.id,
+                stage=stage.value,
+                timeout=self._totalTimeout,
+            )
+            return Verdict.tempfail("Message checks timed out, try again later")
+
+        return d.addErrback(overran)
+
+    async def _run(
+        self,
+        stage: Stage,
+        configured: Iterable[ConfiguredFilter],
+        session: Session,
+        args: tuple[object, ...],
+    ) -> Verdict:
+        headers: list[tuple[str, str]] = []
+        for cf in configured:
+            verdict = await self._one(stage, cf, session, args)
+            name = cf.filter.name
+            if verdict.refuses:
+                fields = dict(
+                    session=session.id,
+                    stage=stage.value,
+                    filter=name,
+                    code=verdict.code,
+                    enhanced=verdict.enhanced,
+                    text=verdict.text,
+                )
+                if cf.dryRun:
+                    self._log.info(
+                        "{session} {stage}: dry run: {filter} would refuse: {code} {enhanced} {text}",
+                        **fields,
+                    )
+                    continue
+                self._log.info(
+                    "{session} {stage}: refused by {filter}: {code} {enhanced} {text}", **fields
+                )
+                return verdict
+            headers.extend(verdict.headers)
+        return Verdict.accept(tuple(headers))
+
+    async def _one(
+        self, stage: Stage, cf: ConfiguredFilter, session: Session, args: tuple[object, ...]
+    ) -> Verdict:
+        name = cf.filter.name
+        d = _call(stage, cf.filter, session, args)
+        d.addTimeout(cf.timeout, self._clock)
+        try:
+            verdict = await d
+        except EXPECTED_FAILURES as e:
+            self._log.warn(
+                "{session} {stage}: filter {filter} failed ({why}); on_error={policy}",
+                session=session.id,
+                stage=stage.value,
+                filter=name,
+                why=str(e) or type(e).__name__,
+                policy=cf.onError.value,
+            )
+            if cf.onError is OnError.ACCEPT:
+                return Verdict.accept()
+            return Verdict.tempfail("Message checks temporarily unavailable, try again later")
+        except defer.CancelledError:
+            raise
+        except Exception:
+            self._log.failure(
+                "{session} {stage}: filter {filter} raised",
+                session=session.id,
+                stage=stage.value,
+                filter=name,
+            )
+            return Verdict.tempfail("Message checks temporarily unavailable, try again later")
+        if not isinstance(verdict, Verdict):
+            self._log.error(
+                "{session} {stage}: filter {filter} answered {answer!r}, not a Verdict",
+                session=session.id,
+                stage=stage.value,
+                filter=name,
+                answer=verdict,
+            )
+            return Verdict.tempfail("Message checks temporarily unavailable, try again later")
+        return verdict
+
+
+def filterFactories() -> dict[str, IFilterFactory]:
+    """The installed filter kinds, built-in and third-party, by name."""
+    return {factory.name: factory for factory in getPlugins(IFilterFactory, plugins)}
+
+
+def buildPipeline(config: Config, reactor: IReactorTime) -> Pipeline:
+    """
+    Build the filters a configuration names.
+
+    @raise ConfigError: a filter is not installed, or its options are wrong.
+    """
+    factories = filterFactories()
+    configured = []
+    for spec in config.filters:
+        factory = factories.get(spec.name)
+        if factory is None:
+            known = ", ".join(sorted(factories)) or "none"
+            raise ConfigError(
+                config.path, f"filters.{spec.name}", f"no such filter is installed (known: {known})"
+            )
+        try:
+            built = factory.build(spec.options, reactor)
+        except OptionError as e:
+            raise ConfigError(config.path, f"filters.{spec.name}.{e.key}", e.message) from e
+        configured.append(ConfiguredFilter(built, spec.timeout, spec.onError, spec.dryRun))
+    return Pipeline(configured, reactor, config.timeouts.filters)

@@ -1,0 +1,73 @@
+"""twistd's entry: C{twistd -n mailproxy --config conf/mailproxy.toml}."""
+
+from __future__ import annotations
+
+import os
+from typing import ClassVar
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, MultiService
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+
+from mailproxy.config import Config, ConfigError, load
+from mailproxy.filters.pipeline import buildPipeline
+from mailproxy.service import ProxyService
+
+DEFAULT_CONFIG = "/etc/mailproxy/mailproxy.toml"
+
+
+class Options(usage.Options):
+    synopsis = "[--config PATH] [--local-mta ENDPOINT --maildir DIR]"
+    longdesc = (
+        "Relay SMTP to the MTA named in the configuration, holding each message at DATA "
+        "until the filters have decided. With --local-mta, also run a small stand-in MTA "
+        "that stores accepted mail in a Maildir, for trying mailproxy out."
+    )
+    optParameters: ClassVar[list[list[str | None]]] = [
+        ["config", "c", None, f"The configuration file (default: {DEFAULT_CONFIG}, if it exists)."],
+        [
+            "local-mta",
+            None,
+            None,
+            "Also run the stand-in MTA on this server endpoint "
+            "(e.g. tcp:10025:interface=127.0.0.1), which should be the configured upstream.",
+        ],
+        ["maildir", None, "Maildir", "Where the stand-in MTA stores accepted mail."],
+    ]
+
+    def postOptions(self) -> None:
+        from twisted.internet import reactor
+
+        path = self["config"]
+        if path is None:
+            if not os.path.exists(DEFAULT_CONFIG):
+                raise usage.UsageError(f"--config is required ({DEFAULT_CONFIG} does not exist)")
+            path = DEFAULT_CONFIG
+        try:
+            config = load(path, reactor)
+            buildPipeline(config, reactor)
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+        self["parsed"] = config
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    config: Config = options["parsed"]
+    proxy = ProxyService(config, reactor)
+    if options["local-mta"] is None:
+        return proxy
+    from mailproxy.localmta import LocalMTA
+
+    root = MultiService()
+    mta = LocalMTA(maildir=os.path.abspath(options["maildir"]), clock=reactor)
+    StreamServerEndpointService(
+        serverFromString(reactor, options["local-mta"]), mta.buildFactory()
+    ).setServiceParent(root)
+    proxy.setServiceParent(root)  # type: ignore[no-untyped-call]
+    return root
+
+
+__all__ = ["Options", "makeService"]

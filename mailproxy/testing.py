@@ -1,0 +1,200 @@
+"""
+Test doubles for mailproxy and for authors of third-party filters.
+
+L{RawClient} is an SMTP client that sends exactly the bytes it is given and collects
+the replies; L{MemoryProxy} runs client, proxy and the stand-in MTA in memory (no
+sockets, no real time); L{FakeFilter} answers what a test tells it to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.test import iosim
+from zope.interface import implementer
+
+from mailproxy.config import Config
+from mailproxy.envelope import Envelope, Message, Session
+from mailproxy.filters import BaseFilter, IFilter, Stage, Verdict, VerdictResult
+from mailproxy.filters.pipeline import ConfiguredFilter, Pipeline
+from mailproxy.relay import InboundProtocol, RelayFactory, Settings
+from mailproxy.wire import Reply, ReplyParser
+
+
+class RawClient(Protocol):
+    """Sends exactly the bytes it is given; collects every reply and every byte received."""
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+        self.replies: list[Reply] = []
+        self.lost: Deferred[None] = Deferred()
+        self.connected = False
+        self._parser = ReplyParser()
+        self._waiting: list[tuple[int, Deferred[list[Reply]]]] = []
+
+    def connectionMade(self) -> None:
+        self.connected = True
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        self.replies.extend(self._parser.feed(data))
+        self._check()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.connected = False
+        for _, d in self._waiting:
+            d.errback(reason)
+        self._waiting = []
+        self.lost.callback(None)
+
+    def send(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def expect(self, count: int) -> Deferred[list[Reply]]:
+        """Fire with the first C{count} replies received, once there are that many."""
+        d: Deferred[list[Reply]] = Deferred()
+        self._waiting.append((count, d))
+        self._check()
+        return d
+
+    def _check(self) -> None:
+        ready = [(n, d) for n, d in self._waiting if len(self.replies) >= n]
+        self._waiting = [(n, d) for n, d in self._waiting if len(self.replies) < n]
+        for n, d in ready:
+            d.callback(self.replies[:n])
+
+    @property
+    def codes(self) -> list[int]:
+        return [r.code for r in self.replies]
+
+
+@implementer(IStreamClientEndpoint)
+class MemoryEndpoint:
+    """A client endpoint that connects, in memory, to a server factory (the MTA)."""
+
+    def __init__(self, serverFactory: IProtocolFactory, clock: Clock) -> None:
+        self._serverFactory = serverFactory
+        self._clock = clock
+        self.pumps: list[iosim.IOPump] = []
+        self.refuse = False
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        if self.refuse:
+            return defer.fail(ConnectionRefusedError("refused by the test"))
+        address = IPv4Address("TCP", "127.0.0.1", 10025)
+        client = protocolFactory.buildProtocol(address)
+        server = self._serverFactory.buildProtocol(address)
+        assert client is not None and server is not None
+        self.pumps.append(
+            iosim.connect(
+                server,
+                iosim.makeFakeServer(server),
+                client,
+                iosim.makeFakeClient(client),
+                greet=False,
+                clock=self._clock,
+            )
+        )
+        return defer.succeed(client)
+
+
+class MemoryProxy:
+    """
+    A client, the proxy and an MTA, connected in memory: tests feed the client's bytes
+    in any chunking and read the replies and what the MTA received, synchronously.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        pipeline: Pipeline,
+        mtaFactory: ServerFactory,
+        clock: Clock | None = None,
+    ) -> None:
+        self.clock = clock or Clock()
+        self.endpoint = MemoryEndpoint(mtaFactory, self.clock)
+        self.factory = RelayFactory(Settings(config, pipeline), self.endpoint, self.clock)
+        self._pumps: list[iosim.IOPump] = []
+
+    def connect(self, clientAddress: str = "127.0.0.1") -> tuple[RawClient, InboundProtocol]:
+        kind = IPv6Address if ":" in clientAddress else IPv4Address
+        peer = kind("TCP", clientAddress, 40000)
+        proxy = self.factory.buildProtocol(peer)
+        client = RawClient()
+        serverSide = iosim.FakeTransport(proxy, isServer=True, peerAddress=peer)
+        clientSide = iosim.FakeTransport(client, isServer=False)
+        self._pumps.append(
+            iosim.connect(proxy, serverSide, client, clientSide, greet=False, clock=self.clock)
+        )
+        self.flush()
+        return client, proxy
+
+    def send(self, client: RawClient, data: bytes) -> None:
+        client.send(data)
+        self.flush()
+
+    def flush(self) -> None:
+        """Move bytes every way until nothing moves."""
+        for _ in range(10000):
+            moved = False
+            for pump in self._pumps + self.endpoint.pumps:
+                moved = pump.pump(advanceClock=False) or moved
+            if not moved:
+                return
+        raise AssertionError("the connections never went quiet")
+
+
+@implementer(IFilter)
+@attrs.define
+class FakeFilter(BaseFilter):
+    """
+    A filter that answers C{verdicts[stage]} (a Verdict, or a callable returning a
+    Verdict or Deferred) and records every call as C{(stage, argument)}.
+    """
+
+    name: str = "fake"
+    verdicts: dict[Stage, VerdictResult | Callable[[], VerdictResult]] = attrs.Factory(dict)
+    calls: list[tuple[Stage, object]] = attrs.Factory(list)
+
+    @property
+    def stages(self) -> frozenset[Stage]:  # type: ignore[override]
+        return frozenset(self.verdicts)
+
+    def _answer(self, stage: Stage, argument: object) -> VerdictResult:
+        self.calls.append((stage, argument))
+        answer = self.verdicts.get(stage, Verdict.accept())
+        return answer() if callable(answer) else answer
+
+    def checkConnect(self, session: Session) -> VerdictResult:
+        return self._answer(Stage.CONNECT, session.clientAddress)
+
+    def checkHelo(self, session: Session) -> VerdictResult:
+        return self._answer(Stage.HELO, session.helo)
+
+    def checkMail(self, session: Session, envelope: Envelope) -> VerdictResult:
+        return self._answer(Stage.MAIL, envelope.mailFrom)
+
+    def checkRcpt(self, session: Session, envelope: Envelope, recipient: str) -> VerdictResult:
+        return self._answer(Stage.RCPT, recipient)
+
+    def checkMessage(self, session: Session, envelope: Envelope, message: Message) -> VerdictResult:
+        with message.open() as f:
+            content = f.read()
+        return self._answer(Stage.MESSAGE, content)
+
+
+def pipelineOf(
+    filters: Sequence[IFilter], clock: Clock, timeout: float = 30.0, total: float = 120.0
+) -> Pipeline:
+    """A pipeline of the given filters, each with the same timeout and policy tempfail."""
+    return Pipeline([ConfiguredFilter(f, timeout) for f in filters], clock, total)

@@ -1,0 +1,389 @@
+"""
+The relay in memory: client, proxy and the stand-in MTA joined by iosim, with a Clock.
+
+These tests check what a user would: the replies the client saw, and the bytes the MTA
+received.
+"""
+
+from __future__ import annotations
+
+import os
+
+import attrs
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailproxy.config import BareLineEndings, Config, Limits, Timeouts
+from mailproxy.filters import IFilter, Stage, Verdict
+from mailproxy.localmta import LocalMTA
+from mailproxy.testing import FakeFilter, MemoryProxy, RawClient, pipelineOf
+
+MESSAGE = b"Subject: hello\r\n\r\nHello, world.\r\n.dot line\r\n"
+STUFFED = b"Subject: hello\r\n\r\nHello, world.\r\n..dot line\r\n.\r\n"
+
+
+def envelope(sender: bytes = b"a@example.org", *rcpts: bytes) -> bytes:
+    rcpts = rcpts or (b"b@example.net",)
+    return b"MAIL FROM:<%s>\r\n" % sender + b"".join(b"RCPT TO:<%s>\r\n" % r for r in rcpts)
+
+
+class Harness:
+    """A proxy with the given filters in front of a LocalMTA, all in memory."""
+
+    def __init__(self, case: SynchronousTestCase, *filters: IFilter, **config: object) -> None:
+        spool = case.mktemp()
+        os.makedirs(spool)
+        self.spoolDir = spool
+        limits = attrs.evolve(Limits(), **config.pop("limits", {}))  # type: ignore[arg-type]
+        timeouts = attrs.evolve(Timeouts(), **config.pop("timeouts", {}))  # type: ignore[arg-type]
+        self.config = Config(
+            path="test.toml",
+            listen=("tcp:0",),
+            upstream="tcp:host=127.0.0.1:port=1",
+            hostname="proxy.test",
+            spoolDir=spool,
+            limits=limits,
+            timeouts=timeouts,
+            **config,  # type: ignore[arg-type]
+        )
+        self.clock = Clock()
+        self.mta = LocalMTA()
+        pipeline = pipelineOf(filters, clock=self.clock)
+        self.memory = MemoryProxy(self.config, pipeline, self.mta.buildFactory(), self.clock)
+
+    def connect(self, address: str = "127.0.0.1") -> RawClient:
+        client, _ = self.memory.connect(address)
+        return client
+
+    def send(self, client: RawClient, data: bytes) -> None:
+        self.memory.send(client, data)
+
+    def greeted(self) -> RawClient:
+        client = self.connect()
+        self.send(client, b"EHLO client.example\r\n")
+        return client
+
+    def spooled(self) -> list[str]:
+        return os.listdir(self.spoolDir)
+
+
+class RelayTests(SynchronousTestCase):
+    def test_cleanMessage(self) -> None:
+        """
+        A clean message reaches the MTA byte for byte, and the client gets the MTA's own
+        250 with its queue id.
+        """
+        h = Harness(self)
+        client = h.greeted()
+        h.send(client, envelope() + b"DATA\r\n")
+        h.send(client, STUFFED)
+        self.assertEqual(client.codes, [220, 250, 250, 250, 354, 250])
+        [message] = h.mta.messages
+        self.assertEqual(message.content, MESSAGE)
+        self.assertIn(message.queueId.encode(), client.replies[-1].lines[0])
+        self.assertIn(b"DATA\r\n" + STUFFED, bytes(h.mta.transcripts[0]))
+        self.assertEqual(h.spooled(), [])
+
+    def test_capabilitiesEdited(self) -> None:
+        """
+        The client sees the MTA's EHLO reply without CHUNKING, XCLIENT, XFORWARD or
+        STARTTLS, and with SIZE lowered to our limit.
+        """
+        h = Harness(self, limits={"messageSize": 1000})
+        h.mta.extensions = {
+            b"CHUNKING": [],
+            b"XCLIENT": [b"ADDR"],
+            b"XFORWARD": [b"ADDR"],
+            b"STARTTLS": [],
+            b"SIZE": [b"50000000"],
+            b"PIPELINING": [],
+        }
+        client = h.greeted()
+        ehlo = client.replies[1]
+        keywords = [line.split(b" ")[0] for line in ehlo.lines[1:]]
+        self.assertNotIn(b"CHUNKING", keywords)
+        self.assertNotIn(b"XCLIENT", keywords)
+        self.assertNotIn(b"XFORWARD", keywords)
+        self.assertNotIn(b"STARTTLS", keywords)
+        self.assertIn(b"PIPELINING", keywords)
+        self.assertIn(b"SIZE 1000", ehlo.lines)
+
+    def test_refusedMessageNeverReachesMTA(self) -> None:
+        """
+        A message a filter refuses gets 550 5.7.1 with the filter's text, never reaches
+        the MTA (whose transaction is reset), and the next message on the same
+        connection is relayed.
+        """
+        spam = FakeFilter(verdicts={Stage.MESSAGE: lambda: Verdict.accept()})
+        answers = iter([Verdict.reject("Looks like spam"), Verdict.accept()])
+        spam.verdicts[Stage.MESSAGE] = lambda: next(answers)
+        h = Harness(self, spam)
+        client = h.greeted()
+        h.send(client, envelope() + b"DATA\r\n")
+        h.send(client, b"Subject: spam\r\n\r\nbuy\r\n.\r\n")
+        self.assertEqual(client.replies[-1].code, 550)
+        self.assertEqual(client.replies[-1].lines, (b"5.7.1 Looks like spam",))
+        self.assertEqual(h.mta.messages, [])
+        self.assertNotIn(b"buy", bytes(h.mta.transcripts[0]))
+        h.send(client, envelope() + b"DATA\r\n")
+        h.send(client, STUFFED)
+        self.assertEqual(client.codes[-1], 250)
+        self.assertEqual([m.content for m in h.mta.messages], [MESSAGE])
+        self.assertEqual(h.spooled(), [])
+
+    def test_pipelined(self) -> None:
+        """
+        MAIL, RCPT, RCPT and DATA sent in one write get their replies in order, and the
+        MTA receives the commands as one batch.
+        """
+        h = Harness(self)
+        client = h.greeted()
+        h.send(client, envelope(b"a@example.org", b"b@example.net", b"c@example.net") + b"DATA\r\n")
+        self.assertEqual(client.codes, [220, 250, 250, 250, 250, 354])
+        h.send(client, STUFFED + b"QUIT\r\n")
+        self.assertEqual(client.codes[-2:], [250, 221])
+        self.assertEqual(h.mta.messages[0].recipients, ["b@example.net", "c@example.net"])
+        self.assertFalse(client.connected)
+
+    def test_dataWithoutRecipients(self) -> None:
+        """DATA with no accepted recipient answers 554 5.5.1 and the MTA never sees DATA."""
+        h = Harness(self)
+        h.mta.refuseRecipients = lambda r: True
+        client = h.greeted()
+        h.send(client, envelope() + b"DATA\r\n")
+        self.assertEqual(client.codes[-2:], [550, 554])
+        self.assertEqual(client.replies[-1].lines[0][:5], b"5.5.1")
+        self.assertNotIn(b"DATA", bytes(h.mta.transcripts[0]))
+
+    def test_dataWithoutMail(self) -> None:
+        """DATA before MAIL answers 503 and the MTA never sees it."""
+        h = Harness(self)
+        client = h.greeted()
+        h.send(client, b"DATA\r\n")
+        self.assertEqual(client.codes[-1], 503)
+        self.assertNotIn(b"DATA", bytes(h.mta.transcripts[0]))
+
+    def test_oversizeDeclared(self) -> None:
+        """MAIL with SIZE= over the limit is refused early with 552 5.3.4."""
+        h = Harness(self, limits={"messageSize": 100})
+        client = h.greeted()
+        h.send(client, b"MAIL FROM:<a@example.org> SIZE=101\r\n")
+        self.assertEqual(
+            client.replies[-1],
+            client.replies[-1].make(552, "5.3.4", "Error: message size exceeds fixed limit"),
+        )
+        self.assertNotIn(b"MAIL", bytes(h.mta.transcripts[0]))
+
+    def test_oversizeMessage(self) -> None:
+        """
+        A message over the limit is read to its end, refused with 552 5.3.4, never
+        reaches the MTA, and leaves no spool file.
+        """
+        h = Harness(self, limits={"messageSize": 100})
+        client = h.greeted()
+        h.send(client, envelope() + b"DATA\r\n")
+        h.send(client, b"x" * 60 + b"\r\n" + b"y" * 60 + b"\r\n.\r\nNOOP\r\n")
+        self.assertEqual(client.codes[-2:], [552, 250])
+        self.assertEqual(h.mta.messages, [])
+        self.assertEqual(h.spooled(), [])
+
+    def test_tooManyRecipients(self) -> None:
+        """RCPT beyond the limit answers 452 4.5.3 and is not relayed."""
+        h = Harness(self, limits={"recipients": 2})
+        client = h.greeted()
+        h.send(client, envelope(b"a@x", b"r1@y", b"r2@y", b"r3@y") + b"DATA\r\n" + STUFFED)
+        self.assertEqual(client.codes[2:], [250, 250, 250, 452, 354, 250])
+        self.assertEqual(h.mta.messages[0].recipients, ["r1@y", "r2@y"])
+        self.assertNotIn(b"r3@y", bytes(h.mta.transcripts[0]))
+
+    def test_longCommandLine(self) -> None:
+        """A command line over the limit answers 500 5.5.2; the next command is relayed."""
+        h = Harness(self, limits={"lineLength": 512})
+        client = h.greeted()
+        h.send(client, b"NOOP " + b"x" * 600 + b"\r\nNOOP\r\n")
+        self.assertEqual(client.codes[-2:], [500, 250])
+        self.assertEqual(client.replies[-2].lines[0][:5], b"5.5.2")
+
+    def test_longBodyLine(self) -> None:
+        """
+        A body line far longer than the command line limit stays message content: the
+        session never drops out of DATA mode, and the line arrives intact.
+        """
+        h = Harness(self, limits={"lineLength": 512})
+        client = h.greeted()
+        h.send(client, envelope() + b"DATA\r\n")
+        body = b"Subject: x\r\n\r\n" + b"MAIL FROM:<evil@x> " * 500 + b"\r\n"
+        for i in range(0, len(body), 333):
+            h.send(client, body[i : i + 333])
+        h.send(client, b".\r\n")
+        self.assertEqual(client.codes[-1], 250)
+        self.assertEqual(h.mta.messages[0].content, body)
+        self.assertEqual(len(h.mta.messages), 1)
+
+    def test_bdat(self) -> None:
+        """BDAT answers 502 5.5.1 and is not relayed."""
+        h = Harness(self)
+        client = h.greeted()
+        h.send(client, b"BDAT 10 LAST\r\n")
+        self.assertEqual(client.codes[-1], 502)
+        self.assertNotIn(b"BDAT", bytes(h.mta.transcripts[0]))
+
+    def test_mtaDownAtConnect(self) -> None:
+        """With the MTA unreachable, the client gets 421 4.3.2 and is disconnected."""
+        h = Harness(self)
+        h.memory.endpoint.refuse = True
+        client = h.connect()
+        self.assertEqual(client.codes, [421])
+        self.assertEqual(client.replies[0].lines[0][:5], b"4.3.2")
+        self.assertFalse(client.connected)
+
+    def test_mtaDiesMidData(self) -> None:
+        """
+        The MTA dying while the message is released gives the client a 4xx, never 250,
+        and leaves no spool file.
+        """
+        h = Harness(self)
+        h.mta.dropAfterDataBytes = 10
+        client = h.greeted()
+        h.send(client, envelope() + b"DATA\r\n")
+        h.send(client, b"Subject: x\r\n\r\n" + b"line\r\n" * 100 + b".\r\n")
+        self.assertEqual(client.codes[-1] // 100, 4)
+        self.assertNotIn(250, client.codes[4:])
+        self.assertEqual(h.spooled(), [])
+
+    def test_filterTimeout(self) -> None:
+        """A message filter that never answers is timed out: 451 4.7.1, MTA reset."""
+        slow = FakeFilter(verdicts={Stage.MESSAGE: lambda: Deferred()})
+        h = Harness(self, slow)
+        client = h.greeted()
+        h.send(client, envelope() + b"DATA\r\n" + STUFFED)
+        self.assertEqual(client.codes[-1], 354)
+        h.clock.advance(31)
+        h.memory.flush()
+        self.assertEqual(client.codes[-1], 451)
+        self.assertEqual(client.replies[-1].lines[0][:5], b"4.7.1")
+        self.assertEqual(h.mta.messages, [])
+        self.assertEqual(h.spooled(), [])
+
+    def test_mtaSilentAfterData(self) -> None:
+        """An MTA that never answers the final dot: the client gets 421 after mta_reply."""
+        h = Harness(self, timeouts={"mtaReply": 60.0})
+        h.mta.silentAfterData = True
+        client = h.greeted()
+        h.send(client, envelope() + b"DATA\r\n" + STUFFED)
+        self.assertNotIn(250, client.codes[4:])
+        h.clock.advance(61)
+        h.memory.flush()
+        self.assertEqual(client.codes[-1], 421)
+        self.assertFalse(client.connected)
+
+    def test_idleClient(self) -> None:
+        """An idle client gets 421 4.4.2 and is disconnected."""
+        h = Harness(self, timeouts={"clientIdle": 10.0})
+        client = h.greeted()
+        h.clock.advance(11)
+        h.memory.flush()
+        self.assertEqual(client.codes[-1], 421)
+        self.assertEqual(client.replies[-1].lines[0][:5], b"4.4.2")
+        self.assertFalse(client.connected)
+
+    def test_connectionLimits(self) -> None:
+        """Past the per-client connection limit a new client gets 421 4.7.0."""
+        h = Harness(self, limits={"connectionsPerClient": 2})
+        first, second, third = h.connect(), h.connect(), h.connect()
+        self.assertEqual([first.codes, second.codes], [[220], [220]])
+        self.assertEqual(third.codes, [421])
+        self.assertEqual(third.replies[0].lines[0][:5], b"4.7.0")
+        fourth = h.connect("127.0.0.2")
+        self.assertEqual(fourth.codes, [220])
+
+    def test_rcptFilter(self) -> None:
+        """A recipient a filter refuses gets its 550 and is never relayed; others are."""
+        f = FakeFilter(verdicts={Stage.RCPT: lambda: Verdict.accept()})
+        answers = iter([Verdict.reject("No such user here"), Verdict.accept()])
+        f.verdicts[Stage.RCPT] = lambda: next(answers)
+        h = Harness(self, f)
+        client = h.greeted()
+        h.send(client, envelope(b"a@x", b"bad@y", b"good@y") + b"DATA\r\n" + STUFFED)
+        self.assertEqual(client.codes[2:], [250, 550, 250, 354, 250])
+        self.assertEqual(h.mta.messages[0].recipients, ["good@y"])
+        self.assertNotIn(b"bad@y", bytes(h.mta.transcripts[0]))
+
+    def test_headersAdded(self) -> None:
+        """Headers from accepting filters are prepended to the released message."""
+        f = FakeFilter(verdicts={Stage.MESSAGE: Verdict.accept((("X-Checked", "yes"),))})
+        h = Harness(self, f)
+        client = h.greeted()
+        h.send(client, envelope() + b"DATA\r\n" + STUFFED)
+        self.assertEqual(client.codes[-1], 250)
+        self.assertEqual(h.mta.messages[0].content, b"X-Checked: yes\r\n" + MESSAGE)
+
+
+SMUGGLING = [b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\r", b"\r.\r\n"]
+
+
+class SmugglingTests(SynchronousTestCase):
+    def test_smuggling(self) -> None:
+        """
+        Bare-LF and bare-CR end-of-data lookalikes never make the MTA see a second
+        message: refused (554 5.6.0) by default, one message when normalised.
+        """
+        for mode in BareLineEndings:
+            for fake in SMUGGLING:
+                h = Harness(self, bareLineEndings=mode)
+                client = h.greeted()
+                h.send(client, envelope() + b"DATA\r\n")
+                smuggled = (
+                    b"MAIL FROM:<evil@x>\r\nRCPT TO:<victim@y>\r\nDATA\r\nSubject: forged\r\n"
+                )
+                h.send(client, b"Subject: real\r\n\r\nhi" + fake + smuggled + b"\r\n.\r\n")
+                # The stand-in MTA ends data only at CRLF.CRLF, like Postfix.
+                self.assertNotIn("evil@x", [m.mailFrom for m in h.mta.messages])
+                if mode is BareLineEndings.REJECT:
+                    self.assertEqual(client.codes[-1], 554, (mode, fake))
+                    self.assertEqual(h.mta.messages, [])
+                else:
+                    self.assertEqual(client.codes[-1], 250, (mode, fake))
+                    [message] = h.mta.messages
+                    self.assertEqual(message.recipients, ["b@example.net"])
+                    self.assertIn(b"MAIL FROM:<evil@x>", message.content)
+
+
+class ChunkingTests(SynchronousTestCase):
+    @settings(max_examples=60, deadline=None)
+    @given(st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=60))
+    def test_anyChunking(self, sizes: list[int]) -> None:
+        """
+        However the client's byte stream is split, the MTA receives the same bytes and
+        the client the same replies.
+        """
+        stream = (
+            b"EHLO c.example\r\n"
+            + envelope(b"a@x", b"b@y", b"c@y")
+            + b"DATA\r\n"
+            + STUFFED
+            + b"RSET\r\nNOOP\r\n"
+            + envelope()
+            + b"DATA\r\n"
+            + b".\r\n"
+            + b"QUIT\r\n"
+        )
+        reference = self._replay([stream])
+        chunks, i = [], 0
+        for size in sizes:
+            chunks.append(stream[i : i + size])
+            i += size
+        chunks.append(stream[i:])
+        self.assertEqual(self._replay(chunks), reference)
+
+    def _replay(self, chunks: list[bytes]) -> tuple[list[int], bytes, list[bytes]]:
+        h = Harness(self)
+        client = h.connect()
+        for chunk in chunks:
+            if chunk:
+                # The client waits for 354 before sending the message, as RFC 5321 says.
+                h.send(client, chunk)
+        return client.codes, bytes(h.mta.transcripts[0]), [m.content for m in h.mta.messages]
