@@ -108,6 +108,7 @@ class RelayFactory(Factory):
     """
 
     _log = Logger()
+    noisy = False
 
     def __init__(
         self, settings: Settings, upstream: IStreamClientEndpoint, clock: IReactorTime
@@ -542,15 +543,10 @@ class InboundProtocol(Protocol):
         self._resetTransaction()
         self.session.helo = command.argument.decode("utf-8", "replace")
         self.session.esmtp = command.verb == "EHLO"
-        self._log.info(
-            "{session} {verb} {helo}",
-            session=self.session.id,
-            verb=command.verb,
-            helo=self.session.helo,
-        )
         maxSize = self.settings.config.limits.messageSize
 
         def edit(r: Reply) -> Reply:
+            self._logEvent(f"{command.verb} {self.session.helo}", r)
             return wire.editCapabilities(r, maxSize) if command.verb == "EHLO" else r
 
         self._gate(
@@ -566,12 +562,13 @@ class InboundProtocol(Protocol):
             return
         size = wire.sizeParameter(params)
         if size is not None and size > self.settings.config.limits.messageSize:
+            self._logEvent(f"MAIL FROM:<{sender}> SIZE={size}", TOO_BIG)
             self._local(TOO_BIG)
             return
         envelope = Envelope(sender, params.decode("utf-8", "surrogateescape"))
-        self._log.info("{session} MAIL FROM:<{sender}>", session=self.session.id, sender=sender)
 
         def answered(r: Reply) -> Reply:
+            self._logEvent(f"MAIL FROM:<{sender}>", r)
             if r.positive:
                 self._mailAccepted = True
             elif self._envelope is envelope:
@@ -597,12 +594,13 @@ class InboundProtocol(Protocol):
             self._sendMta(command.line, _relay)  # the MTA answers 503 itself
             return
         if self._recipientsAsked >= self.settings.config.limits.recipients:
+            self._logEvent(f"RCPT TO:<{recipient}>", TOO_MANY_RECIPIENTS)
             self._local(TOO_MANY_RECIPIENTS)
             return
         self._recipientsAsked += 1
-        self._log.info("{session} RCPT TO:<{rcpt}>", session=self.session.id, rcpt=recipient)
 
         def answered(r: Reply) -> Reply:
+            self._logEvent(f"RCPT TO:<{recipient}>", r)
             if r.positive:
                 envelope.recipients.append(recipient)
             return r
@@ -610,6 +608,16 @@ class InboundProtocol(Protocol):
         self._gate(
             self._pipeline.checkRcpt(self.session, envelope, recipient),
             lambda: self._sendMta(command.line, answered),
+        )
+
+    def _logEvent(self, event: str, r: Reply) -> None:
+        """One log line per SMTP event, with the reply the client got."""
+        self._log.info(
+            "{session} {event}: {code} {text}",
+            session=self.session.id,
+            event=event,
+            code=r.code,
+            text=r.lines[0].decode("utf-8", "replace") if r.lines else "",
         )
 
     def _rset(self, command: wire.Command) -> None:

@@ -8,6 +8,7 @@ from typing import ClassVar
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
 from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
 from twisted.python import usage
 
 from mailproxy.config import Config, ConfigError, load
@@ -48,8 +49,19 @@ class Options(usage.Options):
             config = load(path, reactor)
             buildPipeline(config, reactor)
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            # One line naming the file and the key, not a usage screen.
+            raise SystemExit(f"mailproxy: {e}") from None
         self["parsed"] = config
+
+
+_log = Logger()
+
+
+def _clientAddress(listen: str) -> str:
+    """Where a local client reaches a C{tcp:PORT[:interface=ADDR]} listener, as host:port."""
+    parts = dict(p.split("=", 1) for p in listen.split(":")[2:] if "=" in p)
+    port = listen.split(":")[1] if listen.startswith("tcp:") else "25"
+    return f"{parts.get('interface', '127.0.0.1')}:{port}"
 
 
 def makeService(options: Options) -> IService:
@@ -61,11 +73,25 @@ def makeService(options: Options) -> IService:
         return proxy
     from mailproxy.localmta import LocalMTA
 
+    _log.info(
+        "stand-in MTA on {endpoint} delivers into {maildir}/new. Send a test message with:\n"
+        "  swaks --server {server} --from me@example.org --to you@example.net\n"
+        "or:\n"
+        "  python3 -c 'import smtplib; smtplib.SMTP(\"{host}\", {port}).sendmail("
+        "\"me@example.org\", [\"you@example.net\"], \"Subject: hi\\r\\n\\r\\nhello\\r\\n\")'",
+        endpoint=options["local-mta"],
+        maildir=os.path.abspath(options["maildir"]),
+        server=_clientAddress(config.listen[0]),
+        host=_clientAddress(config.listen[0]).rpartition(":")[0],
+        port=_clientAddress(config.listen[0]).rpartition(":")[2],
+    )
     root = MultiService()
     mta = LocalMTA(maildir=os.path.abspath(options["maildir"]), clock=reactor)
-    StreamServerEndpointService(
+    listener = StreamServerEndpointService(
         serverFromString(reactor, options["local-mta"]), mta.buildFactory()
-    ).setServiceParent(root)
+    )
+    listener._raiseSynchronously = True
+    listener.setServiceParent(root)
     proxy.setServiceParent(root)  # type: ignore[no-untyped-call]
     return root
 

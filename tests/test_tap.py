@@ -1,0 +1,109 @@
+"""The twistd plugin: options, configuration errors, and the service it builds."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.application.service import IServiceMaker, MultiService
+from twisted.plugin import getPlugins
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailproxy import tap
+from mailproxy.service import ProxyService
+
+
+class TapTests(SynchronousTestCase):
+    def writeConfig(self, text: str) -> str:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def goodConfig(self, extra: str = "") -> str:
+        spool = os.path.abspath(self.mktemp())
+        return self.writeConfig(
+            '[proxy]\nlisten = ["tcp:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.2"]\n'
+            'upstream = "tcp:host=127.0.0.1:port=10025"\n'
+            f'spool_dir = "{spool}"\n' + extra
+        )
+
+    def test_dropin(self) -> None:
+        """twistd finds the mailproxy plugin through the dropin."""
+        names = [p.tapname for p in getPlugins(IServiceMaker)]
+        self.assertIn("mailproxy", names)
+
+    def test_configErrorIsOneLine(self) -> None:
+        """A bad configuration stops start-up with one line naming the file and key."""
+        path = self.writeConfig(
+            '[proxy]\nlisten = "tcp:25"\nupstream = "tcp:host=a:port=1"\n[limits]\nrecipients = 0\n'
+        )
+        options = tap.Options()
+        with self.assertRaises(SystemExit) as raised:
+            options.parseOptions(["--config", path])
+        message = str(raised.exception.code)
+        self.assertIn(path, message)
+        self.assertIn("limits.recipients", message)
+        self.assertNotIn("\n", message)
+
+    def test_unknownFilter(self) -> None:
+        """A filter section naming no installed filter stops start-up, naming it."""
+        options = tap.Options()
+        with self.assertRaises(SystemExit) as raised:
+            options.parseOptions(["--config", self.goodConfig("[filters.nosuch]\n")])
+        self.assertIn("filters.nosuch", str(raised.exception.code))
+
+    def test_badFilterOption(self) -> None:
+        """A wrong filter option stops start-up, naming the filter's key."""
+        options = tap.Options()
+        with self.assertRaises(SystemExit) as raised:
+            options.parseOptions(
+                ["--config", self.goodConfig('[filters.access]\ndeny_networks = ["300.1.2.3/8"]\n')]
+            )
+        self.assertIn("filters.access.deny_networks", str(raised.exception.code))
+
+    def test_configRequired(self) -> None:
+        """Without --config and without the default file, the usage error says so."""
+        self.patch(tap, "DEFAULT_CONFIG", self.mktemp())
+        with self.assertRaises(usage.UsageError) as raised:
+            tap.Options().parseOptions([])
+        self.assertIn("--config is required", str(raised.exception))
+
+    def test_service(self) -> None:
+        """The service has one listener per listen endpoint."""
+        options = tap.Options()
+        options.parseOptions(["--config", self.goodConfig()])
+        service = tap.makeService(options)
+        assert isinstance(service, ProxyService)
+        self.assertEqual(len(list(service)), 2)
+
+    def test_localMTA(self) -> None:
+        """With --local-mta the stand-in MTA runs beside the proxy."""
+        options = tap.Options()
+        options.parseOptions(
+            [
+                "--config",
+                self.goodConfig(),
+                "--local-mta",
+                "tcp:0:interface=127.0.0.1",
+                "--maildir",
+                self.mktemp(),
+            ]
+        )
+        service = tap.makeService(options)
+        assert isinstance(service, MultiService)
+        self.assertEqual(len(list(service)), 2)
+
+    def test_sweepAtStart(self) -> None:
+        """Spool files left by an earlier run are removed at start-up; others stay."""
+        options = tap.Options()
+        options.parseOptions(["--config", self.goodConfig()])
+        service = tap.makeService(options)
+        assert isinstance(service, ProxyService)
+        spool = service.config.spoolDir
+        for name in ("mailproxy-abc.msg", "keep.txt"):
+            open(os.path.join(spool, name), "w").close()
+        for listener in service:
+            listener.startService = lambda: None  # type: ignore[method-assign]
+        service.startService()
+        self.assertEqual(os.listdir(spool), ["keep.txt"])
