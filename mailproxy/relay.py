@@ -228,6 +228,7 @@ class InboundProtocol(Protocol):
         self._mtaTimer: IDelayedCall | None = None
         self._client = "unknown"
         self._clientGone = False
+        self._quitSent = False
         #: Fires once both the client's and the MTA's connections are closed.
         self.closed: Deferred[None] = Deferred()
         self.session = Session(_sessionId(), "unknown", 0)
@@ -272,6 +273,7 @@ class InboundProtocol(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._phase = Phase.CLOSED
         self._clientGone = True
+        midMessage = self._spool is not None
         self.factory.release(self, self._client)
         for timer in (self._idleTimer, self._mtaTimer):
             if timer is not None and timer.active():
@@ -281,10 +283,15 @@ class InboundProtocol(Protocol):
             self._checking.cancel()
         if self._connecting is not None:
             self._connecting.cancel()
-        if self._mta is not None and self._mta.transport is not None:
-            self._mta.transport.loseConnection()
-        elif self._mta is None:
+        if self._mta is None or self._mta.transport is None:
             self.closed.callback(None)
+        elif midMessage:
+            # The client will retry this message: the MTA must not get its end.
+            self._mta.transport.abortConnection()  # type: ignore[attr-defined]
+        else:
+            if not self._quitSent:
+                self._mta.transport.write(b"QUIT\r\n")
+            self._mta.transport.loseConnection()
         self._log.info(
             "{session} disconnect from [{client}]", session=self.session.id, client=self._client
         )
@@ -423,9 +430,7 @@ class InboundProtocol(Protocol):
             return
         self._phase = Phase.CLOSED
         if self.transport is not None:
-            self.transport.loseConnection()
-        if self._mta is not None and self._mta.transport is not None:
-            self._mta.transport.loseConnection()
+            self.transport.loseConnection()  # connectionLost closes the MTA's side
 
     # -- timers --------------------------------------------------------------------------
 
@@ -630,6 +635,7 @@ class InboundProtocol(Protocol):
             return r
 
         self._blocked = True  # nothing after QUIT is relayed
+        self._quitSent = True
         self._sendMta(command.line, bye)
 
     def _resetTransaction(self) -> None:
@@ -771,7 +777,7 @@ class InboundProtocol(Protocol):
 
         def sent(_: object) -> None:
             f.close()
-            if self._mta is not None and self._mta.transport is not None:
+            if self._phase is Phase.RELEASING and self._mta is not None and self._mta.transport is not None:
                 self._mta.transport.write(b".\r\n")
 
         def failed(failure: Failure) -> None:

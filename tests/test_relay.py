@@ -7,6 +7,7 @@ received.
 
 from __future__ import annotations
 
+import errno
 import os
 
 import attrs
@@ -16,9 +17,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from mailproxy import relay
 from mailproxy.config import BareLineEndings, Config, Limits, Timeouts
 from mailproxy.filters import IFilter, Stage, Verdict
+from mailproxy.filters.access import AccessFilterFactory
 from mailproxy.localmta import LocalMTA
+from mailproxy.spool import Spool
 from mailproxy.testing import FakeFilter, MemoryProxy, RawClient, pipelineOf
 
 MESSAGE = b"Subject: hello\r\n\r\nHello, world.\r\n.dot line\r\n"
@@ -320,6 +324,98 @@ class RelayTests(SynchronousTestCase):
         h.send(client, envelope() + b"DATA\r\n" + STUFFED)
         self.assertEqual(client.codes[-1], 250)
         self.assertEqual(h.mta.messages[0].content, b"X-Checked: yes\r\n" + MESSAGE)
+
+    def test_spoolWriteFails(self) -> None:
+        """
+        A spool write failure (disk full) answers 452 4.3.1 once the client has sent
+        the message; nothing reaches the MTA and no spool file is left.
+        """
+        h = Harness(self)
+
+        class FullDisk(Spool):
+            def write(self, data: bytes) -> None:
+                self.error = OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(relay, "Spool", FullDisk)
+        client = h.greeted()
+        h.send(client, envelope() + b"DATA\r\n" + STUFFED + b"NOOP\r\n")
+        self.assertEqual(client.codes[-2:], [452, 250])
+        self.assertEqual(client.replies[-2].lines[0][:5], b"4.3.1")
+        self.assertEqual(h.mta.messages, [])
+        self.assertEqual(h.spooled(), [])
+
+    def test_mtaFinalReplyRelayedVerbatim(self) -> None:
+        """The MTA's own refusal at end of data reaches the client word for word."""
+        h = Harness(self)
+        h.mta.refuseMessage = lambda message: (554, "5.7.1 Rejected by the MTA itself")
+        client = h.greeted()
+        h.send(client, envelope() + b"DATA\r\n" + STUFFED)
+        self.assertEqual(client.replies[-1].code, 554)
+        self.assertEqual(client.replies[-1].lines, (b"5.7.1 Rejected by the MTA itself",))
+
+    def test_clientGoneWhileFiltering(self) -> None:
+        """
+        A client that disconnects while its message is being checked never has it
+        delivered (it will retry), and its spool file is removed.
+        """
+        held: Deferred[Verdict] = Deferred()
+        h = Harness(self, FakeFilter(verdicts={Stage.MESSAGE: lambda: held}))
+        client = h.greeted()
+        h.send(client, envelope() + b"DATA\r\n" + STUFFED)
+        self.assertEqual(len(h.spooled()), 1)
+        assert client.transport is not None
+        client.transport.loseConnection()
+        h.memory.flush()
+        self.assertEqual(h.spooled(), [])
+        self.assertEqual(h.mta.messages, [])
+
+    def test_connectRefused(self) -> None:
+        """A client in a denied network gets 554 5.7.1 at connect and is closed."""
+        access = AccessFilterFactory().build(
+            {"deny_networks": ["10.0.0.0/8", "2001:db8::/32"]}, Clock()
+        )
+        h = Harness(self, access)
+        for address in ("10.1.2.3", "2001:db8::1"):
+            client = h.connect(address)
+            self.assertEqual(client.codes, [554])
+            self.assertFalse(client.connected)
+        self.assertEqual(h.connect("127.0.0.1").codes, [220])
+        self.assertEqual(len(h.mta.transcripts), 1)
+
+    def test_heloRefused(self) -> None:
+        """A HELO name a filter refuses gets 550 and the MTA never sees it."""
+        access = AccessFilterFactory().build({"deny_helo": ["*.invalid"]}, Clock())
+        h = Harness(self, access)
+        client = h.connect()
+        h.send(client, b"EHLO bad.invalid\r\nEHLO good.example\r\n")
+        self.assertEqual(client.codes, [220, 550, 250])
+        self.assertNotIn(b"bad.invalid", bytes(h.mta.transcripts[0]))
+
+    def test_otherCommandsRelayed(self) -> None:
+        """NOOP, HELP, VRFY and unknown commands are relayed and answered by the MTA."""
+        h = Harness(self)
+        client = h.greeted()
+        h.send(client, b"NOOP\r\nHELP\r\nVRFY postmaster\r\nXYZZY\r\n")
+        self.assertEqual(len(client.codes), 6)
+        for verb in (b"NOOP", b"HELP", b"VRFY postmaster", b"XYZZY"):
+            self.assertIn(verb + b"\r\n", bytes(h.mta.transcripts[0]))
+
+    def test_notForClients(self) -> None:
+        """STARTTLS, XCLIENT and XFORWARD from a client get 502 and are not relayed."""
+        h = Harness(self)
+        client = h.greeted()
+        h.send(client, b"STARTTLS\r\nXCLIENT ADDR=1.2.3.4\r\nXFORWARD ADDR=1.2.3.4\r\n")
+        self.assertEqual(client.codes[2:], [502, 502, 502])
+        self.assertNotIn(b"1.2.3.4", bytes(h.mta.transcripts[0]))
+
+    def test_quit(self) -> None:
+        """QUIT gets the MTA's 221; nothing pipelined after it is relayed."""
+        h = Harness(self)
+        client = h.greeted()
+        h.send(client, b"QUIT\r\nNOOP\r\n")
+        self.assertEqual(client.codes[-1], 221)
+        self.assertFalse(client.connected)
+        self.assertTrue(bytes(h.mta.transcripts[0]).endswith(b"QUIT\r\n"))
 
 
 SMUGGLING = [b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\r", b"\r.\r\n"]
