@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from io import BytesIO
 
+import attrs
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IListeningPort
@@ -15,9 +16,12 @@ from twisted.mail.smtp import sendmail
 from twisted.trial.unittest import TestCase
 
 from mailproxy import tap
+from mailproxy.config import Config, Limits
+from mailproxy.filters import Stage
 from mailproxy.localmta import LocalMTA
+from mailproxy.relay import RelayFactory, Settings
 from mailproxy.service import ProxyService
-from mailproxy.testing import RawClient
+from mailproxy.testing import FakeFilter, RawClient, pipelineOf
 
 
 def _port(listening: IListeningPort) -> int:
@@ -145,3 +149,145 @@ class LoopbackTests(TestCase):
             self.assertEqual(self.mta.messages[0].content, content)
 
         return defer.Deferred.fromCoroutine(run())
+
+
+class LoopbackFailureTests(TestCase):
+    """
+    The failure replies over real sockets: proxy and stand-in MTA on 127.0.0.1, the
+    proxy built with test filters.
+    """
+
+    def setUp(self) -> None:
+        self.mta = LocalMTA()
+        self.mtaPort = reactor.listenTCP(0, self.mta.buildFactory(), interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(self.mtaPort.stopListening)
+        self.spool = os.path.abspath(self.mktemp())
+        os.makedirs(self.spool)
+
+    def proxy(self, *filters: FakeFilter, filterTimeout: float = 30.0, **limits: int) -> int:
+        config = Config(
+            path="test.toml",
+            listen=("tcp:0",),
+            upstream=f"tcp:host=127.0.0.1:port={_port(self.mtaPort)}",
+            hostname="proxy.test",
+            spoolDir=self.spool,
+            limits=attrs.evolve(Limits(), **limits),
+        )
+        factory = RelayFactory(
+            Settings(config, pipelineOf(filters, reactor, timeout=filterTimeout)),  # type: ignore[arg-type]
+            TCP4ClientEndpoint(reactor, "127.0.0.1", _port(self.mtaPort)),
+            reactor,  # type: ignore[arg-type]
+        )
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        self.addCleanup(self.closeAll, factory)
+        return _port(port)
+
+    def closeAll(self, factory: RelayFactory) -> defer.Deferred[object]:
+        sessions = list(factory.sessions)
+        for session in sessions:
+            if session.transport is not None:
+                session.transport.loseConnection()
+        return defer.gatherResults([s.closed for s in sessions])
+
+    async def session(self, port: int, commands: bytes, count: int) -> RawClient:
+        client = RawClient()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+        client.send(b"EHLO client.example\r\n" + commands)
+        await client.expect(count)
+        return client
+
+    def later(self, coroutine):  # type: ignore[no-untyped-def]
+        return defer.Deferred.fromCoroutine(coroutine)
+
+    def test_pipelined(self) -> defer.Deferred[None]:
+        """MAIL, RCPT, RCPT, DATA in one write: replies in order, the message delivered."""
+
+        async def go() -> None:
+            port = self.proxy()
+            client = await self.session(
+                port, b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\nDATA\r\n", 6
+            )
+            self.assertEqual(client.codes, [220, 250, 250, 250, 250, 354])
+            client.send(b"Subject: p\r\n\r\nhi\r\n.\r\nQUIT\r\n")
+            await client.lost
+            self.assertEqual(client.codes[-2:], [250, 221])
+            self.assertEqual(self.mta.messages[0].recipients, ["b@y", "c@y"])
+
+        return self.later(go())
+
+    def test_mtaDiesMidData(self) -> defer.Deferred[None]:
+        """The MTA dying while the message is released: the client gets 4xx, never 250."""
+
+        async def go() -> None:
+            port = self.proxy()
+            self.mta.dropAfterDataBytes = 1000
+            client = await self.session(port, b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n", 5)
+            client.send(b"Subject: x\r\n\r\n" + b"0123456789" * 10000 + b"\r\n.\r\n")
+            await client.lost
+            self.assertEqual(client.codes[-1], 421)
+            self.assertNotIn(250, client.codes[4:])
+            self.assertEqual(self.mta.messages, [])
+            self.assertEqual(os.listdir(self.spool), [])
+
+        return self.later(go())
+
+    def test_filterTimeout(self) -> defer.Deferred[None]:
+        """A message filter that never answers: 451 4.7.1 after its timeout (0.2 s here)."""
+
+        async def go() -> None:
+            never = FakeFilter(verdicts={Stage.MESSAGE: lambda: defer.Deferred()})
+            port = self.proxy(never, filterTimeout=0.2)
+            client = await self.session(port, b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n", 5)
+            client.send(b"Subject: x\r\n\r\nhi\r\n.\r\n")
+            [*_, last] = await client.expect(6)
+            self.assertEqual(last.code, 451)
+            self.assertTrue(last.lines[0].startswith(b"4.7.1"))
+            self.assertEqual(self.mta.messages, [])
+
+        return self.later(go())
+
+    def test_limits(self) -> defer.Deferred[None]:
+        """Oversize → 552 5.3.4, too many recipients → 452 4.5.3, long line → 500 5.5.2."""
+
+        async def go() -> None:
+            port = self.proxy(messageSize=1000, recipients=1, lineLength=600)
+            client = await self.session(
+                port,
+                b"NOOP " + b"x" * 700 + b"\r\n"
+                b"MAIL FROM:<a@x> SIZE=5000\r\n"
+                b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\nDATA\r\n",
+                8,
+            )
+            self.assertEqual(client.codes, [220, 250, 500, 552, 250, 250, 452, 354])
+            client.send(b"x" * 2000 + b"\r\n.\r\n")
+            [*_, last] = await client.expect(9)
+            self.assertEqual(last.code, 552)
+            self.assertEqual(self.mta.messages, [])
+
+        return self.later(go())
+
+    def test_smuggling(self) -> defer.Deferred[None]:
+        """
+        No bare-LF or bare-CR end-of-data lookalike makes the MTA see a second message:
+        each message is refused with 554 5.6.0 and the MTA receives nothing.
+        """
+
+        async def go() -> None:
+            port = self.proxy()
+            for fake in (b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\r", b"\r.\r\n"):
+                client = await self.session(
+                    port, b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n", 5
+                )
+                client.send(
+                    b"Subject: real\r\n\r\nhi"
+                    + fake
+                    + b"MAIL FROM:<evil@x>\r\nRCPT TO:<victim@y>\r\nDATA\r\nforged\r\n.\r\nQUIT\r\n"
+                )
+                await client.lost
+                self.assertEqual(client.codes[-2:], [554, 221], fake)
+            self.assertEqual(self.mta.messages, [])
+            for transcript in self.mta.transcripts:
+                self.assertNotIn(b"DATA", bytes(transcript))
+
+        return self.later(go())
