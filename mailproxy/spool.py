@@ -85,9 +85,10 @@ def sweep(directory: str) -> list[str]:
     """Remove spool files left by an earlier run (a crash, a kill -9); return their names."""
     removed = []
     for name in sorted(os.listdir(directory)):
-        if name.startswith(PREFIX) and name.endswith(SUFFIX):
+        path = os.path.join(directory, name)
+        if name.startswith(PREFIX) and name.endswith(SUFFIX) and os.path.isfile(path):
             try:
-                os.unlink(os.path.join(directory, name))
+                os.unlink(path)
             except FileNotFoundError:
                 continue
             removed.append(name)

@@ -234,7 +234,7 @@ def editCapabilities(reply: Reply, maxSize: int, startTLS: bool = False) -> Repl
     The MTA's EHLO reply as the client may see it: hidden extensions removed, SIZE
     capped at (or set to) our own limit, STARTTLS offered only when we terminate TLS.
     """
-    if not reply.positive or not reply.lines:
+    if reply.code // 100 != 2 or not reply.lines:
         return reply
     lines = [reply.lines[0]]
     for line in reply.lines[1:]:

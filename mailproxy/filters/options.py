@@ -30,7 +30,9 @@ class Options:
         self._read.add(key)
         value = self._options.get(key, default)
         if value is None:
-            raise OptionError(key, "is required")
+            close = difflib.get_close_matches(key, [k for k in self._options if k != key], n=1)
+            hint = f' (is "{close[0]}" a misspelling of it?)' if close else ""
+            raise OptionError(key, f"is required{hint}")
         if isinstance(value, bool) or not isinstance(value, int):
             raise OptionError(key, f"must be an integer, not {value!r}")
         if value < minimum:
