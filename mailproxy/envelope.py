@@ -24,7 +24,9 @@ class Session:
     clientPort: int
     helo: str | None = None
     esmtp: bool = False
-    #: Facts that filters attach for each other (the p0f OS guess, a DNSWL hit, ...).
+    #: The filter that allowed (allow-listed) this session; later filters are skipped.
+    allowedBy: str | None = None
+    #: Facts that filters attach for each other: C{notes["p0f"]}, the OS guess; ...
     notes: dict[str, Any] = attrs.Factory(dict)
 
 
@@ -35,6 +37,10 @@ class Envelope:
     mailFrom: str
     mailParameters: str = ""
     recipients: list[str] = attrs.Factory(list)
+    #: Facts that filters attach for each other about this message:
+    #: C{notes["authentication-results"]}, a list of RFC 8601 method results
+    #: (C{"spf=pass smtp.mailfrom=example.org"}) that the headers filter gathers.
+    notes: dict[str, Any] = attrs.Factory(dict)
 
 
 @attrs.frozen

@@ -43,8 +43,10 @@ class FakeFilter:
         answer: Answer = Verdict.accept,
         stages: frozenset[Stage] = frozenset(Stage),
         calls: list[tuple[str, Stage]] | None = None,
+        always: bool = False,
     ) -> None:
         self.name = name
+        self.always = always
         self.stages = stages
         self.calls = [] if calls is None else calls
         self.deferreds: list[Deferred[Verdict]] = []
@@ -190,6 +192,37 @@ class OrderTests(PipelineTestCase):
             self.message(pipeline).headers,
             (("Received-SPF", "pass"), ("X-Spam-Status", "No")),
         )
+
+    def test_allowSkipsLaterFilters(self) -> None:
+        """
+        A filter that allows a session (a DNSWL hit) skips every later filter for the
+        rest of the session, but those that always run; a dry run only logs it.
+        """
+        calls: list[tuple[str, Stage]] = []
+        session = Session("S2", "192.0.2.1", 25)
+        pipeline = self.pipeline(
+            ConfiguredFilter(
+                FakeFilter("dnswl", Verdict.allow, frozenset({Stage.CONNECT}), calls), 30
+            ),
+            ConfiguredFilter(FakeFilter("dnsbl", rejecting("listed"), calls=calls), 30),
+            ConfiguredFilter(FakeFilter("clamd", calls=calls, always=True), 30),
+        )
+        self.assertFalse(self.successResultOf(pipeline.checkConnect(session)).refuses)
+        self.assertEqual(session.allowedBy, "dnswl")
+        self.assertFalse(
+            self.successResultOf(pipeline.checkMessage(session, ENVELOPE, MESSAGE)).refuses
+        )
+        self.assertEqual(
+            calls, [("dnswl", Stage.CONNECT), ("clamd", Stage.CONNECT), ("clamd", Stage.MESSAGE)]
+        )
+        dry = Session("S3", "192.0.2.1", 25)
+        pipeline = self.pipeline(
+            ConfiguredFilter(FakeFilter("dnswl", Verdict.allow), 30, dryRun=True),
+            ConfiguredFilter(FakeFilter("dnsbl", rejecting("listed")), 30),
+        )
+        self.assertTrue(self.successResultOf(pipeline.checkConnect(dry)).refuses)
+        self.assertIsNone(dry.allowedBy)
+        self.assertTrue(self.logged("dry run: would be allowed by dnswl"))
 
     def test_deferredAnswers(self) -> None:
         """A filter answering later holds the pipeline until it does."""

@@ -31,6 +31,9 @@ class Stage(enum.Enum):
 
 class Action(enum.Enum):
     ACCEPT = "accept"
+    #: Accept, and trust the session: later filters are skipped for the rest of it,
+    #: but those that declare C{always = True} (a virus scanner).
+    ALLOW = "allow"
     REJECT = "reject"
     TEMPFAIL = "tempfail"
 
@@ -54,6 +57,10 @@ class Verdict:
         return cls(Action.ACCEPT, headers=headers)
 
     @classmethod
+    def allow(cls, headers: tuple[tuple[str, str], ...] = ()) -> Verdict:
+        return cls(Action.ALLOW, headers=headers)
+
+    @classmethod
     def reject(cls, text: str, code: int = 550, enhanced: str = "5.7.1") -> Verdict:
         return cls(Action.REJECT, code, enhanced, text)
 
@@ -63,7 +70,7 @@ class Verdict:
 
     @property
     def refuses(self) -> bool:
-        return self.action is not Action.ACCEPT
+        return self.action in (Action.REJECT, Action.TEMPFAIL)
 
 
 class FilterError(Exception):
@@ -92,6 +99,7 @@ class IFilter(Interface):
 
     name = Attribute("The filter's name, as in the configuration and the logs.")
     stages = Attribute("A frozenset of the L{Stage}s this filter checks.")
+    always = Attribute("Whether it runs even in a session a filter has allowed (L{Action.ALLOW}).")
 
     def checkConnect(session: Session) -> VerdictResult:
         """Check a new client connection."""
@@ -128,6 +136,7 @@ class BaseFilter:
 
     name = "base"
     stages: frozenset[Stage] = frozenset()
+    always = False
 
     def checkConnect(self, session: Session) -> VerdictResult:
         return Verdict.accept()

@@ -20,6 +20,7 @@ from mailproxy import plugins
 from mailproxy.config import Config, ConfigError, OnError
 from mailproxy.envelope import Envelope, Message, Session
 from mailproxy.filters import (
+    Action,
     FilterError,
     IFilter,
     IFilterFactory,
@@ -123,8 +124,20 @@ class Pipeline:
     ) -> Verdict:
         headers: list[tuple[str, str]] = []
         for cf in configured:
-            verdict = await self._one(stage, cf, session, args)
             name = cf.filter.name
+            if session.allowedBy is not None and not getattr(cf.filter, "always", False):
+                continue
+            verdict = await self._one(stage, cf, session, args)
+            if verdict.action is Action.ALLOW:
+                self._log.info(
+                    "{session} {stage}: {how} by {filter}",
+                    session=session.id,
+                    stage=stage.value,
+                    how="dry run: would be allowed" if cf.dryRun else "allowed",
+                    filter=name,
+                )
+                if not cf.dryRun:
+                    session.allowedBy = name
             if verdict.refuses:
                 fields = dict(
                     session=session.id,
