@@ -1,0 +1,466 @@
+"""
+Helpers for the system tests: the environment they need, the proxy as a twistd subprocess, a
+scripted SMTP client, swaks, and a Maildir to watch. Every wait is bounded; nothing blocks the
+reactor except reading small local files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import sys
+from collections import deque
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+from twisted.internet import error
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import ProcessProtocol, connectionDone
+from twisted.internet.task import deferLater
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import Logger
+from twisted.protocols.basic import LineOnlyReceiver
+from twisted.python.failure import Failure
+
+import mailproxy
+
+SYSTEM_ENV = "MAILPROXY_SYSTEM"
+
+# Seconds: generous for a loaded CI machine, still bounded.
+PROXY_START_TIMEOUT = 20.0
+PROXY_STOP_TIMEOUT = 10.0
+REPLY_TIMEOUT = 30.0
+DELIVERY_TIMEOUT = 20.0
+POLL_INTERVAL = 0.1
+
+_log = Logger()
+
+TomlValue = str | int | float | bool | Sequence[str]
+
+
+def reactor() -> Any:
+    """The global reactor, looked up late (tests run under trial's reactor)."""
+    from twisted.internet import reactor as globalReactor
+
+    return globalReactor
+
+
+def systemSkipReason(*programs: str) -> str | None:
+    """Why system tests must be skipped here, or C{None} when they can run."""
+    if os.environ.get(SYSTEM_ENV) != "1":
+        return f"system test: set {SYSTEM_ENV}=1 and start the components (see .ci/run)"
+    missing = [p for p in programs if shutil.which(p) is None]
+    if missing:
+        return f"system test: {', '.join(missing)} not installed"
+    return None
+
+
+@attrs.frozen
+class PostfixInstance:
+    """Where the private Postfix instance started by C{tests/system/postfix/instance.sh} is."""
+
+    host: str
+    port: int
+    domain: str
+    maildir: Path
+    maillog: Path
+
+    @classmethod
+    def fromEnvironment(cls, env: Mapping[str, str] = os.environ) -> PostfixInstance:
+        """Read the instance from the C{MAILPROXY_POSTFIX_*} variables; one missing is an error."""
+        names = ["HOST", "PORT", "DOMAIN", "MAILDIR", "MAILLOG"]
+        missing = [f"MAILPROXY_POSTFIX_{n}" for n in names if f"MAILPROXY_POSTFIX_{n}" not in env]
+        if missing:
+            raise RuntimeError(
+                f"{SYSTEM_ENV}=1 but {', '.join(missing)} unset: start Postfix with "
+                "tests/system/postfix/instance.sh"
+            )
+        return cls(
+            host=env["MAILPROXY_POSTFIX_HOST"],
+            port=int(env["MAILPROXY_POSTFIX_PORT"]),
+            domain=env["MAILPROXY_POSTFIX_DOMAIN"],
+            maildir=Path(env["MAILPROXY_POSTFIX_MAILDIR"]),
+            maillog=Path(env["MAILPROXY_POSTFIX_MAILLOG"]),
+        )
+
+    @property
+    def endpoint(self) -> str:
+        """The Postfix smtpd as a Twisted client endpoint string, for the proxy's upstream."""
+        return f"tcp:host={self.host}:port={self.port}"
+
+    def maillogText(self) -> str:
+        """The whole maillog so far (small: one instance per CI run)."""
+        return self.maillog.read_text(errors="replace")
+
+
+def freePort() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the proxy binds it next)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _tomlValue(value: TomlValue) -> str:
+    """One TOML value; JSON's string escapes are valid TOML basic strings."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    return "[" + ", ".join(json.dumps(v) for v in value) + "]"
+
+
+def renderConfig(sections: Mapping[str, Mapping[str, TomlValue]]) -> str:
+    """A TOML document from C{{"proxy": {...}, "filters.access": {...}}}."""
+    out: list[str] = []
+    for name, table in sections.items():
+        out.append(f"[{name}]")
+        out.extend(f"{key} = {_tomlValue(value)}" for key, value in table.items())
+        out.append("")
+    return "\n".join(out)
+
+
+def proxyConfig(
+    workdir: Path,
+    port: int,
+    upstream: str,
+    filters: Mapping[str, Mapping[str, TomlValue]] | None = None,
+    proxy: Mapping[str, TomlValue] | None = None,
+) -> dict[str, dict[str, TomlValue]]:
+    """The sections of a minimal working configuration, plus the given filters and overrides."""
+    sections: dict[str, dict[str, TomlValue]] = {
+        "proxy": {
+            "listen": f"tcp:{port}:interface=127.0.0.1",
+            "upstream": upstream,
+            "spool_dir": str(workdir / "spool"),
+            "hostname": "mailproxy.test",
+            **(proxy or {}),
+        }
+    }
+    for name, options in (filters or {}).items():
+        sections[f"filters.{name}"] = dict(options)
+    return sections
+
+
+def twistdCommand() -> list[str]:
+    """The argv that runs this Python's twistd, whether or not the venv's script is on PATH."""
+    script = Path(sys.executable).with_name("twistd")
+    if script.exists():
+        return [sys.executable, str(script)]
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def subprocessEnv() -> dict[str, str]:
+    """Our environment, with the directory holding the C{mailproxy} we import put first on
+    PYTHONPATH so the subprocess runs the same code (checkout or installed)."""
+    env = dict(os.environ)
+    root = str(Path(mailproxy.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [root, env.get("PYTHONPATH", "")] if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class _OutputToFile(ProcessProtocol):
+    """Copy a child's stdout and stderr into one file; C{ended} fires with its exit status."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = path.open("ab")
+        self.ended: Deferred[int | None] = Deferred()
+        self.exited = False
+
+    def outReceived(self, data: bytes) -> None:
+        self._file.write(data)
+        self._file.flush()
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        self.exited = True
+        self._file.close()
+        status = getattr(reason.value, "exitCode", None)
+        self.ended.callback(status)
+
+
+@attrs.define
+class ProxyProcess:
+    """A running C{twistd -n mailproxy}: its port, its log, and how to stop it."""
+
+    port: int
+    logPath: Path
+    configPath: Path
+    _protocol: _OutputToFile
+    _reactor: Any
+
+    async def waitUntilReady(self, timeout: float = PROXY_START_TIMEOUT) -> None:
+        """Poll (bounded) until the proxy greets with 220 on its port.
+
+        @raise RuntimeError: it exited or did not greet in time; the message holds its log.
+        """
+        deadline = self._reactor.seconds() + timeout
+        banner: Reply | None = None
+        while self.running and self._reactor.seconds() < deadline:
+            try:
+                banner = await readBanner(self._reactor, self.port)
+                break
+            except (error.ConnectError, error.ConnectionLost, error.TimeoutError):
+                await deferLater(self._reactor, POLL_INTERVAL, lambda: None)
+        if banner is not None and banner.code == 220:
+            return
+        if not self.running:
+            why = "exited"
+        elif banner is None:
+            why = f"did not listen within {timeout} s"
+        else:
+            why = f"greeted with {banner.text!r}"
+        raise RuntimeError(f"mailproxy {why} (port {self.port}); its log:\n{self.log()}")
+
+    def log(self) -> str:
+        """Everything the proxy printed so far."""
+        try:
+            return self.logPath.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    @property
+    def running(self) -> bool:
+        """Whether the process has not exited yet."""
+        return not self._protocol.exited
+
+    async def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL after L{PROXY_STOP_TIMEOUT}; returns the exit status."""
+        ended = self._protocol.ended
+        if self._protocol.exited:
+            return await ended
+        for signal in ("TERM", "KILL"):
+            try:
+                self._protocol.transport.signalProcess(signal)  # type: ignore[union-attr]
+            except error.ProcessExitedAlready:
+                break
+            waiter: Deferred[int | None] = Deferred()
+            ended.addBoth(_chain, waiter)
+            waiter.addTimeout(PROXY_STOP_TIMEOUT, self._reactor)
+            try:
+                return await waiter
+            except error.TimeoutError:
+                _log.warn("proxy {pid} ignored SIG{signal}", pid=self.pid, signal=signal)
+        return await ended
+
+    @property
+    def pid(self) -> int | None:
+        """The process id, or C{None} once it has exited."""
+        return getattr(self._protocol.transport, "pid", None)
+
+
+def _chain(result: object, waiter: Deferred[Any]) -> object:
+    """Pass a result on to a second Deferred unless it gave up already (timed out)."""
+    if not waiter.called:
+        waiter.callback(result)
+    return result
+
+
+def spawnProxy(
+    reactor: Any, workdir: Path, sections: Mapping[str, Mapping[str, TomlValue]], port: int
+) -> ProxyProcess:
+    """Write the configuration into C{workdir} and spawn the proxy (not waiting for it)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "spool").mkdir(exist_ok=True)
+    configPath = workdir / "mailproxy.toml"
+    configPath.write_text(renderConfig(sections))
+    logPath = workdir / "proxy.log"
+    protocol = _OutputToFile(logPath)
+    argv = [*twistdCommand(), "-n", "--pidfile=", "mailproxy", "--config", str(configPath)]
+    reactor.spawnProcess(protocol, argv[0], argv, env=subprocessEnv(), path=str(workdir))
+    return ProxyProcess(port, logPath, configPath, protocol, reactor)
+
+
+@attrs.frozen
+class Reply:
+    """One SMTP reply: the code and the text of each line."""
+
+    code: int
+    lines: tuple[str, ...]
+
+    @property
+    def text(self) -> str:
+        """All lines joined, for messages and searches."""
+        return "\n".join(self.lines)
+
+
+class ReplyReader(LineOnlyReceiver):
+    """Collect multi-line SMTP replies and hand them out in order, one per L{nextReply}."""
+
+    delimiter = b"\r\n"
+    MAX_LENGTH = 65536
+
+    def __init__(self) -> None:
+        self._lines: list[str] = []
+        self._replies: deque[Reply] = deque()
+        self._waiting: deque[Deferred[Reply]] = deque()
+        self._lost: Failure | None = None
+
+    def lineReceived(self, line: bytes) -> None:
+        text = line.decode("utf-8", "replace")
+        self._lines.append(text)
+        if len(text) >= 4 and text[3] == "-":
+            return
+        reply = Reply(int(text[:3]) if text[:3].isdigit() else 0, tuple(self._lines))
+        self._lines = []
+        if self._waiting:
+            self._waiting.popleft().callback(reply)
+        else:
+            self._replies.append(reply)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._lost = reason
+        while self._waiting:
+            self._waiting.popleft().errback(reason)
+
+    def nextReply(self, reactor: Any, timeout: float = REPLY_TIMEOUT) -> Deferred[Reply]:
+        """The next complete reply, failing after C{timeout} seconds or on disconnection."""
+        if self._replies:
+            d: Deferred[Reply] = Deferred()
+            d.callback(self._replies.popleft())
+            return d
+        if self._lost is not None:
+            d = Deferred()
+            d.errback(self._lost)
+            return d
+        d = Deferred(lambda d: self._waiting.remove(d) if d in self._waiting else None)
+        self._waiting.append(d)
+        d.addTimeout(timeout, reactor)
+        return d
+
+
+async def _connect(reactor: Any, port: int) -> ReplyReader:
+    """A L{ReplyReader} connected to 127.0.0.1:C{port}."""
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5)
+    reader = ReplyReader()
+    await connectProtocol(endpoint, reader).addTimeout(10, reactor)
+    return reader
+
+
+async def readBanner(reactor: Any, port: int, timeout: float = 5.0) -> Reply:
+    """Connect, read the greeting, say QUIT and hang up."""
+    reader = await _connect(reactor, port)
+    try:
+        return await reader.nextReply(reactor, timeout)
+    finally:
+        reader.sendLine(b"QUIT")
+        reader.transport.loseConnection()  # type: ignore[union-attr]
+
+
+async def converse(reactor: Any, port: int, script: Sequence[bytes]) -> list[Reply]:
+    """Send each item of C{script} and read one reply after each; the banner comes first.
+
+    An item is a command without its CRLF, or, after a 354, a whole message body that ends
+    with C{b"\\r\\n.\\r\\n"} (sent as is). Returns the banner and one reply per item.
+    """
+    reader = await _connect(reactor, port)
+    try:
+        replies = [await reader.nextReply(reactor)]
+        for item in script:
+            if item.endswith(b"\r\n.\r\n"):
+                reader.transport.write(item)  # type: ignore[union-attr]
+            else:
+                reader.sendLine(item)
+            replies.append(await reader.nextReply(reactor))
+        return replies
+    finally:
+        reader.transport.loseConnection()  # type: ignore[union-attr]
+
+
+def message(token: str, sender: str, recipient: str, body: str = "Hello.") -> bytes:
+    """A small RFC 5322 message tagged with C{token}, dot-terminated for DATA."""
+    lines = [
+        f"From: <{sender}>",
+        f"To: <{recipient}>",
+        f"Subject: mailproxy system test {token}",
+        f"Message-ID: <{token}@client.example>",
+        f"X-Mailproxy-Test: {token}",
+        "",
+        body,
+    ]
+    return ("\r\n".join(lines) + "\r\n.\r\n").encode()
+
+
+@attrs.frozen
+class SwaksResult:
+    """What swaks printed (the whole transcript) and its exit status."""
+
+    output: str
+    status: int
+
+    def replies(self) -> list[str]:
+        """The server's lines, in order (C{<-} ok, C{<**} error), without swaks' markers."""
+        return [
+            line.split(" ", 1)[1].strip() if " " in line else ""
+            for line in self.output.splitlines()
+            if line.startswith(("<-", "<**"))
+        ]
+
+    def queueId(self) -> str | None:
+        """The queue id from a C{250 ... queued as ID} reply, if any."""
+        m = re.search(r"^<-\s+250 .*queued as ([0-9A-Za-z]+)", self.output, re.MULTILINE)
+        return m.group(1) if m else None
+
+
+async def swaks(reactor: Any, port: int, *args: str, timeout: int = 30) -> SwaksResult:
+    """Run swaks against 127.0.0.1:C{port} with C{args}; never raises on SMTP errors."""
+    executable = shutil.which("swaks")
+    if executable is None:
+        raise RuntimeError("swaks is not installed")
+    argv = ["--server", f"127.0.0.1:{port}", "--timeout", str(timeout), *args]
+    out, err, status = await getProcessOutputAndValue(
+        executable, argv, env=dict(os.environ), reactor=reactor
+    )
+    return SwaksResult((out + err).decode("utf-8", "replace"), status)
+
+
+@attrs.frozen
+class Maildir:
+    """A Maildir the MTA delivers into; messages are found by a token they contain."""
+
+    path: Path
+
+    def files(self) -> list[Path]:
+        """Every delivered message file (new/ and cur/)."""
+        return [f for sub in ("new", "cur") for f in sorted((self.path / sub).glob("*"))]
+
+    def find(self, token: str) -> list[bytes]:
+        """The contents of every message containing C{token}."""
+        needle = token.encode()
+        found = []
+        for f in self.files():
+            try:
+                data = f.read_bytes()
+            except FileNotFoundError:  # moved from new/ to cur/ meanwhile
+                continue
+            if needle in data:
+                found.append(data)
+        return found
+
+    async def waitFor(self, reactor: Any, token: str, timeout: float = DELIVERY_TIMEOUT) -> bytes:
+        """The first message containing C{token}, polling until C{timeout} seconds.
+
+        @raise LookupError: it did not arrive in time.
+        """
+        for _ in range(int(timeout / POLL_INTERVAL)):
+            found = self.find(token)
+            if found:
+                return found[0]
+            await deferLater(reactor, POLL_INTERVAL, lambda: None)
+        raise LookupError(f"no message with {token!r} in {self.path} after {timeout} s")
+
+
+def headerBlock(data: bytes) -> str:
+    """The header section of a message, unfolded lines kept, as text."""
+    head = data.split(b"\n\n", 1)[0].replace(b"\r\n", b"\n")
+    return head.decode("utf-8", "replace")
