@@ -52,7 +52,6 @@ def reply(code: int, enhanced: str, text: str) -> Reply:
 # Our own replies, named (RFC 5321 codes, RFC 3463 enhanced codes).
 START_INPUT = reply(354, "", "End data with <CR><LF>.<CR><LF>")
 LINE_TOO_LONG = reply(500, "5.5.2", "Error: line too long")
-BAD_SYNTAX = reply(501, "5.5.4", "Syntax error in parameters")
 NOT_IMPLEMENTED = reply(502, "5.5.1", "Error: command not implemented")
 NEED_MAIL = reply(503, "5.5.1", "Error: need MAIL command")
 NO_RECIPIENTS = reply(554, "5.5.1", "Error: no valid recipients")
