@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import difflib
 import enum
+import ipaddress
 import json
 import math
 import os
@@ -71,6 +72,8 @@ class Timeouts:
     mtaConnect: float = 30.0
     mtaReply: float = 300.0
     filters: float = 120.0
+    #: On stop: how long sessions in flight may take to finish before they get 421.
+    shutdownGrace: float = 30.0
 
 
 @attrs.frozen
@@ -82,6 +85,59 @@ class FilterSpec:
     onError: OnError = OnError.TEMPFAIL
     dryRun: bool = False
     options: Mapping[str, object] = attrs.field(factory=dict)
+    #: Keep the messages this filter refuses in the quarantine (C{[quarantine] dir}).
+    quarantine: bool = False
+
+
+class SyslogFormat(enum.Enum):
+    RFC3164 = "rfc3164"
+    RFC5424 = "rfc5424"
+
+
+@attrs.frozen
+class Logging:
+    """C{[logging]}: where the log goes besides twistd's own log."""
+
+    #: C{"udp:HOST:PORT"} (HOST an IP address) or C{"unix:PATH"}; None: no syslog of ours.
+    syslog: str | None = None
+    syslogFormat: SyslogFormat = SyslogFormat.RFC3164
+    syslogFacility: str = "mail"
+    syslogTag: str = "mailproxy"
+    #: A file to append one JSON object per event to.
+    json: str | None = None
+
+
+@attrs.frozen
+class Manhole:
+    """C{[manhole]}: the SSH Python console into the running process; off without C{listen}."""
+
+    listen: str | None = None
+    authorizedKeys: str = "/etc/mailproxy/manhole_keys"
+    hostKey: str = "/var/lib/mailproxy/manhole_host_key"
+
+
+@attrs.frozen
+class QuarantineSettings:
+    """C{[quarantine]}: where refused messages of C{quarantine = true} filters are kept."""
+
+    dir: str | None = None
+    retentionDays: int = 30
+
+
+@attrs.frozen
+class StatsSocket:
+    """C{[stats]}: the UNIX socket answering a JSON snapshot of the counters; off without C{socket}."""
+
+    socket: str | None = None
+    mode: int = 0o660
+
+
+@attrs.frozen
+class Web:
+    """C{[web]}: the status page, C{/stats.json} and C{/metrics}; off without C{listen}."""
+
+    listen: str | None = None
+    refresh: float = 10.0
 
 
 @attrs.frozen
@@ -97,6 +153,11 @@ class Config:
     limits: Limits = Limits()
     timeouts: Timeouts = Timeouts()
     filters: tuple[FilterSpec, ...] = ()
+    logging: Logging = Logging()
+    manhole: Manhole = Manhole()
+    quarantine: QuarantineSettings = QuarantineSettings()
+    stats: StatsSocket = StatsSocket()
+    web: Web = Web()
 
 
 class _InvalidValueError(Exception):
@@ -264,14 +325,17 @@ _LIMITS_KEYS: dict[str, _Check] = {
     "connections_per_client": _integer(1),
 }
 _TIMEOUTS_KEYS: dict[str, _Check] = dict.fromkeys(
-    ("client_idle", "mta_connect", "mta_reply", "filters"), _seconds
+    ("client_idle", "mta_connect", "mta_reply", "filters", "shutdown_grace"), _seconds
 )
 _FILTER_KEYS: dict[str, _Check] = {
     "timeout": _seconds,
     "on_error": _choice(OnError),
     "dry_run": _boolean,
+    "quarantine": _boolean,
 }
-_SECTIONS = ("proxy", "limits", "timeouts", "filters")
+_SECTIONS = (
+    "proxy", "limits", "timeouts", "filters", "logging", "manhole", "quarantine", "stats", "web",
+)  # fmt: skip
 _REQUIRED = {"listen": "a server endpoint string", "upstream": "a client endpoint string"}
 
 
@@ -354,6 +418,170 @@ def _read(path: str) -> dict[str, Any]:
         raise ConfigError(path, "", f"not valid TOML: {_oneLine(str(e))}") from None
 
 
+#: Syslog facility names and their numbers (RFC 5424, section 6.2.1).
+SYSLOG_FACILITIES: Mapping[str, int] = types.MappingProxyType(
+    {
+        "kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "syslog": 5, "lpr": 6,
+        "news": 7, "uucp": 8, "cron": 9, "authpriv": 10, "ftp": 11,
+        **{f"local{n}": 16 + n for n in range(8)},
+    }
+)  # fmt: skip
+
+
+def syslogAddress(description: str) -> tuple[socket.AddressFamily, str | tuple[str, int]]:
+    """
+    C{"udp:127.0.0.1:514"}, C{"udp:[::1]:514"} or C{"unix:/dev/log"} as a socket family
+    and address. Only IP addresses: a host name would need the resolver.
+
+    @raise ValueError: the description is none of these.
+    """
+    kind, _, rest = description.partition(":")
+    if kind == "unix" and rest.startswith("/"):
+        return socket.AF_UNIX, rest
+    if kind == "udp":
+        host, _, port = rest.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        try:
+            family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IP address") from None
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{port!r} is not a port number")
+        return family, (host, int(port))
+    raise ValueError('use "udp:ADDRESS:PORT" or "unix:/PATH"')
+
+
+def _syslog(value: object) -> str:
+    description = _string(value)
+    try:
+        syslogAddress(description)
+    except ValueError as e:
+        raise _InvalidValueError(f"{_show(description)}: {e}") from None
+    return description
+
+
+def _facility(value: object) -> str:
+    if value not in SYSLOG_FACILITIES:
+        raise _InvalidValueError(
+            f"must be a syslog facility ({', '.join(SYSLOG_FACILITIES)}), not {_show(value)}"
+        )
+    return str(value)
+
+
+def _tag(value: object) -> str:
+    tag = _string(value)
+    if not re.fullmatch(r"[A-Za-z0-9._/-]{1,32}", tag):
+        raise _InvalidValueError(f"must be up to 32 letters, digits or ._/-, not {_show(tag)}")
+    return tag
+
+
+def _path(value: object) -> str:
+    return os.path.abspath(_string(value))
+
+
+_LOGGING_KEYS: dict[str, _Check] = {
+    "syslog": _syslog,
+    "syslog_format": _choice(SyslogFormat),
+    "syslog_facility": _facility,
+    "syslog_tag": _tag,
+    "json": _path,
+}
+_QUARANTINE_KEYS: dict[str, _Check] = {"dir": _path, "retention_days": _integer(1)}
+
+
+#: The longest path a UNIX socket may have (sun_path holds 108 bytes, the NUL included).
+UNIX_PATH_MAX = 107
+
+
+def _socketPath(value: object) -> str:
+    """A socket's path, made absolute (relative to the working directory at start-up)."""
+    path = os.path.abspath(_string(value))
+    if len(os.fsencode(path)) > UNIX_PATH_MAX:
+        raise _InvalidValueError(
+            f"{_show(path)} is too long for a UNIX socket ({len(os.fsencode(path))} bytes,"
+            f" at most {UNIX_PATH_MAX})"
+        )
+    return path
+
+
+def _mode(value: object) -> int:
+    """File permissions: an octal string (C{"0660"}) or a TOML octal integer (C{0o660})."""
+    if isinstance(value, str) and re.fullmatch(r"0?[0-7]{3}", value):
+        return int(value, 8)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0o777:
+        return value
+    raise _InvalidValueError(f'must be an octal mode such as "0660", not {_show(value)}')
+
+
+_STATS_KEYS: dict[str, _Check] = {"socket": _socketPath, "mode": _mode}
+
+
+def _webKeys(reactor: IReactorTime) -> dict[str, _Check]:
+    return {"listen": _endpoint(serverFromString, "server", reactor), "refresh": _seconds}
+
+
+def _manholeKeys(reactor: IReactorTime) -> dict[str, _Check]:
+    return {
+        "listen": _endpoint(serverFromString, "server", reactor),
+        "authorized_keys": _path,
+        "host_key": _path,
+    }
+
+
+def _checkManhole(path: str, manhole: Manhole) -> None:
+    """The key files, when the manhole is on: at least one public key; a usable host key."""
+    from twisted.conch.checkers import readAuthorizedKeyFile
+    from twisted.conch.ssh.keys import BadKeyError, Key
+
+    keys, hostKey = "manhole.authorized_keys", "manhole.host_key"
+    try:
+        with open(manhole.authorizedKeys, "rb") as f:
+            if not any(readAuthorizedKeyFile(f)):
+                raise ConfigError(
+                    path, keys, f"{_show(manhole.authorizedKeys)} holds no public key"
+                )
+    except OSError as e:
+        why = f"cannot read {_show(manhole.authorizedKeys)}: {e.strerror}"
+        raise ConfigError(path, keys, why) from None
+    if os.path.exists(manhole.hostKey):
+        try:
+            key = Key.fromFile(manhole.hostKey)
+        except (OSError, BadKeyError, ValueError) as e:
+            why = _oneLine(str(e)) or type(e).__name__
+            raise ConfigError(
+                path, hostKey, f"cannot read {_show(manhole.hostKey)}: {why}"
+            ) from None
+        if key.isPublic():
+            raise ConfigError(path, hostKey, f"{_show(manhole.hostKey)} is a public key")
+    elif not os.access(os.path.dirname(manhole.hostKey), os.W_OK | os.X_OK):
+        raise ConfigError(
+            path, hostKey, f"{_show(manhole.hostKey)} is missing and its directory is not writable"
+        )
+
+
+def _checkService(config: Config) -> None:
+    """Checks across sections, and of the files and directories they name."""
+    path = config.path
+    for spec in config.filters:
+        if spec.quarantine and config.quarantine.dir is None:
+            raise ConfigError(
+                path,
+                _dotted("filters", spec.name, "quarantine"),
+                "needs a quarantine directory: set dir in [quarantine]",
+            )
+    if config.quarantine.dir is not None:
+        try:
+            _prepareSpool(config.quarantine.dir)
+        except _InvalidValueError as e:
+            raise ConfigError(path, "quarantine.dir", str(e)) from None
+    if config.logging.json is not None:
+        directory = os.path.dirname(config.logging.json)
+        if not os.path.isdir(directory):
+            raise ConfigError(path, "logging.json", f"no such directory: {_show(directory)}")
+    if config.manhole.listen is not None:
+        _checkManhole(path, config.manhole)
+
+
 def load(path: str, reactor: IReactorTime) -> Config:
     """
     Read and validate the configuration file at C{path}.
@@ -378,8 +606,14 @@ def load(path: str, reactor: IReactorTime) -> Config:
         limits=Limits(**_section(path, document, "limits", _LIMITS_KEYS)),
         timeouts=Timeouts(**_section(path, document, "timeouts", _TIMEOUTS_KEYS)),
         filters=_filters(path, document),
+        logging=Logging(**_section(path, document, "logging", _LOGGING_KEYS)),
+        manhole=Manhole(**_section(path, document, "manhole", _manholeKeys(reactor))),
+        quarantine=QuarantineSettings(**_section(path, document, "quarantine", _QUARANTINE_KEYS)),
+        stats=StatsSocket(**_section(path, document, "stats", _STATS_KEYS)),
+        web=Web(**_section(path, document, "web", _webKeys(reactor))),
         **proxy,
     )
+    _checkService(config)
     try:
         _prepareSpool(config.spoolDir)
     except _InvalidValueError as e:

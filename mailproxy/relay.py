@@ -35,9 +35,19 @@ from twisted.python.failure import Failure
 from mailproxy import wire
 from mailproxy.config import BareLineEndings, Config
 from mailproxy.envelope import Envelope, Session
-from mailproxy.filters import Verdict
+from mailproxy.filters import Stage, Verdict
 from mailproxy.filters.pipeline import Pipeline
+from mailproxy.quarantine import Quarantine
 from mailproxy.spool import Spool
+from mailproxy.stats import (
+    CLIENT_LIMIT,
+    CONNECTION_LIMIT,
+    MTA,
+    MTA_DOWN,
+    RECIPIENT_LIMIT,
+    SessionInfo,
+    Stats,
+)
 from mailproxy.wire import TOO_LONG, Reply
 
 #: Stop reading from a client with this many unprocessed bytes or unanswered commands.
@@ -59,6 +69,10 @@ TOO_MANY_RECIPIENTS = reply(452, "4.5.3", "Error: too many recipients")
 TOO_BIG = reply(552, "5.3.4", "Error: message size exceeds fixed limit")
 BARE_LINE_ENDING = reply(554, "5.6.0", "Error: bare CR or LF in message content")
 SPOOL_FAILED = reply(452, "4.3.1", "Error: insufficient system storage")
+#: The text of the 421 a stopping proxy closes sessions with.
+SHUTTING_DOWN = "Service shutting down"
+#: Seconds a session closed by the shutdown may take to flush its 421 before it is aborted.
+LINGER = 5.0
 
 
 def _closing(hostname: str, enhanced: str, text: str) -> Reply:
@@ -98,28 +112,39 @@ class Settings:
 
     config: Config
     pipeline: Pipeline
+    #: Where refused messages of C{quarantine = true} filters are kept, if anywhere.
+    quarantine: Quarantine | None = None
 
 
 class RelayFactory(Factory):
     """
     Makes a L{InboundProtocol} per client connection and keeps the count of them, in
     total and per client address.
+
+    @param stats: the counters the sessions report to (a fresh L{Stats} if not given).
     """
 
     _log = Logger()
     noisy = False
 
     def __init__(
-        self, settings: Settings, upstream: IStreamClientEndpoint, clock: IReactorTime
+        self,
+        settings: Settings,
+        upstream: IStreamClientEndpoint,
+        clock: IReactorTime,
+        stats: Stats | None = None,
     ) -> None:
         self.settings = settings
         self.upstream = upstream
         self.clock = clock
+        self.stats = stats if stats is not None else Stats(clock)
         #: Sessions counted against the limits (their client is connected).
         self.active: set[InboundProtocol] = set()
         #: Every session until both of its connections are closed.
         self.sessions: set[InboundProtocol] = set()
         self._perClient: Counter[str] = Counter()
+        #: Stopping: new sessions get 421, those in flight close after their transaction.
+        self.draining = False
 
     def buildProtocol(self, addr: object) -> InboundProtocol:  # type: ignore[override]
         session = InboundProtocol(self, self.settings)
@@ -129,17 +154,55 @@ class RelayFactory(Factory):
 
     def admit(self, session: InboundProtocol, client: str) -> Reply | None:
         """Count a new session in, or answer why it may not start."""
+        if self.draining:
+            return _closing(session.hostname, "4.3.2", SHUTTING_DOWN)
         limits = session.settings.config.limits
+        self.stats.connectionOpened()
         if len(self.active) >= limits.connections:
-            return _closing(session.hostname, "4.7.0", "Error: too many connections")
+            return self._refuse(session, CONNECTION_LIMIT, "Error: too many connections")
         if self._perClient[client] >= limits.connectionsPerClient:
-            return _closing(session.hostname, "4.7.0", "Error: too many connections from you")
+            return self._refuse(session, CLIENT_LIMIT, "Error: too many connections from you")
         self.active.add(session)
         self._perClient[client] += 1
+        self.stats.sessionStarted(session)
         return None
+
+    def _refuse(self, session: InboundProtocol, reason: str, text: str) -> Reply:
+        refusal = _closing(session.hostname, "4.7.0", text)
+        self.stats.refused(session.session, Stage.CONNECT, refusal, reason=reason)
+        return refusal
+
+    def shutDown(self, grace: float, linger: float = LINGER) -> Deferred[None]:
+        """
+        Stop: new sessions get 421; each session in flight finishes its transaction (for up
+        to C{grace} seconds) and is then closed with 421; when C{grace} runs out, the rest
+        are closed with 421 too, and C{linger} seconds later any connection still open is
+        aborted. Fires once every session is closed.
+        """
+        self.draining = True
+        sessions = list(self.sessions)
+        timers = [
+            self.clock.callLater(grace, self._each, InboundProtocol.shutDown),
+            self.clock.callLater(grace + linger, self._each, InboundProtocol.abort),
+        ]
+        closed = defer.gatherResults([s.closed for s in sessions])
+        for session in sessions:
+            session.drain()
+
+        def done(_: object) -> None:
+            for timer in timers:
+                if timer.active():
+                    timer.cancel()
+
+        return closed.addCallback(done)
+
+    def _each(self, method: Callable[[InboundProtocol], None]) -> None:
+        for session in list(self.sessions):
+            method(session)
 
     def release(self, session: InboundProtocol, client: str) -> None:
         if session in self.active:
+            self.stats.sessionEnded(session)
             self.active.discard(session)
             self._perClient[client] -= 1
             if self._perClient[client] <= 0:
@@ -204,6 +267,7 @@ class InboundProtocol(Protocol):
         config = settings.config
         self.hostname = config.hostname
         self._clock = factory.clock
+        self._stats = factory.stats
         self._pipeline = settings.pipeline
         self._commands = wire.CommandBuffer(config.limits.lineLength)
         self._pending: deque[_Pending] = deque()
@@ -228,6 +292,9 @@ class InboundProtocol(Protocol):
         self._client = "unknown"
         self._clientGone = False
         self._quitSent = False
+        self._sessionHeaders: dict[Stage, tuple[tuple[str, str], ...]] = {}
+        self._transactionHeaders: list[tuple[str, str]] = []
+        self._draining = False
         #: Fires once both the client's and the MTA's connections are closed.
         self.closed: Deferred[None] = Deferred()
         self.session = Session(_sessionId(), "unknown", 0)
@@ -257,7 +324,7 @@ class InboundProtocol(Protocol):
             port=self.session.clientPort,
         )
         self._touch()
-        self._gate(self._pipeline.checkConnect(self.session), self._connectUpstream, atConnect=True)
+        self._gate(self._pipeline.checkConnect(self.session), self._connectUpstream, Stage.CONNECT)
 
     def dataReceived(self, data: bytes) -> None:
         if self._phase is Phase.CLOSED:
@@ -295,6 +362,31 @@ class InboundProtocol(Protocol):
             "{session} disconnect from [{client}]", session=self.session.id, client=self._client
         )
 
+    def drain(self) -> None:
+        """The service is stopping: finish the transaction in flight, then close with 421."""
+        self._draining = True
+        if self._phase is Phase.CONNECTING:
+            self.shutDown()
+        else:
+            self._advance()
+
+    def shutDown(self) -> None:
+        """Close now with 421, whatever the session is doing: its grace time is over."""
+        if self._phase is Phase.CLOSED:
+            return
+        self._log.info(
+            "{session} closed by the shutdown in phase {phase}",
+            session=self.session.id,
+            phase=self._phase.value,
+        )
+        self._closeWith(_closing(self.hostname, "4.3.2", SHUTTING_DOWN))
+
+    def abort(self) -> None:
+        """Drop both connections without waiting to flush what is unsent."""
+        for transport in (self.transport, self._mta.transport if self._mta else None):
+            if transport is not None:
+                transport.abortConnection()  # type: ignore[attr-defined]
+
     # -- the MTA side ------------------------------------------------------------------
 
     def _connectUpstream(self) -> None:
@@ -319,17 +411,20 @@ class InboundProtocol(Protocol):
                 why=failure.getErrorMessage(),
             )
             self._pending.clear()
-            self._closeWith(
-                _closing(self.hostname, "4.3.2", "Service not available, try again later")
-            )
+            refusal = _closing(self.hostname, "4.3.2", "Service not available, try again later")
+            self._stats.mtaError(self.session, "unreachable")
+            self._stats.refused(self.session, Stage.CONNECT, refusal, reason=MTA_DOWN)
+            self._closeWith(refusal)
 
         d.addCallbacks(connected, failed)
 
     def _onBanner(self, banner: Reply) -> Reply:
         if banner.code == 220:
             self._phase = Phase.COMMAND
+            self._stats.connectionAccepted()
         else:
             self._closeAfterFlush = True
+            self._stats.refused(self.session, Stage.CONNECT, banner, reason=MTA)
         return banner
 
     def mtaReplied(self, r: Reply) -> None:
@@ -361,6 +456,7 @@ class InboundProtocol(Protocol):
 
     def mtaFailed(self, why: str) -> None:
         self._log.error("{session} MTA protocol error: {why}", session=self.session.id, why=why)
+        self._stats.mtaError(self.session, "protocol")
         if self._mta is not None and self._mta.transport is not None:
             self._mta.transport.abortConnection()  # type: ignore[attr-defined]
 
@@ -376,10 +472,12 @@ class InboundProtocol(Protocol):
             phase=self._phase.value,
             why=reason.getErrorMessage(),
         )
+        self._stats.mtaError(self.session, "lost")
         self._closeWith(_closing(self.hostname, "4.4.2", "Error: lost connection to the MTA"))
 
     def _mtaTimedOut(self) -> None:
         self._log.error("{session} MTA did not answer in time", session=self.session.id)
+        self._stats.mtaError(self.session, "timeout")
         self._closeWith(_closing(self.hostname, "4.4.2", "Error: the MTA did not answer"))
 
     # -- replies, in order ---------------------------------------------------------------
@@ -465,6 +563,11 @@ class InboundProtocol(Protocol):
         self._advancing = True
         try:
             while self._phase is Phase.COMMAND and not self._blocked:
+                if self._draining and self._envelope is None:
+                    if not self._pending:  # between transactions, every reply given
+                        self._log.info("{session} closed: shutting down", session=self.session.id)
+                        self._closeWith(_closing(self.hostname, "4.3.2", SHUTTING_DOWN))
+                    break
                 line = self._commands.nextLine()
                 if line is None:
                     break
@@ -490,7 +593,11 @@ class InboundProtocol(Protocol):
                 self.transport.resumeProducing()  # type: ignore[attr-defined]
 
     def _gate(
-        self, check: Deferred[Verdict], then: Callable[[], None], atConnect: bool = False
+        self,
+        check: Deferred[Verdict],
+        then: Callable[[], None],
+        stage: Stage,
+        sender: str | None = None,
     ) -> None:
         """
         Hold further commands until C{check} decides: on acceptance run C{then}, on
@@ -506,17 +613,28 @@ class InboundProtocol(Protocol):
                 return
             if not verdict.refuses:
                 then()
-            elif atConnect:
-                self._closeWith(
+                self._keepHeaders(stage, verdict.headers)
+            elif stage is Stage.CONNECT:
+                refusal = (
                     _closing(self.hostname, verdict.enhanced, verdict.text)
                     if verdict.code // 100 == 4
                     else _verdictReply(verdict)
                 )
+                self._stats.refused(self.session, stage, refusal)
+                self._closeWith(refusal)
             else:
+                self._stats.refused(self.session, stage, _verdictReply(verdict), sender)
                 self._local(_verdictReply(verdict))
             self._advance()
 
         check.addCallback(decided).addErrback(self._bug)
+
+    def _keepHeaders(self, stage: Stage, headers: tuple[tuple[str, str], ...]) -> None:
+        """Keep what filters add before DATA, for the message they end up in."""
+        if stage in (Stage.CONNECT, Stage.HELO):
+            self._sessionHeaders[stage] = headers
+        else:
+            self._transactionHeaders.extend(headers)
 
     def _bug(self, failure: Failure) -> None:
         if failure.check(defer.CancelledError) and self._phase is Phase.CLOSED:
@@ -556,6 +674,7 @@ class InboundProtocol(Protocol):
         self._gate(
             self._pipeline.checkHelo(self.session),
             lambda: self._sendMta(command.line, edit),
+            Stage.HELO,
         )
 
     def _mail(self, command: wire.Command) -> None:
@@ -564,9 +683,11 @@ class InboundProtocol(Protocol):
         except wire.PathSyntaxError:
             self._local(reply(501, "5.5.4", "Syntax: MAIL FROM:<address>"))
             return
+        self._stats.messageAttempted()
         size = wire.sizeParameter(params)
         if size is not None and size > self.settings.config.limits.messageSize:
             self._logEvent(f"MAIL FROM:<{sender}> SIZE={size}", TOO_BIG)
+            self._stats.refused(self.session, Stage.MAIL, TOO_BIG, sender, "size limit")
             self._local(TOO_BIG)
             return
         envelope = Envelope(sender, params.decode("utf-8", "surrogateescape"))
@@ -575,8 +696,10 @@ class InboundProtocol(Protocol):
             self._logEvent(f"MAIL FROM:<{sender}>", r)
             if r.positive:
                 self._mailAccepted = True
-            elif self._envelope is envelope:
-                self._envelope = None
+            else:
+                self._stats.refused(self.session, Stage.MAIL, r, sender, MTA)
+                if self._envelope is envelope:
+                    self._envelope = None
             return r
 
         def accepted() -> None:
@@ -585,7 +708,7 @@ class InboundProtocol(Protocol):
                 self._recipientsAsked = 0
             self._sendMta(command.line, answered)
 
-        self._gate(self._pipeline.checkMail(self.session, envelope), accepted)
+        self._gate(self._pipeline.checkMail(self.session, envelope), accepted, Stage.MAIL, sender)
 
     def _rcpt(self, command: wire.Command) -> None:
         try:
@@ -599,6 +722,9 @@ class InboundProtocol(Protocol):
             return
         if self._recipientsAsked >= self.settings.config.limits.recipients:
             self._logEvent(f"RCPT TO:<{recipient}>", TOO_MANY_RECIPIENTS)
+            self._stats.refused(
+                self.session, Stage.RCPT, TOO_MANY_RECIPIENTS, envelope.mailFrom, RECIPIENT_LIMIT
+            )
             self._local(TOO_MANY_RECIPIENTS)
             return
         self._recipientsAsked += 1
@@ -607,11 +733,16 @@ class InboundProtocol(Protocol):
             self._logEvent(f"RCPT TO:<{recipient}>", r)
             if r.positive:
                 envelope.recipients.append(recipient)
+                self._stats.recipientAccepted()
+            else:
+                self._stats.refused(self.session, Stage.RCPT, r, envelope.mailFrom, MTA)
             return r
 
         self._gate(
             self._pipeline.checkRcpt(self.session, envelope, recipient),
             lambda: self._sendMta(command.line, answered),
+            Stage.RCPT,
+            envelope.mailFrom,
         )
 
     def _logEvent(self, event: str, r: Reply) -> None:
@@ -638,6 +769,7 @@ class InboundProtocol(Protocol):
         self._sendMta(command.line, bye)
 
     def _resetTransaction(self) -> None:
+        self._transactionHeaders = []
         self._envelope = None
         self._mailAccepted = False
         self._recipientsAsked = 0
@@ -711,9 +843,19 @@ class InboundProtocol(Protocol):
         if self._phase is Phase.CLOSED:
             return
         if verdict.refuses:
+            quarantine = self.settings.quarantine
+            if quarantine is not None and quarantine.wants(verdict):
+                spool, envelope = self._spool, self._envelope
+                assert spool is not None and envelope is not None
+                quarantine.keep(spool.message(), self.session, envelope, verdict)
             self._refuse(_verdictReply(verdict), "filters")
         else:
-            self._release(verdict.headers)
+            early = [
+                h
+                for stage in (Stage.CONNECT, Stage.HELO)
+                for h in self._sessionHeaders.get(stage, ())
+            ]
+            self._release((*early, *self._transactionHeaders, *verdict.headers))
 
     def _refuse(self, r: Reply, why: str) -> None:
         """Answer the client, reset the MTA's transaction, and go on with the session."""
@@ -727,6 +869,9 @@ class InboundProtocol(Protocol):
             rcpts=len(envelope.recipients) if envelope else 0,
             size=self._spool.size if self._spool else 0,
         )
+        sender = envelope.mailFrom if envelope else None
+        reason = None if why == "filters" else why  # None: the filter that refused
+        self._stats.refused(self.session, Stage.MESSAGE, r, sender, reason)
         self._local(r)
         self._sendMta(b"RSET", _swallow)
         self._endTransaction()
@@ -748,6 +893,7 @@ class InboundProtocol(Protocol):
                 rcpts=len(envelope.recipients),
                 size=spool.size,
             )
+            self._stats.delivered(self.session, r, envelope.mailFrom, spool.size)
             self._endTransaction()
             return r
 
@@ -756,6 +902,7 @@ class InboundProtocol(Protocol):
                 self._log.warn(
                     "{session} MTA refused DATA: {reply}", session=self.session.id, reply=r.text
                 )
+                self._stats.refused(self.session, Stage.MESSAGE, r, envelope.mailFrom, MTA)
                 self._sendMta(b"RSET", _swallow)
                 self._flushMta()
                 self._endTransaction()
@@ -776,8 +923,13 @@ class InboundProtocol(Protocol):
 
         def sent(_: object) -> None:
             f.close()
-            if self._phase is Phase.RELEASING and self._mta is not None and self._mta.transport is not None:
+            if (
+                self._phase is Phase.RELEASING
+                and self._mta is not None
+                and self._mta.transport is not None
+            ):
                 self._mta.transport.write(b".\r\n")
+                self._stats.released(self.session)  # until the MTA answers, a loss is ambiguous
 
         def failed(failure: Failure) -> None:
             f.close()
@@ -788,6 +940,18 @@ class InboundProtocol(Protocol):
             )
 
         d.addCallbacks(sent, failed)
+
+    def describe(self) -> SessionInfo:
+        """The session as the status page and the stats socket show it."""
+        envelope = self._envelope
+        return SessionInfo(
+            id=self.session.id,
+            client=self._client,
+            helo=self.session.helo,
+            sender=envelope.mailFrom if envelope is not None else None,
+            recipients=len(envelope.recipients) if envelope is not None else 0,
+            phase=self._phase.value,
+        )
 
     def _endTransaction(self) -> None:
         """Forget the transaction; remove its spool file, on every path."""

@@ -1,21 +1,45 @@
 """
-The service tree: the spool sweep at start-up and one listener per C{listen} endpoint,
-all sharing one L{RelayFactory}.
+The service tree: the log observers, the spool sweep at start-up, one listener per
+C{listen} endpoint (all sharing one L{RelayFactory}), the quarantine's daily expiry and
+the manhole. SIGHUP reloads the configuration; stopping lets sessions finish.
 """
 
 from __future__ import annotations
 
+import signal
+from types import FrameType
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
+import attrs
+from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.logger import Logger
 
-from mailproxy.config import Config
+from mailproxy.config import Config, ConfigError, load
+from mailproxy.control import StatsSocketService
 from mailproxy.filters.pipeline import buildPipeline
+from mailproxy.logs import LogService
+from mailproxy.manhole import ManholeService, namespace
+from mailproxy.quarantine import Quarantine
 from mailproxy.relay import RelayFactory, Settings
 from mailproxy.spool import sweep
+from mailproxy.stats import Stats, StatsService
+from mailproxy.web import statusSite
+
+#: What a reload cannot change (C{Config} attributes, by their keys): a restart applies them.
+RESTART_ONLY = {
+    "proxy.listen": "listen",
+    "proxy.spool_dir": "spoolDir",
+    "[logging]": "logging",
+    "[manhole]": "manhole",
+    "[stats]": "stats",
+    "[web]": "web",
+}
+#: Seconds between two expiries of the quarantine (the first one is at start-up).
+EXPIRY_INTERVAL = 86400.0
 
 
 class ProxyService(MultiService):
@@ -26,11 +50,22 @@ class ProxyService(MultiService):
     def __init__(self, config: Config, reactor: Any) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.config = config
+        self._reactor = reactor
+        #: The SIGHUP handler before ours, while ours is installed.
+        self._previousHup: Any = None
+        self._hupInstalled = False
+        #: The counters: the relay and the filters report to them; the stats socket, the web
+        #: and the manhole read them.
+        self.stats = Stats(reactor)
         self.factory = RelayFactory(
-            Settings(config, buildPipeline(config, reactor)),
+            self._settings(config),
             clientFromString(reactor, config.upstream),
             reactor,
+            self.stats,
         )
+        self.logs = LogService(config.logging)
+        self.logs.setServiceParent(self)  # type: ignore[no-untyped-call] # first: before others log
+        self.listeners: list[StreamServerEndpointService] = []
         for description in config.listen:
             listener = StreamServerEndpointService(
                 serverFromString(reactor, description), self.factory
@@ -38,8 +73,46 @@ class ProxyService(MultiService):
             listener._raiseSynchronously = True  # a port in use stops start-up, loudly
             listener.setName(f"listen {description}")
             listener.setServiceParent(self)
+            self.listeners.append(listener)
+        expiry = TimerService(EXPIRY_INTERVAL, self._expireQuarantine)
+        expiry.clock = reactor
+        expiry.setServiceParent(self)
+        self.manhole: ManholeService | None = None
+        if config.manhole.listen is not None:
+            self.manhole = ManholeService(config.manhole, namespace(self), reactor)
+            self.manhole.setServiceParent(self)  # type: ignore[no-untyped-call]
+        self._addStatus(config, reactor)
+
+    def _addStatus(self, config: Config, reactor: Any) -> None:
+        """The midnight reset of the counters; the stats socket and the web, if configured."""
+        StatsService(self.stats).setServiceParent(self)  # type: ignore[no-untyped-call]
+        if config.stats.socket is not None:
+            sock = StatsSocketService(
+                config.stats.socket, config.stats.mode, self.stats.snapshot, reactor
+            )
+            sock.setName("stats socket")  # type: ignore[no-untyped-call]
+            sock.setServiceParent(self)  # type: ignore[no-untyped-call]
+        if config.web.listen is not None:
+            site = statusSite(self.stats, config.hostname, config.web.refresh, reactor)
+            web = StreamServerEndpointService(serverFromString(reactor, config.web.listen), site)
+            web._raiseSynchronously = True  # a port in use stops start-up, loudly
+            web.setName(f"web {config.web.listen}")
+            web.setServiceParent(self)
+
+    def _settings(self, config: Config) -> Settings:
+        """
+        What new sessions run under: the configuration, its filters, its quarantine.
+
+        @raise ConfigError: a filter is not installed, or its options are wrong.
+        """
+        return Settings(
+            config,
+            buildPipeline(config, self._reactor, self.stats.filterChecked),
+            Quarantine.fromConfig(config, self._reactor),
+        )
 
     def startService(self) -> None:
+        self.logs.privilegedStartService()  # (done already under twistd)
         for name in sweep(self.config.spoolDir):
             self._log.warn("removed leftover spool file {name}", name=name)
         self._log.info(
@@ -47,4 +120,104 @@ class ProxyService(MultiService):
             listen=", ".join(self.config.listen),
             upstream=self.config.upstream,
         )
+        if not self._hupInstalled:
+            self._previousHup = signal.signal(signal.SIGHUP, self._hangUp)
+            self._hupInstalled = True
         super().startService()  # type: ignore[no-untyped-call]
+
+    def _hangUp(self, signum: int, frame: FrameType | None) -> None:
+        # A signal handler: do the work in the reactor's thread, between two events.
+        self._reactor.callFromThread(self.reload)
+
+    def reload(self) -> bool:
+        """
+        Read the configuration file again (on SIGHUP, or from the manhole). A valid one
+        applies to the sessions that start from now on, while those in flight finish
+        under theirs; an invalid one is refused with one log line, and the running one
+        stays. Also reopens the JSON log, for logrotate.
+
+        @return: whether the new configuration was applied.
+        """
+        old = self.config
+        try:
+            config = load(old.path, self._reactor)
+            restart = [
+                key
+                for key, name in RESTART_ONLY.items()
+                if getattr(config, name) != getattr(old, name)
+            ]
+            if restart:
+                config = attrs.evolve(
+                    config, **{name: getattr(old, name) for name in RESTART_ONLY.values()}
+                )
+            settings = self._settings(config)
+        except ConfigError as e:
+            self._log.error(
+                "reload refused, the running configuration stays: {error}", error=str(e)
+            )
+            return False
+        if restart:
+            self._log.warn(
+                "reload: {keys} changed, which takes a restart: the old values stay",
+                keys=", ".join(restart),
+            )
+        self.config = config
+        self.factory.settings = settings
+        self.factory.upstream = clientFromString(self._reactor, config.upstream)
+        if self.manhole is not None:
+            self.manhole.namespace["config"] = config
+        try:
+            self.logs.reopen()
+        except OSError as e:
+            self._log.error("cannot reopen the JSON log: {why}", why=e)
+        self._log.info("reloaded {path}: new sessions run under it", path=config.path)
+        return True
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop listening, let the sessions in flight finish (up to C{shutdown_grace}
+        seconds, then 421), then stop the rest. Fires once every session is closed.
+        """
+        if self._hupInstalled:
+            # None: the handler was not set from Python; the default is the nearest.
+            previous = signal.SIG_DFL if self._previousHup is None else self._previousHup
+            signal.signal(signal.SIGHUP, previous)
+            self._hupInstalled = False
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        Service.stopService(self)
+        await defer.gatherResults(
+            [
+                defer.maybeDeferred(listener.stopService)
+                for listener in self.listeners
+                if listener.running
+            ]
+        )
+        grace = self.config.timeouts.shutdownGrace
+        if self.factory.sessions:
+            self._log.info(
+                "stopping: {count} sessions get up to {grace}s to finish",
+                count=len(self.factory.sessions),
+                grace=grace,
+            )
+        await self.factory.shutDown(grace)
+        self._log.info("mailproxy stopped")
+        rest = [service for service in reversed(list(self)) if service.running]
+        await defer.gatherResults([defer.maybeDeferred(service.stopService) for service in rest])
+
+    def _expireQuarantine(self) -> None:
+        quarantine = self.factory.settings.quarantine
+        if quarantine is None:
+            return
+        try:
+            removed = quarantine.expire()
+        except OSError as e:
+            self._log.error("quarantine expiry failed: {why}", why=e)
+            return
+        if removed:
+            self._log.info(
+                "quarantine: removed {count} messages older than {days} days",
+                count=len(removed),
+                days=quarantine.retentionDays,
+            )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import pwd
+import stat
 from typing import ClassVar
 
 from twisted.application.internet import StreamServerEndpointService
@@ -48,6 +50,9 @@ class Options(usage.Options):
         try:
             config = load(path, reactor)
             buildPipeline(config, reactor)
+            twistd = self.parent  # twistd's own options (-u, -g), when twistd runs us
+            if twistd is not None:
+                _handOver(config, twistd.get("uid"), twistd.get("gid"))
         except ConfigError as e:
             # One line naming the file and the key, not a usage screen.
             raise SystemExit(f"mailproxy: {e}") from None
@@ -55,6 +60,38 @@ class Options(usage.Options):
 
 
 _log = Logger()
+
+
+def _handOver(config: Config, uid: int | None, gid: int | None) -> None:
+    """
+    With twistd's C{-u}, started as root: the directories mailproxy writes in after
+    dropping privileges must be that user's. One that root owns and that holds nothing
+    else (just created, as a missing one is) is handed over to the user; any other must
+    already be the user's.
+
+    @raise ConfigError: a directory the user could not write in.
+    """
+    if uid is None or os.getuid() != 0 or uid == 0:
+        return
+    if gid is None:
+        gid = pwd.getpwuid(uid).pw_gid
+    directories = {config.spoolDir: "proxy.spool_dir"}
+    if config.quarantine.dir is not None:
+        directories[config.quarantine.dir] = "quarantine.dir"
+    # The deepest first: a quarantine inside the spool is handed over before the spool.
+    for path in sorted(directories, key=len, reverse=True):
+        info = os.stat(path)
+        contents = {os.path.join(path, name) for name in os.listdir(path)}
+        if info.st_uid == 0 and contents <= directories.keys():
+            os.chown(path, uid, gid)
+            info = os.stat(path)
+        if info.st_uid != uid or info.st_mode & 0o700 != 0o700:
+            raise ConfigError(
+                config.path,
+                directories[path],
+                f"{path!r} must belong to uid {uid} (twistd -u) with mode 0700; it belongs to "
+                f"uid {info.st_uid}, mode {stat.S_IMODE(info.st_mode):04o}",
+            )
 
 
 def _clientAddress(listen: str) -> str:

@@ -21,11 +21,17 @@ from mailproxy.config import (
     ConfigError,
     FilterSpec,
     Limits,
+    Logging,
+    Manhole,
     OnError,
+    QuarantineSettings,
+    StatsSocket,
     Timeouts,
+    Web,
     load,
 )
 
+SECTIONS = "proxy, limits, timeouts, filters, logging, manhole, quarantine, stats, web"
 SAMPLE = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "mailproxy.toml"
 )
@@ -108,12 +114,17 @@ class SampleTests(ConfigTestCase):
             return [snake(a.name) for a in attrs.fields(cls) if a.name not in skip]
 
         names = [
-            *keys(Config, "path", "limits", "timeouts", "filters"),
+            *keys(Config, "path", *SECTIONS.split(", ")[1:]),
             *keys(Limits),
             *keys(Timeouts),
             *keys(FilterSpec, "name", "options"),
+            *keys(Logging),
+            *keys(Manhole),
+            *keys(QuarantineSettings),
+            *keys(StatsSocket),
+            *keys(Web),
         ]
-        self.assertEqual(len(names), 17)
+        self.assertEqual(len(names), 33)
         for name in names:
             self.assertRegex(text, rf"(?m)^#? *{name} *=", name)
 
@@ -297,14 +308,12 @@ class KeyErrorTests(ConfigTestCase):
         path = self.configure("[limit]\nrecipients = 5\n")
         self.assertError(path, "limit", 'unknown section, did you mean "limits"?')
         path = self.configure("[tls]\n")
-        self.assertError(path, "tls", "unknown section; known: proxy, limits, timeouts, filters")
+        self.assertError(path, "tls", f"unknown section; known: {SECTIONS}")
 
     def test_topLevelKey(self) -> None:
         """A key outside any section is an unknown section."""
         path = self.write(f'upstream = "{UPSTREAM}"\n[proxy]\nlisten = "tcp:25"\n')
-        self.assertError(
-            path, "upstream", "unknown section; known: proxy, limits, timeouts, filters"
-        )
+        self.assertError(path, "upstream", f"unknown section; known: {SECTIONS}")
 
     def test_unknownKey(self) -> None:
         """A misspelt key is an error suggesting the right one, never silently ignored."""

@@ -55,7 +55,7 @@ class LoopbackTests(TestCase):
         service.startService()
         self.addCleanup(service.stopService)
         self.addCleanup(self.sessionsClosed, service)
-        [listener] = service.services
+        [listener] = service.listeners
         return _port(listener._waitingForPort.result)  # type: ignore[attr-defined]
 
     def sessionsClosed(self, service: ProxyService) -> defer.Deferred[object]:

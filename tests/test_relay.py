@@ -316,6 +316,35 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual(h.mta.messages[0].recipients, ["good@y"])
         self.assertNotIn(b"bad@y", bytes(h.mta.transcripts[0]))
 
+    def test_earlyHeadersKept(self) -> None:
+        """
+        Headers added at connect, HELO, MAIL and RCPT reach the released message, in
+        that order, and those of a finished transaction do not reach the next one.
+        """
+        f = FakeFilter(
+            verdicts={
+                Stage.CONNECT: Verdict.accept((("X-Connect", "1"),)),
+                Stage.HELO: Verdict.accept((("X-Helo", "2"),)),
+                Stage.MAIL: Verdict.accept((("X-Mail", "3"),)),
+                Stage.RCPT: Verdict.accept((("X-Rcpt", "4"),)),
+                Stage.MESSAGE: Verdict.accept((("X-Message", "5"),)),
+            }
+        )
+        h = Harness(self, f)
+        client = h.greeted()
+        h.send(client, envelope() + b"DATA\r\n" + STUFFED)
+        h.send(client, b"MAIL FROM:<a@x>\r\nDATA\r\n")
+        self.assertEqual(
+            h.mta.messages[0].content,
+            b"X-Connect: 1\r\nX-Helo: 2\r\nX-Mail: 3\r\nX-Rcpt: 4\r\nX-Message: 5\r\n" + MESSAGE,
+        )
+        f.verdicts[Stage.MAIL] = Verdict.accept()
+        f.verdicts[Stage.RCPT] = Verdict.accept()
+        h.send(client, b"RSET\r\n" + envelope() + b"DATA\r\n" + STUFFED)
+        self.assertEqual(
+            h.mta.messages[1].content, b"X-Connect: 1\r\nX-Helo: 2\r\nX-Message: 5\r\n" + MESSAGE
+        )
+
     def test_headersAdded(self) -> None:
         """Headers from accepting filters are prepended to the released message."""
         f = FakeFilter(verdicts={Stage.MESSAGE: Verdict.accept((("X-Checked", "yes"),))})

@@ -75,7 +75,7 @@ class TapTests(SynchronousTestCase):
         options.parseOptions(["--config", self.goodConfig()])
         service = tap.makeService(options)
         assert isinstance(service, ProxyService)
-        self.assertEqual(len(list(service)), 2)
+        self.assertEqual(len(service.listeners), 2)
 
     def test_localMTA(self) -> None:
         """With --local-mta the stand-in MTA runs beside the proxy."""
@@ -106,4 +106,5 @@ class TapTests(SynchronousTestCase):
         for listener in service:
             listener.startService = lambda: None  # type: ignore[method-assign]
         service.startService()
+        self.addCleanup(service.stopService)
         self.assertEqual(os.listdir(spool), ["keep.txt"])

@@ -51,6 +51,9 @@ class Verdict:
     enhanced: str = "2.0.0"
     text: str = ""
     headers: tuple[tuple[str, str], ...] = ()
+    #: The filter that refused, set by the pipeline (for the logs and the quarantine);
+    #: not part of the verdict's value.
+    filter: str | None = attrs.field(default=None, eq=False)
 
     @classmethod
     def accept(cls, headers: tuple[tuple[str, str], ...] = ()) -> Verdict:

@@ -6,7 +6,7 @@ C{on_error} policy and C{dry_run} switch; gathers the headers accepting filters 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import attrs
 from twisted.internet import defer, error
@@ -49,6 +49,22 @@ class ConfiguredFilter:
     dryRun: bool = False
 
 
+@attrs.frozen
+class Checked:
+    """What a pipeline observer hears after each filter answered: who, what, how long."""
+
+    session: Session
+    stage: Stage
+    filter: str
+    seconds: float
+    verdict: Verdict
+    dryRun: bool
+
+
+#: Called after every filter's answer (the counters' hook, L{mailproxy.stats.Stats.filterChecked}).
+Observer = Callable[[Checked], None]
+
+
 def _call(
     stage: Stage, f: IFilter, session: Session, args: tuple[object, ...]
 ) -> Deferred[Verdict]:
@@ -63,15 +79,21 @@ class Pipeline:
     The filters of one configuration, by stage.
 
     @param totalTimeout: seconds for all the filters of one stage together.
+    @param observer: told of each filter's answer and latency, if given.
     """
 
     _log = Logger()
 
     def __init__(
-        self, filters: Sequence[ConfiguredFilter], clock: IReactorTime, totalTimeout: float
+        self,
+        filters: Sequence[ConfiguredFilter],
+        clock: IReactorTime,
+        totalTimeout: float,
+        observer: Observer | None = None,
     ) -> None:
         self._clock = clock
         self._totalTimeout = totalTimeout
+        self._observer = observer
         self._byStage: Mapping[Stage, tuple[ConfiguredFilter, ...]] = {
             stage: tuple(cf for cf in filters if stage in cf.filter.stages) for stage in Stage
         }
@@ -127,7 +149,11 @@ class Pipeline:
             name = cf.filter.name
             if session.allowedBy is not None and not getattr(cf.filter, "always", False):
                 continue
+            started = self._clock.seconds()
             verdict = await self._one(stage, cf, session, args)
+            self._observe(
+                Checked(session, stage, name, self._clock.seconds() - started, verdict, cf.dryRun)
+            )
             if verdict.action is Action.ALLOW:
                 self._log.info(
                     "{session} {stage}: {how} by {filter}",
@@ -156,9 +182,17 @@ class Pipeline:
                 self._log.info(
                     "{session} {stage}: refused by {filter}: {code} {enhanced} {text}", **fields
                 )
-                return verdict
+                return attrs.evolve(verdict, filter=name)
             headers.extend(verdict.headers)
         return Verdict.accept(tuple(headers))
+
+    def _observe(self, checked: Checked) -> None:
+        if self._observer is None:
+            return
+        try:
+            self._observer(checked)
+        except Exception:
+            self._log.failure("{session} filter observer failed", session=checked.session.id)
 
     async def _one(
         self, stage: Stage, cf: ConfiguredFilter, session: Session, args: tuple[object, ...]
@@ -207,9 +241,13 @@ def filterFactories() -> dict[str, IFilterFactory]:
     return {factory.name: factory for factory in getPlugins(IFilterFactory, plugins)}
 
 
-def buildPipeline(config: Config, reactor: IReactorTime) -> Pipeline:
+def buildPipeline(
+    config: Config, reactor: IReactorTime, observer: Observer | None = None
+) -> Pipeline:
     """
     Build the filters a configuration names.
+
+    @param observer: told of each filter's answer (see L{Pipeline}).
 
     @raise ConfigError: a filter is not installed, or its options are wrong.
     """
@@ -227,4 +265,4 @@ def buildPipeline(config: Config, reactor: IReactorTime) -> Pipeline:
         except OptionError as e:
             raise ConfigError(config.path, f"filters.{spec.name}.{e.key}", e.message) from e
         configured.append(ConfiguredFilter(built, spec.timeout, spec.onError, spec.dryRun))
-    return Pipeline(configured, reactor, config.timeouts.filters)
+    return Pipeline(configured, reactor, config.timeouts.filters, observer)

@@ -41,7 +41,8 @@ POLL_INTERVAL = 0.1
 
 _log = Logger()
 
-TomlValue = str | int | float | bool | Sequence[str]
+#: A TOML value; arrays hold strings or (for rules) inline tables of strings.
+TomlValue = str | int | float | bool | Sequence[str] | Sequence[Mapping[str, str]]
 
 
 def reactor() -> Any:
@@ -59,6 +60,21 @@ def systemSkipReason(*programs: str) -> str | None:
     if missing:
         return f"system test: {', '.join(missing)} not installed"
     return None
+
+
+def componentEnv(*names: str, env: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The C{MAILPROXY_*} variables .ci/run exports for a started component (spamd, ...).
+
+    @raise RuntimeError: one is unset (with C{MAILPROXY_SYSTEM=1} that is an error, not a
+        reason to skip): start the component with C{tests/system/components/daemons.sh}.
+    """
+    missing = [name for name in names if not env.get(name)]
+    if missing:
+        raise RuntimeError(
+            f"{SYSTEM_ENV}=1 but {', '.join(missing)} unset: start the component with "
+            "tests/system/components/daemons.sh start COMPONENT BASE (see .ci/run)"
+        )
+    return {name: env[name] for name in names}
 
 
 @attrs.frozen
@@ -115,7 +131,14 @@ def _tomlValue(value: TomlValue) -> str:
         return repr(value)
     if isinstance(value, str):
         return json.dumps(value)
-    return "[" + ", ".join(json.dumps(v) for v in value) + "]"
+    return "[" + ", ".join(_tomlItem(v) for v in value) + "]"
+
+
+def _tomlItem(value: str | Mapping[str, str]) -> str:
+    """An array item: a string, or an inline table of strings (C{{ os = "Linux" }})."""
+    if isinstance(value, str):
+        return json.dumps(value)
+    return "{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in value.items()) + " }"
 
 
 def renderConfig(sections: Mapping[str, Mapping[str, TomlValue]]) -> str:
@@ -199,8 +222,11 @@ class ProxyProcess:
     _protocol: _OutputToFile
     _reactor: Any
 
-    async def waitUntilReady(self, timeout: float = PROXY_START_TIMEOUT) -> None:
-        """Poll (bounded) until the proxy greets with 220 on its port.
+    async def waitUntilReady(
+        self, timeout: float = PROXY_START_TIMEOUT, greeting: int = 220
+    ) -> None:
+        """Poll (bounded) until the proxy greets with C{greeting} (a connect filter may
+        refuse this client: 554) on its port.
 
         @raise RuntimeError: it exited or did not greet in time; the message holds its log.
         """
@@ -212,7 +238,7 @@ class ProxyProcess:
                 break
             except (error.ConnectError, error.ConnectionLost, error.TimeoutError):
                 await deferLater(self._reactor, POLL_INTERVAL, lambda: None)
-        if banner is not None and banner.code == 220:
+        if banner is not None and banner.code == greeting:
             return
         if not self.running:
             why = "exited"
@@ -267,16 +293,24 @@ def _chain(result: object, waiter: Deferred[Any]) -> object:
 
 
 def spawnProxy(
-    reactor: Any, workdir: Path, sections: Mapping[str, Mapping[str, TomlValue]], port: int
+    reactor: Any,
+    workdir: Path,
+    sections: Mapping[str, Mapping[str, TomlValue]],
+    port: int,
+    twistdOptions: Sequence[str] = (),
 ) -> ProxyProcess:
-    """Write the configuration into C{workdir} and spawn the proxy (not waiting for it)."""
+    """Write the configuration into C{workdir} and spawn the proxy (not waiting for it).
+
+    @param twistdOptions: more of twistd's own options (C{--syslog}, C{-u}, ...).
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "spool").mkdir(exist_ok=True)
     configPath = workdir / "mailproxy.toml"
     configPath.write_text(renderConfig(sections))
     logPath = workdir / "proxy.log"
     protocol = _OutputToFile(logPath)
-    argv = [*twistdCommand(), "-n", "--pidfile=", "mailproxy", "--config", str(configPath)]
+    argv = [*twistdCommand(), "-n", "--pidfile=", *twistdOptions]
+    argv += ["mailproxy", "--config", str(configPath)]
     reactor.spawnProcess(protocol, argv[0], argv, env=subprocessEnv(), path=str(workdir))
     return ProxyProcess(port, logPath, configPath, protocol, reactor)
 

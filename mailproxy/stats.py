@@ -1,0 +1,465 @@
+"""
+Counters: what the proxy did, since start and today, for the stats socket, the status
+page, C{/metrics} and the manhole.
+
+The relay tells one L{Stats} what happens (a connection opened, a refusal, a release, an
+MTA error) and the filter pipeline tells it how each filter answered and how long it took
+(L{Stats.filterChecked} is the pipeline's observer). Nothing here does I/O.
+
+"Today" starts at local midnight. A timer on the injected clock fires at the next local
+midnight (or within the hour, whichever is first), and every event and every read checks
+the date too, so a clock set forward or back, or a DST change, neither drifts the reset
+nor repeats it: "today" is reset only when the local date moves past the day it counts.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import time
+from collections import Counter, deque
+from typing import Any, Protocol
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from mailproxy.envelope import Session
+from mailproxy.filters import Stage
+from mailproxy.filters.pipeline import Checked
+from mailproxy.wire import Reply
+
+#: Upper bounds (seconds) of the filter latency histogram's buckets, C{+Inf} implied.
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+#: How many refusals L{Stats.refusals} keeps, newest last.
+REFUSALS_KEPT = 50
+#: How many hourly buckets the chart shows, the current hour last.
+HOURS_KEPT = 24
+#: The midnight timer is re-armed at least this often (seconds), so that a clock set back
+#: delays the reset by at most this much even when nothing reads the counters.
+RESCHEDULE_AT_MOST = 3600.0
+
+# Why the proxy itself refused, besides a filter's name (reasons in counters and refusals).
+CONNECTION_LIMIT = "connection limit"
+CLIENT_LIMIT = "client limit"
+MTA_DOWN = "mta down"
+#: The MTA's own refusal (a 4xx/5xx the proxy relayed).
+MTA = "mta"
+RECIPIENT_LIMIT = "recipient limit"
+#: A filter refusal whose filter is unknown (all filters of a stage timed out together).
+FILTERS = "filters"
+
+#: Kinds of MTA errors, counted once per session (the first one).
+MTA_ERRORS = ("unreachable", "lost", "timeout", "protocol")
+
+
+@attrs.frozen
+class SessionInfo:
+    """What the status shows of one active session."""
+
+    id: str
+    client: str
+    helo: str | None
+    sender: str | None
+    recipients: int
+    phase: str
+
+
+class SessionView(Protocol):
+    """A live session (the relay's inbound protocol) that can describe itself."""
+
+    def describe(self) -> SessionInfo: ...
+
+
+@attrs.define
+class Counts:
+    """One set of counters: since start, or today."""
+
+    connections: Counter[str] = attrs.Factory(Counter)  # opened, accepted
+    connectionsRefused: Counter[str] = attrs.Factory(Counter)  # by reason or filter
+    heloRefused: Counter[str] = attrs.Factory(Counter)
+    messages: Counter[str] = attrs.Factory(Counter)  # attempted, accepted, bytes, ambiguous
+    rejected: Counter[str] = attrs.Factory(Counter)  # 5xx, by filter or reason
+    tempfailed: Counter[str] = attrs.Factory(Counter)  # 4xx, by filter or reason
+    recipients: Counter[str] = attrs.Factory(Counter)  # accepted
+    recipientsRefused: Counter[str] = attrs.Factory(Counter)
+    mtaErrors: Counter[str] = attrs.Factory(Counter)
+
+    def toJSON(self) -> dict[str, Any]:
+        return {
+            "connections": {
+                "opened": self.connections["opened"],
+                "accepted": self.connections["accepted"],
+                "refused": dict(self.connectionsRefused),
+            },
+            "helo_refused": dict(self.heloRefused),
+            "messages": {
+                "attempted": self.messages["attempted"],
+                "accepted": self.messages["accepted"],
+                "bytes": self.messages["bytes"],
+                "rejected": dict(self.rejected),
+                "tempfailed": dict(self.tempfailed),
+                "ambiguous": self.messages["ambiguous"],
+            },
+            "recipients": {
+                "accepted": self.recipients["accepted"],
+                "refused": dict(self.recipientsRefused),
+            },
+            "mta_errors": {kind: self.mtaErrors[kind] for kind in MTA_ERRORS},
+        }
+
+
+@attrs.define
+class Latency:
+    """One filter's answers: a histogram of how long it took, and its verdicts."""
+
+    buckets: list[int] = attrs.Factory(lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    count: int = 0
+    sum: float = 0.0
+    max: float = 0.0
+    verdicts: Counter[str] = attrs.Factory(Counter)
+
+    def observe(self, seconds: float) -> None:
+        index = next((i for i, le in enumerate(LATENCY_BUCKETS) if seconds <= le), -1)
+        self.buckets[index] += 1
+        self.count += 1
+        self.sum += seconds
+        self.max = max(self.max, seconds)
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """C{(upper bound, count at or below it)} pairs, C{+Inf} last, as Prometheus has them."""
+        pairs, running = [], 0
+        for le, n in zip((*LATENCY_BUCKETS, math.inf), self.buckets, strict=True):
+            running += n
+            pairs.append((le, running))
+        return pairs
+
+    def quantileBound(self, q: float) -> float:
+        """The upper bound of the bucket holding the C{q} quantile (C{max} for the last)."""
+        wanted = q * self.count
+        for le, n in self.cumulative():
+            if n >= wanted and n > 0:
+                return min(le, self.max)
+        return self.max
+
+    def toJSON(self) -> dict[str, Any]:
+        return {
+            "checks": self.count,
+            "verdicts": dict(self.verdicts),
+            "seconds": {
+                "mean": self.sum / self.count if self.count else 0.0,
+                "p50_at_most": self.quantileBound(0.5),
+                "p95_at_most": self.quantileBound(0.95),
+                "max": self.max,
+                "sum": self.sum,
+            },
+            "buckets": [["+Inf" if math.isinf(le) else le, n] for le, n in self.cumulative()],
+        }
+
+
+@attrs.frozen
+class Refusal:
+    """One refusal a client saw."""
+
+    time: float
+    session: str
+    client: str
+    sender: str | None
+    stage: str
+    by: str
+    reply: str
+
+    def toJSON(self) -> dict[str, Any]:
+        return {
+            "time": self.time,
+            "session": self.session,
+            "client": self.client,
+            "sender": self.sender,
+            "stage": self.stage,
+            "filter": self.by,
+            "reply": self.reply,
+        }
+
+
+def _localDate(now: float) -> datetime.date:
+    return datetime.datetime.fromtimestamp(now).date()
+
+
+def _midnight(day: datetime.date) -> float:
+    """The instant local time reaches C{day}, 00:00 (as C{mktime} resolves a DST gap)."""
+    return datetime.datetime.combine(day, datetime.time()).timestamp()
+
+
+def _hourStart(now: float) -> int:
+    """The instant the local hour holding C{now} began (whole seconds)."""
+    local = time.localtime(now)
+    return math.floor(now) - local.tm_min * 60 - min(local.tm_sec, 59)
+
+
+class Stats:
+    """
+    The counters of one proxy process: monotonic totals since start (for Prometheus),
+    the same counters for today (reset at local midnight), hourly buckets for the last
+    24 hours, per-filter latency, the active sessions and the last refusals.
+
+    The midnight timer runs between L{start} and L{stop} (the service's); without it
+    "today" is still right whenever it is read, as every read checks the date.
+
+    @param clock: the time source and the timer for the midnight reset.
+    """
+
+    _log = Logger()
+
+    def __init__(self, clock: IReactorTime, refusalsKept: int = REFUSALS_KEPT) -> None:
+        self._clock = clock
+        now = clock.seconds()
+        self.started = now
+        self.total = Counts()
+        self.today = Counts()
+        self.day = _localDate(now)
+        self._dayStart = _midnight(self.day)
+        self._dayEnd = _midnight(self.day + datetime.timedelta(days=1))
+        #: Hour start -> counters of that hour (connections, accepted, rejected, tempfailed).
+        self._hours: dict[int, Counter[str]] = {}
+        self.latency: dict[str, Latency] = {}
+        self.refusals: deque[Refusal] = deque(maxlen=refusalsKept)
+        self._active: dict[SessionView, float] = {}
+        #: Session id -> the filter whose refusal the relay is about to report.
+        self._decidedBy: dict[str, str] = {}
+        #: Sessions whose final dot went to the MTA, which has not answered yet.
+        self._releasing: set[str] = set()
+        #: Sessions whose MTA error is counted already (one per session: the first cause).
+        self._mtaFailed: set[str] = set()
+        self._timer: IDelayedCall | None = None
+
+    # -- the day ------------------------------------------------------------------------
+
+    def _now(self) -> float:
+        """The time; first start a new day if the local date has moved on."""
+        now = self._clock.seconds()
+        if not self._dayStart <= now < self._dayEnd:
+            self._turn(now)
+        return now
+
+    def _turn(self, now: float) -> None:
+        day = _localDate(now)
+        if day > self.day:
+            self._log.info("new day {day}: today's counters start again", day=day.isoformat())
+            self.today = Counts()
+            self.day = day
+            self._dayStart = _midnight(day)
+            self._dayEnd = _midnight(day + datetime.timedelta(days=1))
+        else:
+            # The clock was set back: go on counting into the day we have, until the
+            # date passes it.
+            self._dayStart = min(self._dayStart, _midnight(day))
+
+    def _schedule(self) -> None:
+        delay = self._dayEnd - self._clock.seconds()
+        self._timer = self._clock.callLater(min(max(delay, 1.0), RESCHEDULE_AT_MOST), self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        self._now()
+        self._schedule()
+
+    def start(self) -> None:
+        """Arm the midnight timer."""
+        if self._timer is None:
+            self._now()
+            self._schedule()
+
+    def stop(self) -> None:
+        """Cancel the midnight timer (the counters stay readable)."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    # -- counting -----------------------------------------------------------------------
+
+    def _add(self, group: str, key: str, n: int = 1, hourly: str | None = None) -> None:
+        now = self._now()
+        getattr(self.total, group)[key] += n
+        getattr(self.today, group)[key] += n
+        if hourly is not None:
+            hour = _hourStart(now)
+            self._hours.setdefault(hour, Counter())[hourly] += n
+            oldest = hour - (HOURS_KEPT - 1) * 3600
+            for old in [h for h in self._hours if h < oldest]:
+                del self._hours[old]
+
+    def connectionOpened(self) -> None:
+        """A client connected (before the limits are checked)."""
+        self._add("connections", "opened", hourly="connections")
+
+    def sessionStarted(self, view: SessionView) -> None:
+        """A session passed the connection limits: it is active until L{sessionEnded}."""
+        self._active[view] = self._now()
+
+    def connectionAccepted(self) -> None:
+        """The MTA greeted a client with 220: the session goes on."""
+        self._add("connections", "accepted")
+
+    def sessionEnded(self, view: SessionView) -> None:
+        """
+        The client's connection is closed. If the final dot had gone to the MTA and its
+        answer had not come back to the client, the delivery is ambiguous: the MTA may
+        have queued a message the client will send again.
+        """
+        self._active.pop(view, None)
+        sessionId = view.describe().id
+        if sessionId in self._releasing:
+            self._releasing.discard(sessionId)
+            self._add("messages", "ambiguous")
+        self._decidedBy.pop(sessionId, None)
+        self._mtaFailed.discard(sessionId)
+
+    def messageAttempted(self) -> None:
+        """A client began a transaction (MAIL FROM)."""
+        self._add("messages", "attempted")
+
+    def recipientAccepted(self) -> None:
+        self._add("recipients", "accepted")
+
+    def refused(
+        self,
+        session: Session,
+        stage: Stage,
+        reply: Reply,
+        sender: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        """
+        The client got C{reply}, a refusal at C{stage}.
+
+        @param reason: why, when it is not a filter's refusal: L{CONNECTION_LIMIT},
+            L{MTA}, C{"size limit"}, ... With C{None}, the refusing filter is the one
+            L{filterChecked} saw refuse last in this session.
+        """
+        by = reason if reason is not None else self._decidedBy.pop(session.id, FILTERS)
+        tempfail = 400 <= reply.code < 500
+        if stage is Stage.CONNECT:
+            self._add("connectionsRefused", by)
+        elif stage is Stage.HELO:
+            self._add("heloRefused", by)
+        elif stage is Stage.RCPT:
+            self._add("recipientsRefused", by)
+        elif tempfail:
+            self._add("tempfailed", by, hourly="tempfailed")
+        else:
+            self._add("rejected", by, hourly="rejected")
+        self.refusals.append(
+            Refusal(
+                time=self._now(),
+                session=session.id,
+                client=session.clientAddress,
+                sender=sender,
+                stage=stage.value,
+                by=by,
+                reply=f"{reply.code} {reply.text}",
+            )
+        )
+
+    def released(self, session: Session) -> None:
+        """The message's final dot went to the MTA; its reply is awaited."""
+        self._releasing.add(session.id)
+
+    def delivered(self, session: Session, reply: Reply, sender: str, size: int) -> None:
+        """The MTA answered the message's final dot with C{reply}, relayed to the client."""
+        self._releasing.discard(session.id)
+        if 200 <= reply.code < 300:
+            self._add("messages", "accepted", hourly="accepted")
+            self._add("messages", "bytes", size)
+        else:
+            self.refused(session, Stage.MESSAGE, reply, sender, MTA)
+
+    def mtaError(self, session: Session, kind: str) -> None:
+        """
+        The MTA failed this session: C{"unreachable"}, C{"lost"}, C{"timeout"} or
+        C{"protocol"}. Only the first error of a session counts (a protocol error is
+        followed by the loss of the connection it caused).
+        """
+        if session.id not in self._mtaFailed:
+            self._mtaFailed.add(session.id)
+            self._add("mtaErrors", kind)
+
+    def filterChecked(self, checked: Checked) -> None:
+        """The pipeline's observer: one filter's answer and how long it took."""
+        latency = self.latency.setdefault(checked.filter, Latency())
+        latency.observe(max(checked.seconds, 0.0))
+        verdict = checked.verdict.action.value
+        latency.verdicts[f"dry run: {verdict}" if checked.dryRun else verdict] += 1
+        if checked.verdict.refuses and not checked.dryRun:
+            self._decidedBy[checked.session.id] = checked.filter
+
+    # -- reading ------------------------------------------------------------------------
+
+    @property
+    def activeSessions(self) -> int:
+        return len(self._active)
+
+    def sessions(self) -> list[tuple[SessionInfo, float]]:
+        """The active sessions, oldest first, each with its age in seconds."""
+        now = self._now()
+        ordered = sorted(self._active.items(), key=lambda item: item[1])
+        return [(view.describe(), max(now - started, 0.0)) for view, started in ordered]
+
+    def hours(self) -> list[tuple[int, Counter[str]]]:
+        """The last L{HOURS_KEPT} local hours, oldest first: C{(hour start, counters)}."""
+        current = _hourStart(self._now())
+        starts = [current - k * 3600 for k in range(HOURS_KEPT - 1, -1, -1)]
+        return [(start, self._hours.get(start, Counter())) for start in starts]
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything, as JSON-ready data: the stats socket's and C{/stats.json}'s answer."""
+        now = self._now()
+        return {
+            "now": now,
+            "started": self.started,
+            "uptime": max(now - self.started, 0.0),
+            "today": {"date": self.day.isoformat(), **self.today.toJSON()},
+            "total": self.total.toJSON(),
+            "active": [
+                {
+                    "id": info.id,
+                    "client": info.client,
+                    "helo": info.helo,
+                    "sender": info.sender,
+                    "recipients": info.recipients,
+                    "phase": info.phase,
+                    "age": round(age, 3),
+                }
+                for info, age in self.sessions()
+            ],
+            "filters": {name: lat.toJSON() for name, lat in sorted(self.latency.items())},
+            "refusals": [r.toJSON() for r in self.refusals],
+            "hours": [
+                {
+                    "start": start,
+                    "hour": time.strftime("%H:00", time.localtime(start)),
+                    "connections": counts["connections"],
+                    "accepted": counts["accepted"],
+                    "rejected": counts["rejected"],
+                    "tempfailed": counts["tempfailed"],
+                }
+                for start, counts in self.hours()
+            ],
+        }
+
+
+class StatsService(Service):
+    """Runs the midnight timer of a L{Stats} while the service runs."""
+
+    def __init__(self, stats: Stats) -> None:
+        self.stats = stats
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self.stats.start()
+
+    def stopService(self) -> None:
+        super().stopService()  # type: ignore[no-untyped-call]
+        self.stats.stop()

@@ -1,0 +1,158 @@
+"""
+mailproxy run as a service: started as root, it binds a privileged port, drops to an
+unprivileged user (twistd's -u/-g), writes a pidfile, still spools, reloads on SIGHUP, and
+stops cleanly on SIGTERM. The upstream is the stand-in MTA, in this process.
+
+L{HandOverTests} only need root (they parse twistd's options in this process), so they also
+run with the unit tests.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import socket
+from pathlib import Path
+
+from twisted.internet.task import deferLater
+from twisted.python import log
+from twisted.trial import unittest
+
+from mailproxy.localmta import LocalMTA
+from tests.system import harness
+
+USER, GROUP = "nobody", "nogroup"
+
+
+def privilegedPort() -> int:
+    """A port below 1024 free on 127.0.0.1 (a bounded search)."""
+    for port in range(600, 1000):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below 1024 on 127.0.0.1")
+
+
+def uids(pid: int) -> list[int]:
+    """The real, effective, saved and filesystem uids of a process."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return [int(n) for n in line.split()[1:]]
+    raise LookupError(pid)
+
+
+class PrivilegeTests(unittest.TestCase):
+    skip = harness.systemSkipReason() or (
+        None if os.getuid() == 0 else "system test: needs root, to bind a port below 1024"
+    )
+
+    async def test_dropPrivileges(self) -> None:
+        """
+        As root with C{-u nobody -g nogroup --pidfile}: the proxy listens on a port below
+        1024, then runs as nobody (every uid), with its pid in the pidfile and the spool
+        directory handed over to nobody; it relays a message, applies a reloaded
+        configuration on SIGHUP, and on SIGTERM shuts down cleanly and removes its pidfile.
+        """
+        reactor = harness.reactor()
+        mta = LocalMTA()
+        mtaPort = reactor.listenTCP(0, mta.buildFactory(), interface="127.0.0.1")
+        self.addCleanup(mtaPort.stopListening)
+        workdir = Path(self.mktemp()).resolve()
+        workdir.mkdir(parents=True)
+        for directory in [workdir, *workdir.parents]:  # trial's are 0700: let nobody in
+            directory.chmod(directory.stat().st_mode | 0o011)
+            if directory == Path.cwd():
+                break
+        run = workdir / "run"  # the pidfile's directory: nobody's, to remove it at exit
+        run.mkdir()
+        nobody = pwd.getpwnam(USER)
+        os.chown(run, nobody.pw_uid, nobody.pw_gid)
+        pidfile = run / "mailproxy.pid"
+        port = privilegedPort()
+        sections = harness.proxyConfig(
+            workdir, port, f"tcp:host=127.0.0.1:port={mtaPort.getHost().port}"
+        )
+        process = harness.spawnProxy(
+            reactor, workdir, sections, port, ["-u", USER, "-g", GROUP, f"--pidfile={pidfile}"]
+        )
+        try:
+            await process.waitUntilReady()
+            assert process.pid is not None
+            self.assertEqual(uids(process.pid), [nobody.pw_uid] * 4)
+            self.assertEqual(int(pidfile.read_text()), process.pid)
+            self.assertEqual((workdir / "spool").stat().st_uid, nobody.pw_uid)
+
+            script = [
+                b"EHLO client.example",
+                b"MAIL FROM:<a@example.org>",
+                b"RCPT TO:<b@example.net>",
+                b"DATA",
+                harness.message("service", "a@example.org", "b@example.net"),
+                b"QUIT",
+            ]
+            replies = await harness.converse(reactor, port, script)
+            self.assertEqual([r.code for r in replies], [220, 250, 250, 250, 354, 250, 221])
+            self.assertEqual(len(mta.messages), 1)
+
+            sections["filters.access"] = {"deny_senders": ["*@example.org"]}
+            process.configPath.write_text(harness.renderConfig(sections))
+            os.kill(process.pid, 1)  # SIGHUP
+            for _ in range(int(harness.DELIVERY_TIMEOUT / harness.POLL_INTERVAL)):
+                if "reloaded" in process.log():
+                    break
+                await deferLater(reactor, harness.POLL_INTERVAL, lambda: None)
+            replies = await harness.converse(reactor, port, [*script[:2], b"QUIT"])
+            self.assertEqual([r.code for r in replies], [220, 250, 550, 221])
+        finally:
+            status = await process.stop()
+            log.msg(f"mailproxy output ({process.logPath}):\n{process.log()}")
+        # twistd ends a clean shutdown on SIGTERM by re-raising it: the status is the signal.
+        self.assertIn(status, (0, None))
+        self.assertIn("Server Shut Down.", process.log())
+        self.assertFalse(pidfile.exists())
+        self.assertEqual(os.listdir(workdir / "spool"), [])
+
+
+class HandOverTests(unittest.SynchronousTestCase):
+    """twistd's -u as root: the spool directory is checked (or handed over) before listening."""
+
+    skip = None if os.getuid() == 0 else "needs root, to own directories as another user"
+
+    def parse(self, spool: Path, extra: str = "") -> None:
+        from twisted.scripts._twistd_unix import ServerOptions
+
+        config = Path(self.mktemp())
+        config.write_text(
+            f'[proxy]\nlisten = "tcp:0"\nupstream = "tcp:host=127.0.0.1:port=1"\n'
+            f'spool_dir = "{spool}"\n' + extra
+        )
+        ServerOptions().parseOptions(["-u", USER, "mailproxy", "--config", str(config)])
+
+    def test_emptyDirectoryHandedOver(self) -> None:
+        """A missing spool directory is created (0700) and given to the -u user."""
+        spool = Path(self.mktemp()).resolve()
+        self.parse(spool)
+        info = spool.stat()
+        self.assertEqual((info.st_uid, info.st_mode & 0o777), (pwd.getpwnam(USER).pw_uid, 0o700))
+
+    def test_quarantineInsideSpool(self) -> None:
+        """A new spool with a new quarantine inside it: both are given to the user."""
+        spool = Path(self.mktemp()).resolve()
+        self.parse(spool, f'[quarantine]\ndir = "{spool}/quarantine"\n')
+        nobody = pwd.getpwnam(USER).pw_uid
+        self.assertEqual([spool.stat().st_uid, (spool / "quarantine").stat().st_uid], [nobody] * 2)
+
+    def test_foreignDirectoryRefused(self) -> None:
+        """A spool directory with files in it that the user does not own stops start-up."""
+        spool = Path(self.mktemp()).resolve()
+        spool.mkdir(mode=0o700)
+        (spool / "something").touch()
+        with self.assertRaises(SystemExit) as raised:
+            self.parse(spool)
+        message = str(raised.exception.code)
+        self.assertIn("proxy.spool_dir", message)
+        self.assertIn(f"must belong to uid {pwd.getpwnam(USER).pw_uid}", message)
+        self.assertEqual(spool.stat().st_uid, 0)
