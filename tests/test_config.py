@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import stat
+import tempfile
 from collections.abc import Mapping
 
 import attrs
@@ -90,8 +92,9 @@ class SampleTests(ConfigTestCase):
         order; its relative spool directory is created in the working directory.
         """
         self.addCleanup(os.chdir, os.getcwd())
-        workdir = os.path.abspath(self.mktemp())
-        os.mkdir(workdir)
+        # Short: the sample's stats socket lands here, and UNIX socket paths are limited.
+        workdir = os.path.realpath(tempfile.mkdtemp(prefix="mp-sample-", dir="/tmp"))
+        self.addCleanup(shutil.rmtree, workdir, True)
         os.chdir(workdir)
         config = self.load(SAMPLE)
         self.assertEqual(config.path, SAMPLE)

@@ -14,6 +14,7 @@ import re
 import shutil
 import socket
 import stat
+import tempfile
 from pathlib import Path
 
 from twisted.internet import error
@@ -109,8 +110,9 @@ class SyslogTests(unittest.TestCase):
         self.mta = LocalMTA()
         self.mtaPort = self.reactor.listenTCP(0, self.mta.buildFactory(), interface="127.0.0.1")
         self.addCleanup(self.mtaPort.stopListening)
-        self.workdir = Path(self.mktemp()).resolve()
-        self.workdir.mkdir(parents=True)
+        # Short: a UNIX socket path (rsyslog's input) is limited to 107 bytes.
+        self.workdir = Path(tempfile.mkdtemp(prefix="mp-syslog-", dir="/tmp"))
+        self.addCleanup(shutil.rmtree, self.workdir, True)
 
     async def rsyslog(self, inputs: str, probe: socket.socket, address: object) -> Rsyslog:
         daemon = Rsyslog(self.reactor, self.workdir, inputs)
