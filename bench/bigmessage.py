@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import shutil
 import signal
 import socket
 import socketserver
@@ -24,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 HOST = "127.0.0.1"
@@ -127,7 +128,7 @@ def runSink(port: int) -> None:
 # --- the message -----------------------------------------------------------------------------
 
 
-def _lineBlock(lines: int = 1024) -> bytes:
+def lineBlock(lines: int = 1024) -> bytes:
     """A block of distinct 76-character base64-alphabet lines (no line starts with a dot)."""
     alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
     rows = []
@@ -154,7 +155,7 @@ def generateMessage(sizeBytes: int, parts: int) -> Iterator[bytes]:
     else:
         head.append("Content-Type: text/plain; charset=us-ascii")
     yield ("\r\n".join(head) + "\r\n\r\n").encode()
-    block = _lineBlock()
+    block = lineBlock()
     perPart = max(sizeBytes // max(parts, 1), len(block))
     for part in range(max(parts, 1)):
         if parts > 1:
@@ -165,7 +166,7 @@ def generateMessage(sizeBytes: int, parts: int) -> Iterator[bytes]:
             ).encode()
         sent = 0
         while sent < perPart:
-            chunk = block[: min(len(block), _roundUp(perPart - sent))]
+            chunk = block[: min(len(block), roundUp(perPart - sent))]
             sent += len(chunk)
             yield chunk
     if parts > 1:
@@ -173,7 +174,7 @@ def generateMessage(sizeBytes: int, parts: int) -> Iterator[bytes]:
     yield b".\r\n"
 
 
-def _roundUp(n: int) -> int:
+def roundUp(n: int) -> int:
     """C{n} rounded up to whole lines."""
     line = LINE_LENGTH + 2
     return -(-n // line) * line
@@ -224,9 +225,10 @@ class SMTPClient:
             self.sock.close()
 
 
-def sendMessage(port: int, sizeBytes: int, parts: int) -> tuple[float, int, str]:
-    """One whole transaction; returns the seconds from connect to the final reply, the bytes
-    of content sent, and the final reply."""
+def transaction(port: int, chunks: Iterable[bytes]) -> tuple[float, int, int, str]:
+    """One transaction streaming C{chunks} (the content and its end-of-data line); returns the
+    seconds from connect to the final reply, the bytes of content sent, and the final reply's
+    code and text."""
     start = time.perf_counter()
     client = SMTPClient(port)
     try:
@@ -236,13 +238,23 @@ def sendMessage(port: int, sizeBytes: int, parts: int) -> tuple[float, int, str]
         client.command("RCPT TO:<sink@sink.example>", 250)
         client.command("DATA", 354)
         sent = 0
-        for chunk in generateMessage(sizeBytes, parts):
+        for chunk in chunks:
             client.sock.sendall(chunk)
             sent += len(chunk)
-        final = client.expect(250, "end of data")
+        code, text = client.reply()
         elapsed = time.perf_counter() - start
     finally:
         client.close()
+    return elapsed, sent, code, text
+
+
+def sendMessage(port: int, sizeBytes: int, parts: int) -> tuple[float, int, str]:
+    """One whole transaction of L{generateMessage}'s message, which must be accepted; returns
+    the seconds from connect to the final reply, the bytes of content sent, and the final
+    reply."""
+    elapsed, sent, code, final = transaction(port, generateMessage(sizeBytes, parts))
+    if code != 250:
+        raise RuntimeError(f"after 'end of data': expected 250, got {final!r}")
     return elapsed, sent, final
 
 
@@ -319,6 +331,62 @@ def twistdCommand() -> list[str]:
     return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
+def startSink(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """The sink (this script with C{--sink}), logging to C{workdir/sink.log}, greeting on
+    its port."""
+    port = freePort()
+    log = workdir / "sink.log"
+    with log.open("wb") as out:
+        sink = subprocess.Popen(
+            [sys.executable, __file__, "--sink", "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    _greeted(port, sink, log)
+    return sink, port
+
+
+def startProxy(
+    workdir: Path, sinkPort: int, sizeBytes: int, extra: str = ""
+) -> tuple[subprocess.Popen[bytes], int]:
+    """mailproxy (C{twistd -n mailproxy}) in front of the sink, with its configuration, spool
+    and C{proxy.log} in C{workdir} (made if missing), greeting on its port."""
+    (workdir / "spool").mkdir(parents=True)
+    port = freePort()
+    config = proxyConfig(workdir, port, sinkPort, sizeBytes, extra)
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [root, env.get("PYTHONPATH", "")] if p)
+    log = workdir / "proxy.log"
+    with log.open("wb") as out:
+        proxy = subprocess.Popen(
+            [*twistdCommand(), "-n", "--pidfile=", "mailproxy", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=workdir,
+        )
+    _greeted(port, proxy, log)
+    return proxy, port
+
+
+def _greeted(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
+    """Wait for C{process}'s banner on C{port}; stop it if it never comes."""
+    try:
+        waitForBanner(port, process, log)
+    except BaseException:
+        stop(process)
+        raise
+
+
+def removeWorkdir(workdir: Path, keep: bool) -> None:
+    """Remove the work directory, or with C{keep} say where it is."""
+    if keep:
+        print(f"work directory:      {workdir}")
+    else:
+        shutil.rmtree(workdir)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print the summary; exit status 1 if the RSS target is missed."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
@@ -336,32 +404,10 @@ def main(argv: list[str] | None = None) -> int:
     sizeBytes = int(args.size_mb * MIB)
     extra = args.extra_config.read_text() if args.extra_config else ""
     workdir = Path(tempfile.mkdtemp(prefix="mailproxy-bench."))
-    (workdir / "spool").mkdir()
-    sinkPort, proxyPort = freePort(), freePort()
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in [root, env.get("PYTHONPATH", "")] if p)
-
-    sinkLog = (workdir / "sink.log").open("wb")
-    proxyLog = workdir / "proxy.log"
-    sink = subprocess.Popen(
-        [sys.executable, __file__, "--sink", "--port", str(sinkPort)],
-        stdout=sinkLog,
-        stderr=subprocess.STDOUT,
-    )
+    sink, sinkPort = startSink(workdir)
     proxy: subprocess.Popen[bytes] | None = None
     try:
-        waitForBanner(sinkPort, sink, workdir / "sink.log")
-        config = proxyConfig(workdir, proxyPort, sinkPort, sizeBytes, extra)
-        with proxyLog.open("wb") as out:
-            proxy = subprocess.Popen(
-                [*twistdCommand(), "-n", "--pidfile=", "mailproxy", "--config", str(config)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=workdir,
-            )
-        waitForBanner(proxyPort, proxy, proxyLog)
+        proxy, proxyPort = startProxy(workdir, sinkPort, sizeBytes, extra)
         baseline = memory(proxy.pid)
 
         print(f"message: {sizeBytes / MIB:.0f} MiB, {args.parts} part(s), 76-character lines")
@@ -374,7 +420,6 @@ def main(argv: list[str] | None = None) -> int:
         if proxy is not None:
             stop(proxy)
         stop(sink)
-        sinkLog.close()
 
     peak = after["VmHWM"]
     ok = peak < PEAK_RSS_TARGET_MB
@@ -389,12 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         f"proxy peak RSS:      {peak:.1f} MiB (VmHWM) -- target < {PEAK_RSS_TARGET_MB:.0f} MiB: "
         f"{'met' if ok else 'MISSED'}"
     )
-    if args.keep:
-        print(f"work directory:      {workdir}")
-    else:
-        for f in sorted(workdir.rglob("*"), reverse=True):
-            f.rmdir() if f.is_dir() else f.unlink()
-        workdir.rmdir()
+    removeWorkdir(workdir, args.keep)
     return 0 if ok else 1
 
 

@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import argparse
 import base64
-import os
 import secrets
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -65,7 +63,7 @@ def _leaf(index: int, size: int, block: bytes, last: str | None = None) -> Itera
     yield b"Content-Transfer-Encoding: base64\r\n\r\n"
     sent = 0
     while sent < size:
-        chunk = block[: min(len(block), big._roundUp(size - sent))]
+        chunk = block[: min(len(block), big.roundUp(size - sent))]
         sent += len(chunk)
         yield chunk
 
@@ -82,7 +80,7 @@ def generateMessage(sizeBytes: int, parts: int, blocked: str | None = None) -> I
     plain = parts - groups * GROUP
     leaves = plain + 2 * groups
     perLeaf = max(sizeBytes // max(leaves, 1), 78)
-    block = big._lineBlock()
+    block = big.lineBlock()
     yield (
         "From: <bench@client.example>\r\nTo: <sink@sink.example>\r\n"
         "Subject: mailproxy MIME benchmark\r\nMIME-Version: 1.0\r\n"
@@ -116,46 +114,6 @@ def generateBomb(depth: int) -> Iterator[bytes]:
     yield b"Content-Type: text/plain\r\n\r\nbottom\r\n.\r\n"
 
 
-def transaction(port: int, chunks: Iterator[bytes]) -> tuple[float, int, str]:
-    """One transaction: seconds from connect to the final reply, its code and text."""
-    start = time.perf_counter()
-    client = big.SMTPClient(port)
-    try:
-        client.expect(220, "connect")
-        client.command("EHLO client.example", 250)
-        client.command("MAIL FROM:<bench@client.example>", 250)
-        client.command("RCPT TO:<sink@sink.example>", 250)
-        client.command("DATA", 354)
-        for chunk in chunks:
-            client.sock.sendall(chunk)
-        code, text = client.reply()
-        elapsed = time.perf_counter() - start
-    finally:
-        client.close()
-    return elapsed, code, text
-
-
-def startProxy(
-    workdir: Path, sinkPort: int, sizeBytes: int, extra: str, env: dict[str, str]
-) -> tuple[subprocess.Popen[bytes], int]:
-    """A proxy with its own directory, configuration and log, greeting on its port."""
-    workdir.mkdir()
-    (workdir / "spool").mkdir()
-    port = big.freePort()
-    config = big.proxyConfig(workdir, port, sinkPort, sizeBytes, extra)
-    log = workdir / "proxy.log"
-    with log.open("wb") as out:
-        proxy = subprocess.Popen(
-            [*big.twistdCommand(), "-n", "--pidfile=", "mailproxy", "--config", str(config)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=workdir,
-        )
-    big.waitForBanner(port, proxy, log)
-    return proxy, port
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print the summary."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
@@ -166,31 +124,21 @@ def main(argv: list[str] | None = None) -> int:
 
     sizeBytes = int(args.size_mb * big.MIB)
     workdir = Path(tempfile.mkdtemp(prefix="mailproxy-bench-mime."))
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in [root, env.get("PYTHONPATH", "")] if p)
-    sinkPort = big.freePort()
-    sinkLog = (workdir / "sink.log").open("wb")
-    sink = subprocess.Popen(
-        [sys.executable, big.__file__, "--sink", "--port", str(sinkPort)],
-        stdout=sinkLog,
-        stderr=subprocess.STDOUT,
-    )
+    sink, sinkPort = big.startSink(workdir)
     proxies: list[subprocess.Popen[bytes]] = []
     failures: list[str] = []
 
     def run(label: str, port: int, chunks: Iterator[bytes], want: int) -> float:
-        elapsed, code, text = transaction(port, chunks)
+        elapsed, _, code, text = big.transaction(port, chunks)
         print(f"{label:<34} {elapsed:7.2f} s  {text}")
         if code != want:
             failures.append(f"{label}: expected {want}, got {text!r}")
         return elapsed
 
     try:
-        big.waitForBanner(sinkPort, sink, workdir / "sink.log")
-        plain, plainPort = startProxy(workdir / "plain", sinkPort, sizeBytes, "", env)
+        plain, plainPort = big.startProxy(workdir / "plain", sinkPort, sizeBytes)
         proxies.append(plain)
-        mime, mimePort = startProxy(workdir / "mime", sinkPort, sizeBytes, MIME_CONFIG, env)
+        mime, mimePort = big.startProxy(workdir / "mime", sinkPort, sizeBytes, MIME_CONFIG)
         proxies.append(mime)
         baseline = big.memory(mime.pid)
 
@@ -210,7 +158,6 @@ def main(argv: list[str] | None = None) -> int:
         for process in proxies:
             big.stop(process)
         big.stop(sink)
-        sinkLog.close()
 
     peak = after["VmHWM"]
     ok = peak < big.PEAK_RSS_TARGET_MB and not failures
@@ -229,12 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for failure in failures:
         print(f"UNEXPECTED: {failure}")
-    if args.keep:
-        print(f"work directory:      {workdir}")
-    else:
-        for f in sorted(workdir.rglob("*"), reverse=True):
-            f.rmdir() if f.is_dir() else f.unlink()
-        workdir.rmdir()
+    big.removeWorkdir(workdir, args.keep)
     return 0 if ok else 1
 
 

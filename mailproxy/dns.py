@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 
 from mailproxy.filters import FilterError, OptionError
 from mailproxy.filters.options import Options, reKeyed
+from mailproxy.net import IPAddress
 
 #: Seconds an answer stays cached at most, whatever its TTL says.
 MAX_TTL = 3600
@@ -34,9 +35,6 @@ MAX_TTL = 3600
 NEGATIVE_TTL = 60
 #: Lookups in flight at once, per filter (each uses one UDP socket).
 CONCURRENCY = 32
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def parseServer(text: str) -> tuple[str, int]:
@@ -65,17 +63,6 @@ def parseServer(text: str) -> tuple[str, int]:
     return str(address), int(port)
 
 
-def clientIP(text: str) -> IPAddress | None:
-    """The client's address as an IP address (IPv4-mapped IPv6 made IPv4), or None."""
-    try:
-        ip = ipaddress.ip_address(text.split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
-
-
 def reversedName(ip: IPAddress) -> str:
     """
     The DNS list query label of an address: C{1.0.0.127} for 127.0.0.1, the 32 reversed
@@ -83,20 +70,6 @@ def reversedName(ip: IPAddress) -> str:
     """
     pointer = ip.reverse_pointer
     return pointer.rsplit(".", 2)[0]
-
-
-def inNetworks(ip: IPAddress | None, networks: Sequence[Network]) -> bool:
-    return ip is not None and any(ip in network for network in networks)
-
-
-def readNetworks(options: Options, key: str) -> tuple[Network, ...]:
-    networks = []
-    for text in options.strings(key):
-        try:
-            networks.append(ipaddress.ip_network(text, strict=False))
-        except ValueError:
-            raise OptionError(key, f"not a CIDR network: {text!r}") from None
-    return tuple(networks)
 
 
 def readServer(options: Options, key: str = "resolver") -> tuple[str, int]:

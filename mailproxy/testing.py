@@ -4,10 +4,17 @@ Test doubles for mailproxy and for authors of third-party filters.
 L{RawClient} is an SMTP client that sends exactly the bytes it is given and collects
 the replies; L{MemoryProxy} runs client, proxy and the stand-in MTA in memory (no
 sockets, no real time); L{FakeFilter} answers what a test tells it to.
+
+Over real loopback sockets, L{startProxy} runs the proxy as twistd builds it from a
+configuration (L{loopbackConfig} writes one), with the filters found as plugins, for the
+length of one trial test; L{closeSessions} ends its sessions.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 
 import attrs
@@ -20,6 +27,7 @@ from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.test import iosim
+from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from mailproxy.config import Config
@@ -27,6 +35,7 @@ from mailproxy.envelope import Envelope, Message, Session
 from mailproxy.filters import BaseFilter, IFilter, Stage, Verdict, VerdictResult
 from mailproxy.filters.pipeline import ConfiguredFilter, Pipeline
 from mailproxy.relay import InboundProtocol, RelayFactory, Settings
+from mailproxy.service import ProxyService
 from mailproxy.wire import Reply, ReplyParser
 
 
@@ -198,3 +207,63 @@ def pipelineOf(
 ) -> Pipeline:
     """A pipeline of the given filters, each with the same timeout and policy tempfail."""
     return Pipeline([ConfiguredFilter(f, timeout) for f in filters], clock, total)
+
+
+def loopbackConfig(
+    mtaPort: int, spoolDir: str, extra: str = "", listen: str = "tcp:0:interface=127.0.0.1"
+) -> str:
+    """
+    A configuration for a test: listen on a free port of 127.0.0.1, relay to the MTA on
+    127.0.0.1:C{mtaPort}, spool in C{spoolDir}, host name C{proxy.test}; then C{extra}
+    (more sections: C{[filters.NAME]}, C{[limits]}, ...).
+    """
+    return (
+        "[proxy]\n"
+        f'listen = "{listen}"\n'
+        f'upstream = "tcp:host=127.0.0.1:port={mtaPort}"\n'
+        f'spool_dir = "{spoolDir}"\n'
+        'hostname = "proxy.test"\n' + extra
+    )
+
+
+def startProxy(case: SynchronousTestCase, configText: str) -> tuple[ProxyService, int]:
+    """
+    Start the proxy as twistd builds it, from a configuration file holding C{configText},
+    until C{case} ends: then its sessions are closed (L{closeSessions}) and it is stopped.
+
+    @return: the service, and the port of its first listener (which should listen on a
+        C{tcp:0} endpoint, as L{loopbackConfig}'s does).
+    @raise SystemExit: the configuration is refused, as twistd would refuse it.
+    """
+    from mailproxy import tap
+
+    directory = tempfile.mkdtemp(prefix="mailproxy-test-")
+    case.addCleanup(shutil.rmtree, directory, True)
+    path = os.path.join(directory, "mailproxy.toml")
+    with open(path, "w") as f:
+        f.write(configText)
+    options = tap.Options()  # type: ignore[no-untyped-call]
+    options.parseOptions(["--config", path])  # type: ignore[no-untyped-call]
+    service = tap.makeService(options)
+    assert isinstance(service, ProxyService)
+    service.startService()
+    case.addCleanup(service.stopService)
+    case.addCleanup(closeSessions, service.factory)
+    return service, listeningPort(service)
+
+
+def listeningPort(service: ProxyService, index: int = 0) -> int:
+    """The port a started service's listener number C{index} is bound to."""
+    listening = service.listeners[index]._waitingForPort
+    assert listening is not None and listening.called, "the service is not listening"
+    return int(listening.result.getHost().port)
+
+
+def closeSessions(factory: RelayFactory) -> Deferred[list[None]]:
+    """Close every session's client connection; fires once each session is closed, so
+    that no connection outlives a test."""
+    sessions = list(factory.sessions)
+    for session in sessions:
+        if session.transport is not None:
+            session.transport.loseConnection()
+    return defer.gatherResults([s.closed for s in sessions])

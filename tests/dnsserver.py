@@ -12,29 +12,19 @@ An in-process authoritative DNS server for tests, on C{twisted.names}.
 It is authoritative for the root, so every name it has no records for is NXDOMAIN.
 It records every question it gets (C{queries}); names in C{servfail} get SERVFAIL;
 with C{silent} set it answers nothing (a dead server that still takes datagrams).
-
-Also here: helpers to run the proxy from a configuration file, and the stand-in MTA,
-over real loopback sockets, for the DNS filters' integration tests.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.names import authority, server
 from twisted.names import dns as names
 from twisted.trial.unittest import TestCase
-
-from mailproxy import tap
-from mailproxy.localmta import LocalMTA
-from mailproxy.service import ProxyService
-from mailproxy.testing import RawClient
 
 
 def a(address: str, ttl: int = 300) -> names.Record_A:
@@ -164,71 +154,3 @@ def freePort() -> int:
     number = int(port.getHost().port)
     port.stopListening()
     return number
-
-
-# -- the proxy over loopback, from a configuration file ------------------------------------
-
-
-def _port(listening: IListeningPort) -> int:
-    return int(listening.getHost().port)  # type: ignore[attr-defined]
-
-
-class ProxyCase(TestCase):
-    """
-    A stand-in MTA on 127.0.0.1 and the proxy built as twistd builds it, from a
-    configuration file with the given C{[filters.*]} sections.
-    """
-
-    def setUp(self) -> None:
-        self.mta = LocalMTA()
-        self.mtaPort = reactor.listenTCP(0, self.mta.buildFactory(), interface="127.0.0.1")  # type: ignore[attr-defined]
-        self.addCleanup(self.mtaPort.stopListening)
-        self.spool = os.path.abspath(self.mktemp())
-
-    def startProxy(self, filters: str) -> int:
-        path = self.mktemp()
-        with open(path, "w") as f:
-            f.write(
-                "[proxy]\n"
-                'listen = "tcp:0:interface=127.0.0.1"\n'
-                f'upstream = "tcp:host=127.0.0.1:port={_port(self.mtaPort)}"\n'
-                f'spool_dir = "{self.spool}"\n'
-                'hostname = "proxy.test"\n' + filters
-            )
-        options = tap.Options()
-        options.parseOptions(["--config", path])
-        service = tap.makeService(options)
-        assert isinstance(service, ProxyService)
-        service.startService()
-        self.addCleanup(service.stopService)
-        self.addCleanup(self._sessionsClosed, service)
-        [listener] = [s for s in service.services if hasattr(s, "_waitingForPort")]
-        return _port(listener._waitingForPort.result)  # type: ignore[attr-defined]
-
-    def _sessionsClosed(self, service: ProxyService) -> defer.Deferred[object]:
-        sessions = list(service.factory.sessions)
-        for session in sessions:
-            if session.transport is not None:
-                session.transport.loseConnection()
-        return defer.gatherResults([s.closed for s in sessions])
-
-    async def connect(self, port: int) -> RawClient:
-        """Connect a client; return it once the first reply (banner or refusal) is in."""
-        client = RawClient()
-        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
-        self.addCleanup(lambda: client.transport and client.transport.loseConnection())
-        await client.expect(1)
-        return client
-
-    async def send(self, client: RawClient, data: bytes, replies: int) -> list[Any]:
-        """Send C{data}; return the replies received once there are C{replies} in all."""
-        client.send(data)
-        return await client.expect(replies)
-
-    @staticmethod
-    def lines(replies: Iterable[Any]) -> list[str]:
-        """Each reply as C{"CODE first-line"}, as a person reads a transcript."""
-        return [
-            f"{r.code} {r.lines[0].decode('utf-8', 'replace') if r.lines else ''}".strip()
-            for r in replies
-        ]

@@ -8,7 +8,7 @@ p0f 3.09b on Debian 12), and recording everything they received:
   - L{FakeP0f}: p0f 3's API socket.
 
 And L{ProxyTestCase}, for integration tests: the stand-in MTA and the proxy, built from a
-configuration file, on real loopback sockets.
+configuration file (or from filter objects), on real loopback sockets.
 """
 
 from __future__ import annotations
@@ -19,24 +19,24 @@ import re
 import shutil
 import struct
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import attrs
-from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, clientFromString, connectProtocol
+from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, Protocol, ServerFactory
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from mailproxy import config as configuration
-from mailproxy.config import Config
+from mailproxy import testing
+from mailproxy.config import Config, Limits
 from mailproxy.filters import IFilter
-from mailproxy.filters.pipeline import buildPipeline
 from mailproxy.localmta import LocalMTA
 from mailproxy.relay import RelayFactory, Settings
-from mailproxy.testing import RawClient, pipelineOf
+from mailproxy.testing import RawClient, closeSessions, loopbackConfig, pipelineOf
+from mailproxy.wire import Reply
 
 
 def portOf(listening: IListeningPort) -> int:
@@ -407,6 +407,13 @@ class ProxyTestCase(TestCase):
         self.addCleanup(port.stopListening)
         return path
 
+    def serve(self, factory: Factory, unix: bool = False) -> str:
+        """Listen with C{factory} until the test ends, on a UNIX socket or a TCP port of
+        127.0.0.1; return the client endpoint string that reaches it."""
+        if unix:
+            return "unix:" + self.listenUNIX(factory)
+        return f"tcp:host=127.0.0.1:port={self.listenTCP(factory)}"
+
     def deadPort(self) -> int:
         """A port on 127.0.0.1 where nothing listens (a moment ago something did)."""
         port = reactor.listenTCP(0, Factory(), interface="127.0.0.1")  # type: ignore[attr-defined]
@@ -414,49 +421,30 @@ class ProxyTestCase(TestCase):
         port.stopListening()
         return number
 
-    def startProxy(self, filters: str) -> int:
-        """Start the proxy with C{filters} (TOML sections) in its configuration; its port."""
-        path = self.mktemp()
-        with open(path, "w") as f:
-            f.write(
-                "[proxy]\n"
-                'listen = "tcp:0:interface=127.0.0.1"\n'
-                f'upstream = "tcp:host=127.0.0.1:port={self.mtaPort}"\n'
-                f'spool_dir = "{self.spool}"\n'
-                'hostname = "proxy.test"\n' + filters
-            )
-        config = configuration.load(path, reactor)  # type: ignore[arg-type]
-        factory = RelayFactory(
-            Settings(config, buildPipeline(config, reactor)),  # type: ignore[arg-type]
-            clientFromString(reactor, config.upstream),
-            reactor,  # type: ignore[arg-type]
-        )
-        self.addCleanup(self._closeAll, factory)
-        return self.listenTCP(factory)
+    def startProxy(self, extra: str = "") -> int:
+        """Start the proxy with C{extra} (TOML sections: C{[filters.NAME]}, C{[limits]}) in
+        its configuration file, as twistd builds it; return its port."""
+        _, port = testing.startProxy(self, loopbackConfig(self.mtaPort, self.spool, extra))
+        return port
 
-    def proxyWith(self, *filters: IFilter) -> int:
-        """Start the proxy with these filters (timeout 30 s, on_error tempfail); its port."""
+    def proxyWith(self, *filters: IFilter, filterTimeout: float = 30.0, **limits: int) -> int:
+        """Start the proxy with these filters (each with C{filterTimeout}, on_error
+        tempfail) and these C{[limits]}; return its port."""
         config = Config(
             path="test.toml",
             listen=("tcp:0",),
             upstream=f"tcp:host=127.0.0.1:port={self.mtaPort}",
             hostname="proxy.test",
             spoolDir=self.spool,
+            limits=attrs.evolve(Limits(), **limits),
         )
         factory = RelayFactory(
-            Settings(config, pipelineOf(filters, reactor)),  # type: ignore[arg-type]
+            Settings(config, pipelineOf(filters, reactor, timeout=filterTimeout)),  # type: ignore[arg-type]
             TCP4ClientEndpoint(reactor, "127.0.0.1", self.mtaPort),
             reactor,  # type: ignore[arg-type]
         )
-        self.addCleanup(self._closeAll, factory)
+        self.addCleanup(closeSessions, factory)
         return self.listenTCP(factory)
-
-    def _closeAll(self, factory: RelayFactory) -> defer.Deferred[object]:
-        sessions = list(factory.sessions)
-        for session in sessions:
-            if session.transport is not None:
-                session.transport.loseConnection()
-        return defer.gatherResults([s.closed for s in sessions])
 
     async def connect(self, port: int) -> RawClient:
         """A raw client connected to the proxy, past its 220 (or whatever it said first)."""
@@ -465,6 +453,19 @@ class ProxyTestCase(TestCase):
         self.addCleanup(lambda: client.transport and client.transport.loseConnection())
         await client.expect(1)
         return client
+
+    async def send(self, client: RawClient, data: bytes, replies: int) -> list[Reply]:
+        """Send C{data}; return the replies received once there are C{replies} in all."""
+        client.send(data)
+        return await client.expect(replies)
+
+    @staticmethod
+    def lines(replies: Iterable[Reply]) -> list[str]:
+        """Each reply as C{"CODE first-line"}, as a person reads a transcript."""
+        return [
+            f"{r.code} {r.lines[0].decode('utf-8', 'replace') if r.lines else ''}".strip()
+            for r in replies
+        ]
 
     async def sendMessage(self, port: int, content: bytes) -> RawClient:
         """

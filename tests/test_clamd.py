@@ -167,10 +167,7 @@ class ClamdThroughProxyTests(ProxyTestCase):
     """The proxy with [filters.clamd], an in-process clamd, and the stand-in MTA."""
 
     def clamd(self, fake: FakeClamd, options: str = "", unix: bool = False) -> int:
-        if unix:
-            where = "unix:" + self.listenUNIX(fake.buildFactory())
-        else:
-            where = f"tcp:host=127.0.0.1:port={self.listenTCP(fake.buildFactory())}"
+        where = self.serve(fake.buildFactory(), unix)
         return self.startProxy(f'[filters.clamd]\nclamd = "{where}"\n{options}')
 
     async def test_virusRefused(self) -> None:

@@ -22,12 +22,12 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from mailproxy import tap
+from mailproxy import testing
 from mailproxy.config import ConfigError, load
 from mailproxy.control import StaleSocketError, StatsSocketService
 from mailproxy.localmta import LocalMTA
 from mailproxy.service import ProxyService
-from mailproxy.testing import RawClient
+from mailproxy.testing import RawClient, listeningPort, loopbackConfig
 
 ACCESS = '[filters.access]\ndeny_senders = ["*@refused.example"]\n'
 BODY = b"Subject: stats test\r\n\r\nHello.\r\n"
@@ -108,27 +108,14 @@ class ProxyRun:
         self.addCleanup(self.mtaPort.stopListening)
 
     def startProxy(self: Any, extra: str = "") -> ProxyService:
-        """Write a configuration (plus C{extra}), load it with twistd's options, start it."""
-        workdir = shortTempDir(self)
-        path = os.path.join(workdir, "mailproxy.toml")
-        with open(path, "w") as f:
-            f.write(
-                "[proxy]\n"
-                'listen = "tcp:0:interface=127.0.0.1"\n'
-                f'upstream = "tcp:host=127.0.0.1:port={self.mtaPort.getHost().port}"\n'
-                f'spool_dir = "{workdir}/spool"\n'
-                'hostname = "proxy.test"\n' + extra
-            )
-        options = tap.Options()
-        options.parseOptions(["--config", path])
-        service = tap.makeService(options)
-        assert isinstance(service, ProxyService)
-        service.startService()
-        self.addCleanup(service.stopService)
+        """Start the proxy as twistd builds it, from a configuration with C{extra}."""
+        spool = os.path.join(shortTempDir(self), "spool")
+        config = loopbackConfig(self.mtaPort.getHost().port, spool, extra)
+        service, _ = testing.startProxy(self, config)
         return service
 
     def proxyPort(self: Any, service: ProxyService) -> int:
-        return int(service.listeners[0]._waitingForPort.result.getHost().port)
+        return listeningPort(service)
 
 
 class ConfigTests(SynchronousTestCase):

@@ -45,7 +45,8 @@ from mailproxy.filters.surbl import (
     registrableDomain,
     scanMessage,
 )
-from tests.dnsserver import DNSServer, ProxyCase, a
+from tests.dnsserver import DNSServer, a
+from tests.fakes import ProxyTestCase
 
 
 class FakeResolver:
@@ -650,7 +651,7 @@ class SURBLTests(SynchronousTestCase):
 # -- over loopback ---------------------------------------------------------------------------
 
 
-class DNSBLLoopbackTests(ProxyCase):
+class DNSBLLoopbackTests(ProxyTestCase):
     """The proxy over real sockets, from a configuration file, asking an in-process DNS server."""
 
     def dnsbl(self, server: DNSServer, zones: str, extra: str = "", after: str = "") -> int:
@@ -771,7 +772,7 @@ class DNSBLLoopbackTests(ProxyCase):
         self.assertEqual(replies[5].code, 354)
 
 
-class SURBLLoopbackTests(ProxyCase):
+class SURBLLoopbackTests(ProxyTestCase):
     """surbl over real sockets: messages with listed links in each encoding are refused."""
 
     RECORDS: ClassVar[dict[str, list[Any]]] = {

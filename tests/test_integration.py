@@ -8,70 +8,17 @@ from __future__ import annotations
 import os
 from io import BytesIO
 
-import attrs
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.interfaces import IListeningPort
 from twisted.mail.smtp import sendmail
-from twisted.trial.unittest import TestCase
 
-from mailproxy import tap
-from mailproxy.config import Config, Limits
 from mailproxy.filters import Stage
-from mailproxy.localmta import LocalMTA
-from mailproxy.relay import RelayFactory, Settings
-from mailproxy.service import ProxyService
-from mailproxy.testing import FakeFilter, RawClient, pipelineOf
+from mailproxy.testing import FakeFilter, RawClient
+from tests.fakes import ProxyTestCase
 
 
-def _port(listening: IListeningPort) -> int:
-    return int(listening.getHost().port)  # type: ignore[attr-defined]
-
-
-class LoopbackTests(TestCase):
+class LoopbackTests(ProxyTestCase):
     """Real sockets on 127.0.0.1, the service built from a real configuration file."""
-
-    def setUp(self) -> None:
-        self.mta = LocalMTA()
-        self.mtaPort = reactor.listenTCP(0, self.mta.buildFactory(), interface="127.0.0.1")  # type: ignore[attr-defined]
-        self.addCleanup(self.mtaPort.stopListening)
-        self.spool = os.path.abspath(self.mktemp())
-
-    def startProxy(self, extra: str = "") -> int:
-        """Write a configuration, load it as twistd does, start the service; return its port."""
-        path = self.mktemp()
-        with open(path, "w") as f:
-            f.write(
-                "[proxy]\n"
-                'listen = "tcp:0:interface=127.0.0.1"\n'
-                f'upstream = "tcp:host=127.0.0.1:port={_port(self.mtaPort)}"\n'
-                f'spool_dir = "{self.spool}"\n'
-                'hostname = "proxy.test"\n' + extra
-            )
-        options = tap.Options()
-        options.parseOptions(["--config", path])
-        service = tap.makeService(options)
-        assert isinstance(service, ProxyService)
-        service.startService()
-        self.addCleanup(service.stopService)
-        self.addCleanup(self.sessionsClosed, service)
-        [listener] = service.listeners
-        return _port(listener._waitingForPort.result)  # type: ignore[attr-defined]
-
-    def sessionsClosed(self, service: ProxyService) -> defer.Deferred[object]:
-        """Wait for every session to end, so that no connection outlives the test."""
-        sessions = list(service.factory.sessions)
-        for session in sessions:
-            if session.transport is not None:
-                session.transport.loseConnection()
-        return defer.gatherResults([s.closed for s in sessions])
-
-    async def connect(self, port: int) -> RawClient:
-        client = RawClient()
-        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
-        self.addCleanup(lambda: client.transport and client.transport.loseConnection())
-        await client.expect(1)
-        return client
 
     @defer.inlineCallbacks
     def test_twistedClient(self):  # type: ignore[no-untyped-def]
@@ -124,8 +71,8 @@ class LoopbackTests(TestCase):
         """With nothing listening upstream, the client gets 421 4.3.2 and is closed."""
 
         async def run() -> None:
+            self.mtaPort = self.deadPort()
             port = self.startProxy()
-            await self.mtaPort.stopListening()
             client = await self.connect(port)
             await client.lost
             self.assertEqual(client.codes, [421])
@@ -151,44 +98,11 @@ class LoopbackTests(TestCase):
         return defer.Deferred.fromCoroutine(run())
 
 
-class LoopbackFailureTests(TestCase):
+class LoopbackFailureTests(ProxyTestCase):
     """
     The failure replies over real sockets: proxy and stand-in MTA on 127.0.0.1, the
     proxy built with test filters.
     """
-
-    def setUp(self) -> None:
-        self.mta = LocalMTA()
-        self.mtaPort = reactor.listenTCP(0, self.mta.buildFactory(), interface="127.0.0.1")  # type: ignore[attr-defined]
-        self.addCleanup(self.mtaPort.stopListening)
-        self.spool = os.path.abspath(self.mktemp())
-        os.makedirs(self.spool)
-
-    def proxy(self, *filters: FakeFilter, filterTimeout: float = 30.0, **limits: int) -> int:
-        config = Config(
-            path="test.toml",
-            listen=("tcp:0",),
-            upstream=f"tcp:host=127.0.0.1:port={_port(self.mtaPort)}",
-            hostname="proxy.test",
-            spoolDir=self.spool,
-            limits=attrs.evolve(Limits(), **limits),
-        )
-        factory = RelayFactory(
-            Settings(config, pipelineOf(filters, reactor, timeout=filterTimeout)),  # type: ignore[arg-type]
-            TCP4ClientEndpoint(reactor, "127.0.0.1", _port(self.mtaPort)),
-            reactor,  # type: ignore[arg-type]
-        )
-        port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
-        self.addCleanup(port.stopListening)
-        self.addCleanup(self.closeAll, factory)
-        return _port(port)
-
-    def closeAll(self, factory: RelayFactory) -> defer.Deferred[object]:
-        sessions = list(factory.sessions)
-        for session in sessions:
-            if session.transport is not None:
-                session.transport.loseConnection()
-        return defer.gatherResults([s.closed for s in sessions])
 
     async def session(self, port: int, commands: bytes, count: int) -> RawClient:
         client = RawClient()
@@ -204,7 +118,7 @@ class LoopbackFailureTests(TestCase):
         """MAIL, RCPT, RCPT, DATA in one write: replies in order, the message delivered."""
 
         async def go() -> None:
-            port = self.proxy()
+            port = self.proxyWith()
             client = await self.session(
                 port, b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\nDATA\r\n", 6
             )
@@ -220,7 +134,7 @@ class LoopbackFailureTests(TestCase):
         """The MTA dying while the message is released: the client gets 4xx, never 250."""
 
         async def go() -> None:
-            port = self.proxy()
+            port = self.proxyWith()
             self.mta.dropAfterDataBytes = 1000
             client = await self.session(port, b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n", 5)
             client.send(b"Subject: x\r\n\r\n" + b"0123456789" * 10000 + b"\r\n.\r\n")
@@ -237,7 +151,7 @@ class LoopbackFailureTests(TestCase):
 
         async def go() -> None:
             never = FakeFilter(verdicts={Stage.MESSAGE: lambda: defer.Deferred()})
-            port = self.proxy(never, filterTimeout=0.2)
+            port = self.proxyWith(never, filterTimeout=0.2)
             client = await self.session(port, b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n", 5)
             client.send(b"Subject: x\r\n\r\nhi\r\n.\r\n")
             [*_, last] = await client.expect(6)
@@ -251,7 +165,7 @@ class LoopbackFailureTests(TestCase):
         """Oversize → 552 5.3.4, too many recipients → 452 4.5.3, long line → 500 5.5.2."""
 
         async def go() -> None:
-            port = self.proxy(messageSize=1000, recipients=1, lineLength=600)
+            port = self.proxyWith(messageSize=1000, recipients=1, lineLength=600)
             client = await self.session(
                 port,
                 b"NOOP " + b"x" * 700 + b"\r\n"
@@ -274,7 +188,7 @@ class LoopbackFailureTests(TestCase):
         """
 
         async def go() -> None:
-            port = self.proxy()
+            port = self.proxyWith()
             for fake in (b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\r", b"\r.\r\n"):
                 client = await self.session(
                     port, b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n", 5

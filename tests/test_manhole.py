@@ -24,10 +24,8 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
-from mailproxy import tap
 from mailproxy.localmta import LocalMTA
-from mailproxy.service import ProxyService
-from mailproxy.testing import RawClient
+from mailproxy.testing import RawClient, loopbackConfig, startProxy
 
 
 def newKey() -> Key:
@@ -120,25 +118,14 @@ class ManholeTests(TestCase):
         keysPath = os.path.join(workdir, "manhole_keys")
         with open(keysPath, "wb") as f:
             f.write(self.key.public().toString("OPENSSH") + b" operator@test\n")
-        config = os.path.join(workdir, "mailproxy.toml")
-        with open(config, "w") as f:
-            f.write(
-                '[proxy]\nlisten = "tcp:0:interface=127.0.0.1"\n'
-                f'upstream = "tcp:host=127.0.0.1:port={self.mtaPort.getHost().port}"\n'
-                f'spool_dir = "{workdir}/spool"\nhostname = "proxy.test"\n'
-                '[manhole]\nlisten = "tcp:0:interface=127.0.0.1"\n'
-                f'authorized_keys = "{keysPath}"\nhost_key = "{self.hostKeyPath}"\n'
-            )
-        options = tap.Options()
-        options.parseOptions(["--config", config])
-        service = tap.makeService(options)
-        assert isinstance(service, ProxyService) and service.manhole is not None
-        self.service = service
-        service.startService()
-        self.addCleanup(service.stopService)
-        [listener] = service.listeners
-        self.smtpPort = listener._waitingForPort.result.getHost().port  # type: ignore[attr-defined]
-        [sshListener] = service.manhole
+        manhole = (
+            '[manhole]\nlisten = "tcp:0:interface=127.0.0.1"\n'
+            f'authorized_keys = "{keysPath}"\nhost_key = "{self.hostKeyPath}"\n'
+        )
+        config = loopbackConfig(self.mtaPort.getHost().port, f"{workdir}/spool", manhole)
+        self.service, self.smtpPort = startProxy(self, config)
+        assert self.service.manhole is not None
+        [sshListener] = self.service.manhole
         self.sshPort = sshListener._waitingForPort.result.getHost().port  # type: ignore[attr-defined]
 
     def knownHosts(self) -> KnownHostsFile:

@@ -20,7 +20,6 @@ from typing import IO
 import attrs
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IListeningPort
@@ -28,7 +27,6 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
-from mailproxy import tap
 from mailproxy.envelope import Envelope, Message, Session
 from mailproxy.filters import IFilter, OptionError, Stage, Verdict
 from mailproxy.filters.mime import (
@@ -41,8 +39,7 @@ from mailproxy.filters.mime import (
     walk,
 )
 from mailproxy.localmta import LocalMTA
-from mailproxy.service import ProxyService
-from mailproxy.testing import FakeFilter, RawClient
+from mailproxy.testing import FakeFilter, RawClient, loopbackConfig, startProxy
 from tests.test_relay import Harness, envelope
 
 
@@ -824,31 +821,8 @@ class LoopbackProxy:
         self.mta = LocalMTA()
         mtaPort = reactor.listenTCP(0, self.mta.buildFactory(), interface="127.0.0.1")  # type: ignore[attr-defined]
         case.addCleanup(mtaPort.stopListening)
-        path = case.mktemp()
-        with open(path, "w") as f:
-            f.write(
-                "[proxy]\n"
-                'listen = "tcp:0:interface=127.0.0.1"\n'
-                f'upstream = "tcp:host=127.0.0.1:port={_port(mtaPort)}"\n'
-                f'spool_dir = "{os.path.abspath(case.mktemp())}"\n'
-                'hostname = "proxy.test"\n' + filters
-            )
-        options = tap.Options()
-        options.parseOptions(["--config", path])
-        service = tap.makeService(options)
-        assert isinstance(service, ProxyService)
-        service.startService()
-        case.addCleanup(service.stopService)
-        case.addCleanup(self._sessionsClosed, service)
-        [listener] = [s for s in service if isinstance(s, StreamServerEndpointService)]
-        self.port = _port(listener._waitingForPort.result)  # type: ignore[attr-defined]
-
-    def _sessionsClosed(self, service: ProxyService) -> defer.Deferred[object]:
-        sessions = list(service.factory.sessions)
-        for session in sessions:
-            if session.transport is not None:
-                session.transport.loseConnection()
-        return defer.gatherResults([s.closed for s in sessions])
+        spool = os.path.abspath(case.mktemp())
+        _, self.port = startProxy(case, loopbackConfig(_port(mtaPort), spool, filters))
 
     async def send(self, message: bytes) -> RawClient:
         """One transaction and QUIT; returns the client once the proxy has closed."""

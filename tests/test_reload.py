@@ -14,46 +14,27 @@ import signal
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.task import deferLater
-from twisted.internet.testing import EventLoggingObserver
-from twisted.logger import formatEvent, globalLogPublisher
-from twisted.trial.unittest import TestCase
 
-from mailproxy import tap
-from mailproxy.localmta import LocalMTA
 from mailproxy.service import ProxyService
-from mailproxy.testing import RawClient
+from mailproxy.testing import RawClient, loopbackConfig, startProxy
+from tests.fakes import ProxyTestCase
 
 DENY_ONE = '[filters.access]\ndeny_senders = ["*@one.example"]\n'
 DENY_TWO = '[filters.access]\ndeny_senders = ["*@two.example"]\n'
 
 
-class ReloadTests(TestCase):
-    def setUp(self) -> None:
-        self.mta = LocalMTA()
-        self.mtaPort = reactor.listenTCP(0, self.mta.buildFactory(), interface="127.0.0.1")  # type: ignore[attr-defined]
-        self.addCleanup(self.mtaPort.stopListening)
-        self.spool = os.path.abspath(self.mktemp())
-        self.path = os.path.abspath(self.mktemp())
-        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+class ReloadTests(ProxyTestCase):
+    """Reloads of a running proxy's configuration file."""
 
     def write(self, extra: str, listen: str = "tcp:0:interface=127.0.0.1") -> None:
+        """Rewrite the running proxy's configuration file."""
         with open(self.path, "w") as f:
-            f.write(
-                f'[proxy]\nlisten = "{listen}"\n'
-                f'upstream = "tcp:host=127.0.0.1:port={self.mtaPort.getHost().port}"\n'
-                f'spool_dir = "{self.spool}"\nhostname = "proxy.test"\n' + extra
-            )
+            f.write(loopbackConfig(self.mtaPort, self.spool, extra, listen))
 
     def start(self, extra: str) -> tuple[ProxyService, int]:
-        self.write(extra)
-        options = tap.Options()
-        options.parseOptions(["--config", self.path])
-        service = tap.makeService(options)
-        assert isinstance(service, ProxyService)
-        service.startService()
-        self.addCleanup(service.stopService)
-        [listener] = service.listeners
-        return service, listener._waitingForPort.result.getHost().port  # type: ignore[attr-defined]
+        service, port = startProxy(self, loopbackConfig(self.mtaPort, self.spool, extra))
+        self.path = service.config.path
+        return service, port
 
     async def session(self, port: int) -> RawClient:
         client = RawClient()
@@ -68,9 +49,6 @@ class ReloadTests(TestCase):
         client.send(f"MAIL FROM:<{sender}>\r\nRSET\r\n".encode())
         replies = await client.expect(count + 2)
         return replies[count].code
-
-    def logged(self, text: str) -> list[str]:
-        return [line for line in map(formatEvent, self.events) if text in line]
 
     async def test_brokenFileKeepsRunningConfiguration(self) -> None:
         """

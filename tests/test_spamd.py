@@ -249,10 +249,7 @@ class SpamdThroughProxyTests(ProxyTestCase):
 
     def spamd(self, fake: FakeSpamd, options: str = "", unix: bool = False) -> int:
         """Start the fake and a proxy using it; return the proxy's port."""
-        if unix:
-            where = "unix:" + self.listenUNIX(fake.buildFactory())
-        else:
-            where = f"tcp:host=127.0.0.1:port={self.listenTCP(fake.buildFactory())}"
+        where = self.serve(fake.buildFactory(), unix)
         return self.startProxy(f'[filters.spamd]\nspamd = "{where}"\n{options}')
 
     async def test_spamRefused(self) -> None:

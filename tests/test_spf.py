@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import spf
 from twisted.internet import defer
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from mailproxy.envelope import Envelope, Message, Session
@@ -30,7 +30,8 @@ from mailproxy.filters.spf import (
     evaluate,
     receivedSPF,
 )
-from tests.dnsserver import DNSServer, ProxyCase, a, freePort, txt
+from tests.dnsserver import DNSServer, a, freePort, txt
+from tests.fakes import ProxyTestCase
 
 
 def scripted(records: Mapping[str, Sequence[str]], asked: list[str] | None = None) -> Any:
@@ -332,7 +333,7 @@ class FactoryTests(SynchronousTestCase):
         self.assertIsInstance(f, SPFFilter)
 
 
-class DnspythonTests(ProxyCase):
+class DnspythonTests(TestCase):
     """pyspf's DNS through dnspython, against the in-process server, in a thread."""
 
     async def test_lookupTypes(self) -> None:
@@ -371,7 +372,7 @@ class DnspythonTests(ProxyCase):
             await d
 
 
-class SPFLoopbackTests(ProxyCase):
+class SPFLoopbackTests(ProxyTestCase):
     """The proxy over real sockets, configured from a file, asking an in-process DNS server."""
 
     RECORDS: ClassVar[dict[str, list[Any]]] = {
@@ -382,7 +383,7 @@ class SPFLoopbackTests(ProxyCase):
         **{name: [txt(value) for value in values] for name, values in includes(11).items()},
     }
 
-    def proxyWith(self, server: DNSServer, extra: str = "") -> int:
+    def spfProxy(self, server: DNSServer, extra: str = "") -> int:
         return self.startProxy(
             "[filters.spf]\n"
             f'resolver = "{server.resolver}"\n'
@@ -409,7 +410,7 @@ class SPFLoopbackTests(ProxyCase):
         """
         server = DNSServer(self.RECORDS)
         server.start(self)
-        port = self.proxyWith(server)
+        port = self.spfProxy(server)
         self.assertEqual((await self.deliver(port, "a@pass.example"))[0], "250 2.1.0 Ok")
         [message] = self.mta.messages
         first = message.content.split(b"\r\n")[0].decode()
@@ -425,7 +426,7 @@ class SPFLoopbackTests(ProxyCase):
         """A sender whose domain does not permit 127.0.0.1 gets 550 5.7.23 at MAIL."""
         server = DNSServer(self.RECORDS)
         server.start(self)
-        port = self.proxyWith(server)
+        port = self.spfProxy(server)
         lines = await self.deliver(port, "a@fail.example")
         self.assertEqual(
             lines[0],
@@ -437,7 +438,7 @@ class SPFLoopbackTests(ProxyCase):
         """softfail is accepted by default, with its header."""
         server = DNSServer(self.RECORDS)
         server.start(self)
-        port = self.proxyWith(server)
+        port = self.spfProxy(server)
         await self.deliver(port, "a@soft.example")
         [message] = self.mta.messages
         self.assertTrue(message.content.startswith(b"Received-SPF: softfail (proxy.test: "))
@@ -446,7 +447,7 @@ class SPFLoopbackTests(ProxyCase):
         """MAIL FROM:<> checks the HELO name: passes, identity=helo in the header."""
         server = DNSServer(self.RECORDS)
         server.start(self)
-        port = self.proxyWith(server)
+        port = self.spfProxy(server)
         await self.deliver(port, "", helo="helo.example")
         [message] = self.mta.messages
         first = message.content.split(b"\r\n")[0]
@@ -474,7 +475,7 @@ class SPFLoopbackTests(ProxyCase):
         """
         server = DNSServer(self.RECORDS)
         server.start(self)
-        port = self.proxyWith(server)
+        port = self.spfProxy(server)
         await self.deliver(port, "a@many.example")
         [message] = self.mta.messages
         first = message.content.split(b"\r\n")[0]
@@ -482,7 +483,7 @@ class SPFLoopbackTests(ProxyCase):
             first.startswith(b"Received-SPF: permerror (proxy.test: permanent error"), first
         )
         self.assertLessEqual(len(server.queries), 12)
-        port = self.proxyWith(server, 'permerror = "reject"\n')
+        port = self.spfProxy(server, 'permerror = "reject"\n')
         lines = await self.deliver(port, "a@many.example")
         self.assertTrue(
             lines[0].startswith("550 5.7.24 SPF record of many.example is in error: "), lines[0]
@@ -493,7 +494,7 @@ class SPFLoopbackTests(ProxyCase):
         """A client in skip_networks is not checked: no DNS question, no header."""
         server = DNSServer(self.RECORDS)
         server.start(self)
-        port = self.proxyWith(server, 'skip_networks = ["127.0.0.0/8"]\n')
+        port = self.spfProxy(server, 'skip_networks = ["127.0.0.0/8"]\n')
         await self.deliver(port, "a@fail.example")
         [message] = self.mta.messages
         self.assertEqual(message.content, b"Subject: t\r\n\r\nhi\r\n")

@@ -16,11 +16,9 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionRefusedError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from mailproxy import tap
 from mailproxy.filters import Stage
 from mailproxy.localmta import LocalMTA
-from mailproxy.service import ProxyService
-from mailproxy.testing import FakeFilter, RawClient
+from mailproxy.testing import FakeFilter, RawClient, loopbackConfig, startProxy
 from tests.test_relay import MESSAGE, STUFFED, Harness, envelope
 
 GRACE = 30.0
@@ -196,21 +194,9 @@ class LoopbackStopTests(TestCase):
         mtaPort = reactor.listenTCP(0, mta.buildFactory(), interface="127.0.0.1")  # type: ignore[attr-defined]
         self.addCleanup(mtaPort.stopListening)
         spool = os.path.abspath(self.mktemp())
-        path = self.mktemp()
-        with open(path, "w") as f:
-            f.write(
-                '[proxy]\nlisten = "tcp:0:interface=127.0.0.1"\n'
-                f'upstream = "tcp:host=127.0.0.1:port={mtaPort.getHost().port}"\n'
-                f'spool_dir = "{spool}"\nhostname = "proxy.test"\n'
-                "[timeouts]\nshutdown_grace = 10\n"
-            )
-        options = tap.Options()
-        options.parseOptions(["--config", path])
-        service = tap.makeService(options)
-        assert isinstance(service, ProxyService)
-        service.startService()
+        config = loopbackConfig(mtaPort.getHost().port, spool, "[timeouts]\nshutdown_grace = 10\n")
+        service, port = startProxy(self, config)
         [listener] = service.listeners
-        port = listener._waitingForPort.result.getHost().port  # type: ignore[attr-defined]
 
         client = RawClient()
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)

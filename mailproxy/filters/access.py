@@ -9,8 +9,7 @@ has an allow list of exceptions.
 from __future__ import annotations
 
 import fnmatch
-import ipaddress
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -18,10 +17,9 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from mailproxy.envelope import Envelope, Session
-from mailproxy.filters import BaseFilter, IFilter, IFilterFactory, OptionError, Stage, Verdict
+from mailproxy.filters import BaseFilter, IFilter, IFilterFactory, Stage, Verdict
 from mailproxy.filters.options import Options
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+from mailproxy.net import Network, clientIP, inNetworks
 
 
 @attrs.frozen
@@ -37,26 +35,6 @@ class Patterns:
     @classmethod
     def parse(cls, options: Options, key: str) -> Patterns:
         return cls(tuple(p.lower() for p in options.strings(key)))
-
-
-def _networks(options: Options, key: str) -> tuple[Network, ...]:
-    networks = []
-    for text in options.strings(key):
-        try:
-            networks.append(ipaddress.ip_network(text, strict=False))
-        except ValueError:
-            raise OptionError(key, f"not a CIDR network: {text!r}") from None
-    return tuple(networks)
-
-
-def _inNetworks(address: str, networks: Sequence[Network]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in network for network in networks)
 
 
 @implementer(IFilter)
@@ -85,7 +63,8 @@ class AccessFilter(BaseFilter):
 
     def checkConnect(self, session: Session) -> Verdict:
         client = session.clientAddress
-        if _inNetworks(client, self.denyNetworks) and not _inNetworks(client, self.allowNetworks):
+        ip = clientIP(client)
+        if inNetworks(ip, self.denyNetworks) and not inNetworks(ip, self.allowNetworks):
             return Verdict.reject(f"Client address [{client}] refused by policy", 554)
         return Verdict.accept()
 
@@ -113,8 +92,8 @@ class AccessFilterFactory:
     def build(self, options: Mapping[str, object], reactor: IReactorTime) -> IFilter:
         o = Options(options)
         built = AccessFilter(
-            denyNetworks=_networks(o, "deny_networks"),
-            allowNetworks=_networks(o, "allow_networks"),
+            denyNetworks=o.networks("deny_networks"),
+            allowNetworks=o.networks("allow_networks"),
             denyHelo=Patterns.parse(o, "deny_helo"),
             denySenders=Patterns.parse(o, "deny_senders"),
             allowSenders=Patterns.parse(o, "allow_senders"),

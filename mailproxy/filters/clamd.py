@@ -13,22 +13,18 @@ from __future__ import annotations
 import re
 import struct
 from collections.abc import Mapping
-from contextlib import ExitStack
+from functools import partial
 
 import attrs
-from twisted.internet import error
-from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.endpoints import connectProtocol
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
-from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
-from twisted.protocols.basic import FileSender
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailproxy.envelope import Envelope, Message, Session
 from mailproxy.filters import BaseFilter, FilterError, IFilter, IFilterFactory, Stage, Verdict
+from mailproxy.filters.daemon import StreamingQuery, ask, shown
 from mailproxy.filters.options import Options
 
 #: The command: "z" makes clamd end its reply with a NUL rather than a newline.
@@ -57,12 +53,6 @@ def chunk(data: bytes) -> bytes:
     return _CHUNK_LENGTH.pack(len(data)) + data
 
 
-def _shown(data: bytes) -> str:
-    """Bytes from the wire, safe and short enough for a log line or an SMTP reply."""
-    text = data[:200].decode("ascii", "backslashreplace")
-    return "".join(c if c.isprintable() else "?" for c in text)
-
-
 def parseReply(data: bytes, closed: bool) -> ClamdAnswer | None:
     """
     Parse clamd's reply to zINSTREAM, pure code: C{None} while it is incomplete.
@@ -80,7 +70,7 @@ def parseReply(data: bytes, closed: bool) -> ClamdAnswer | None:
         if not data:
             raise FilterError("clamd closed the connection without answering")
         line = data.rstrip(b"\r\n")  # a reply ended by a newline: take it as it is
-    reply = _shown(line)
+    reply = shown(line)
     if reply == "stream: OK":
         return ClamdAnswer(None, reply)
     found = _FOUND.fullmatch(reply)
@@ -91,82 +81,20 @@ def parseReply(data: bytes, closed: bool) -> ClamdAnswer | None:
     raise FilterError(f"clamd answered something unexpected: {reply}")
 
 
-class _ClamdProtocol(Protocol):
+class _ClamdProtocol(StreamingQuery[ClamdAnswer]):
     """One zINSTREAM exchange: the command, the message in chunks, the reply."""
 
     def __init__(self, message: Message, answer: Deferred[ClamdAnswer]) -> None:
-        self._message = message
-        self._answer = answer
-        self._buffer = bytearray()
-        self._files = ExitStack()
-        self._sender: FileSender | None = None
-
-    def connectionMade(self) -> None:
-        assert self.transport is not None
-        try:
-            spool = self._files.enter_context(self._message.open())
-        except OSError as e:
-            self._answer.errback(FilterError(f"cannot read the spooled message: {e}"))
-            self.abort()
-            return
-        self.transport.write(COMMAND)
-        self._sender = FileSender()
-        sent = self._sender.beginFileTransfer(spool, self.transport, chunk)
-        sent.addCallback(self._sent).addErrback(self._notSent)
-
-    def _sent(self, lastByte: object) -> None:
-        self._sender = None
-        assert self.transport is not None
-        self.transport.write(END_OF_STREAM)
-
-    def _notSent(self, failure: Failure) -> None:
-        # The connection went away mid-stream (FileSender.stopProducing): the reply, or
-        # its absence, is settled in connectionLost.
-        self._sender = None
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._answer.called:
-            return
-        self._buffer += data
-        if len(self._buffer) > MAX_REPLY:
-            self._settle(Failure(FilterError(f"clamd's reply is over {MAX_REPLY} bytes")))
-            return
-        try:
-            answer = parseReply(bytes(self._buffer), closed=False)
-        except FilterError:
-            self._settle(Failure())
-            return
-        if answer is not None:
-            self._settle(answer)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._files.close()
-        if self._answer.called:
-            return
-        try:
-            answer = parseReply(bytes(self._buffer), closed=True)
-        except FilterError:
-            self._answer.errback()
-        else:
-            assert answer is not None
-            self._answer.callback(answer)
-
-    def abort(self) -> None:
-        """Give up: drop the connection (the reply is no longer awaited)."""
-        if self.transport is not None:
-            self.transport.abortConnection()  # type: ignore[attr-defined]
-
-    def _settle(self, result: ClamdAnswer | Failure) -> None:
-        assert self.transport is not None
-        if self._sender is not None:
-            # clamd answered before the end of the stream (its size limit): stop sending.
-            self.abort()
-        else:
-            self.transport.loseConnection()
-        if isinstance(result, ClamdAnswer):
-            self._answer.callback(result)
-        else:
-            self._answer.errback(result)
+        super().__init__(
+            message,
+            answer,
+            parseReply,
+            daemon="clamd",
+            maxAnswer=MAX_REPLY,
+            prefix=COMMAND,
+            suffix=END_OF_STREAM,
+            transform=chunk,
+        )
 
 
 @attrs.frozen
@@ -187,26 +115,9 @@ class ClamdClient:
         @raise FilterError: (asynchronously) clamd cannot be reached, answered an error or
             something unexpected.
         """
-        return Deferred.fromCoroutine(self._scan(message))
-
-    async def _scan(self, message: Message) -> ClamdAnswer:
-        protocol: _ClamdProtocol | None = None
-
-        def cancel(d: Deferred[ClamdAnswer]) -> None:
-            if protocol is not None:
-                protocol.abort()
-
-        answer: Deferred[ClamdAnswer] = Deferred(cancel)
-        protocol = _ClamdProtocol(message, answer)
-        try:
-            await connectProtocol(self.endpoint, protocol)
-        except error.ConnectingCancelledError:
-            # Cancelled (timed out) while connecting: say so as a cancellation, which the
-            # pipeline's timeout turns into a TimeoutError.
-            raise CancelledError() from None
-        except (error.ConnectError, OSError) as e:
-            raise FilterError(f"clamd at {self.address} unreachable: {e}") from e
-        return await answer
+        return Deferred.fromCoroutine(
+            ask(self.endpoint, f"clamd at {self.address}", partial(_ClamdProtocol, message))
+        )
 
 
 @implementer(IFilter)

@@ -27,18 +27,7 @@ from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailproxy.dns import (
-    ListLookup,
-    Network,
-    Zone,
-    clientIP,
-    inNetworks,
-    makeResolver,
-    readNetworks,
-    readServer,
-    readZones,
-    reversedName,
-)
+from mailproxy.dns import ListLookup, Zone, makeResolver, readServer, readZones, reversedName
 from mailproxy.envelope import Envelope, Session
 from mailproxy.filters import (
     BaseFilter,
@@ -51,6 +40,7 @@ from mailproxy.filters import (
 )
 from mailproxy.filters.access import Patterns
 from mailproxy.filters.options import Options
+from mailproxy.net import Network, clientIP, inNetworks
 
 
 async def lookupAll(
@@ -170,7 +160,7 @@ class DNSBLFilterFactory:
         server = readServer(o)
         timeout = o.number("dns_timeout", 5.0, minimum=0.01)
         cacheSize = o.integer("cache_size", 10000)
-        skip = readNetworks(o, "skip_networks")
+        skip = o.networks("skip_networks")
         o.finish()
         lookup = ListLookup(makeResolver(server, reactor), reactor, timeout, cacheSize)
         return DNSBLFilter(

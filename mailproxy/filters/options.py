@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
 from collections.abc import Mapping
 
@@ -10,6 +11,7 @@ from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IStreamClientEndpoint
 
 from mailproxy.filters import OptionError
+from mailproxy.net import Network
 
 
 class Options:
@@ -29,6 +31,17 @@ class Options:
         if not all(isinstance(item, str) for item in value):
             raise OptionError(key, f"must be a list of strings, not {list(value)!r}")
         return tuple(str(item) for item in value)
+
+    def networks(self, key: str) -> tuple[Network, ...]:
+        """A list of CIDR networks, IPv4 or IPv6 (C{"192.0.2.0/24"}, C{"2001:db8::/32"});
+        host bits are allowed, and a lone address is a network of one."""
+        networks = []
+        for text in self.strings(key):
+            try:
+                networks.append(ipaddress.ip_network(text, strict=False))
+            except ValueError:
+                raise OptionError(key, f"not a CIDR network: {text!r}") from None
+        return tuple(networks)
 
     def integer(self, key: str, default: int | None = None, minimum: int = 0) -> int:
         self._read.add(key)

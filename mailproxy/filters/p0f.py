@@ -16,15 +16,15 @@ a status (0x00 bad query, 0x10 OK, 0x20 no match), then the host's record.
 from __future__ import annotations
 
 import fnmatch
-import ipaddress
 import struct
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import attrs
 from twisted.internet import defer, error
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
+from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
@@ -42,7 +42,9 @@ from mailproxy.filters import (
     Stage,
     Verdict,
 )
+from mailproxy.filters.daemon import ask
 from mailproxy.filters.options import Options, checkSocketPath, reKeyed
+from mailproxy.net import clientIP
 
 QUERY_MAGIC = 0x50304601
 ANSWER_MAGIC = 0x50304602
@@ -84,12 +86,9 @@ class P0fError(FilterError):
 
 def query(address: str) -> bytes | None:
     """The 21-byte query for C{address}, or C{None} if it is not an IP address."""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
+    ip = clientIP(address)
+    if ip is None:
         return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
     return QUERY.pack(QUERY_MAGIC, ip.version, ip.packed)
 
 
@@ -192,10 +191,6 @@ class _P0fProtocol(Protocol):
                 P0fError(f"p0f closed the connection after {len(self._buffer)} bytes")
             )
 
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abortConnection()  # type: ignore[attr-defined]
-
 
 @attrs.frozen
 class P0fClient:
@@ -215,31 +210,15 @@ class P0fClient:
         request = query(address)
         if request is None:
             return defer.fail(FilterError(f"{address!r} is not an IP address"))
-        d = Deferred.fromCoroutine(self._lookup(request))
+        endpoint = UNIXClientEndpoint(self.reactor, self.path, timeout=max(1, int(self.timeout)))
+        asked = ask(endpoint, f"p0f at {self.path}", partial(_P0fProtocol, request))
+        d = Deferred.fromCoroutine(asked)
         d.addTimeout(self.timeout, self.reactor)
         return d.addErrback(self._timedOut)
 
     def _timedOut(self, failure: Failure) -> P0fAnswer:
         failure.trap(defer.TimeoutError)
         raise FilterError(f"p0f did not answer within {self.timeout:g} s")
-
-    async def _lookup(self, request: bytes) -> P0fAnswer:
-        protocol: _P0fProtocol | None = None
-
-        def cancel(d: Deferred[P0fAnswer]) -> None:
-            if protocol is not None:
-                protocol.abort()
-
-        answer: Deferred[P0fAnswer] = Deferred(cancel)
-        protocol = _P0fProtocol(request, answer)
-        endpoint = UNIXClientEndpoint(self.reactor, self.path, timeout=max(1, int(self.timeout)))
-        try:
-            await connectProtocol(endpoint, protocol)
-        except error.ConnectingCancelledError:
-            raise defer.CancelledError() from None
-        except (error.ConnectError, OSError) as e:
-            raise FilterError(f"p0f at {self.path} unreachable: {e}") from e
-        return await answer
 
 
 @attrs.frozen

@@ -14,18 +14,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from contextlib import ExitStack
+from functools import partial
 
 import attrs
-from twisted.internet import error
-from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.endpoints import connectProtocol
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
-from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
-from twisted.protocols.basic import FileSender
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailproxy.envelope import Envelope, Message, Session
@@ -38,6 +33,7 @@ from mailproxy.filters import (
     Stage,
     Verdict,
 )
+from mailproxy.filters.daemon import StreamingQuery, ask, shown
 from mailproxy.filters.options import Options
 
 #: The protocol version we speak: spamd answers SYMBOLS with a Content-length and a
@@ -82,12 +78,6 @@ def request(size: int, user: str | None = None) -> bytes:
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
-def _shown(data: bytes) -> str:
-    """Bytes from the wire, safe and short enough for a log line."""
-    text = data[:200].decode("ascii", "backslashreplace")
-    return "".join(c if c.isprintable() else "?" for c in text)
-
-
 def parseAnswer(data: bytes, closed: bool) -> SpamdAnswer | None:
     """
     Parse spamd's answer to SYMBOLS, pure code: C{None} while it is incomplete.
@@ -98,24 +88,24 @@ def parseAnswer(data: bytes, closed: bool) -> SpamdAnswer | None:
     head, crlf, rest = data.partition(b"\r\n")
     if not crlf:
         if closed:
-            what = f"a truncated answer: {_shown(data)!r}" if data else "no answer"
+            what = f"a truncated answer: {shown(data)!r}" if data else "no answer"
             raise FilterError(f"spamd closed the connection with {what}")
         return None
     status = _STATUS_LINE.fullmatch(head)
     if status is None:
-        raise FilterError(f"spamd answered something else than SPAMD/x.y: {_shown(head)!r}")
+        raise FilterError(f"spamd answered something else than SPAMD/x.y: {shown(head)!r}")
     if status.group(2) != b"0":
-        raise FilterError(f"spamd answered {_shown(head)!r}")
+        raise FilterError(f"spamd answered {shown(head)!r}")
     headerBlock, blank, body = rest.partition(b"\r\n\r\n")
     if not blank:
         if closed:
-            raise FilterError(f"spamd's answer ended in its headers: {_shown(data)!r}")
+            raise FilterError(f"spamd's answer ended in its headers: {shown(data)!r}")
         return None
     headers: dict[str, str] = {}
     for line in headerBlock.split(b"\r\n"):
         name, colon, value = line.decode("ascii", "replace").partition(":")
         if not colon:
-            raise FilterError(f"spamd sent a malformed header line: {_shown(line)!r}")
+            raise FilterError(f"spamd sent a malformed header line: {shown(line)!r}")
         headers[name.strip().lower()] = value.strip()
     length = headers.get("content-length")
     if length is not None:
@@ -130,12 +120,12 @@ def parseAnswer(data: bytes, closed: bool) -> SpamdAnswer | None:
         return None
     spam = _SPAM_HEADER.fullmatch(headers.get("spam", ""))
     if spam is None:
-        raise FilterError(f"spamd's answer has no valid Spam header: {_shown(headerBlock)!r}")
+        raise FilterError(f"spamd's answer has no valid Spam header: {shown(headerBlock)!r}")
     tests = tuple(
         name for name in (t.strip() for t in body.decode("ascii", "replace").split(",")) if name
     )
     if not all(_TEST_NAME.fullmatch(name) for name in tests):
-        raise FilterError(f"spamd's rule names are malformed: {_shown(body)!r}")
+        raise FilterError(f"spamd's rule names are malformed: {shown(body)!r}")
     return SpamdAnswer(
         isSpam=spam.group(1) in ("True", "Yes"),
         score=float(spam.group(2)),
@@ -146,81 +136,13 @@ def parseAnswer(data: bytes, closed: bool) -> SpamdAnswer | None:
     )
 
 
-class _SpamdProtocol(Protocol):
+class _SpamdProtocol(StreamingQuery[SpamdAnswer]):
     """One SYMBOLS exchange: the request, the message streamed from the spool, the answer."""
 
     def __init__(self, request: bytes, message: Message, answer: Deferred[SpamdAnswer]) -> None:
-        self._request = request
-        self._message = message
-        self._answer = answer
-        self._buffer = bytearray()
-        self._files = ExitStack()
-        self._sender: FileSender | None = None
-
-    def connectionMade(self) -> None:
-        assert self.transport is not None
-        try:
-            spool = self._files.enter_context(self._message.open())
-        except OSError as e:
-            self._answer.errback(FilterError(f"cannot read the spooled message: {e}"))
-            self.abort()
-            return
-        self.transport.write(self._request)
-        self._sender = FileSender()
-        sent = self._sender.beginFileTransfer(spool, self.transport)
-        sent.addCallback(self._sent).addErrback(self._notSent)
-
-    def _sent(self, lastByte: object) -> None:
-        self._sender = None
-
-    def _notSent(self, failure: Failure) -> None:
-        # The connection went away mid-stream (FileSender.stopProducing): the answer, or
-        # its absence, is settled in connectionLost.
-        self._sender = None
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._answer.called:
-            return
-        self._buffer += data
-        if len(self._buffer) > MAX_ANSWER:
-            self._settle(Failure(FilterError(f"spamd's answer is over {MAX_ANSWER} bytes")))
-            return
-        try:
-            answer = parseAnswer(bytes(self._buffer), closed=False)
-        except FilterError:
-            self._settle(Failure())
-            return
-        if answer is not None:
-            self._settle(answer)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._files.close()
-        if self._answer.called:
-            return
-        try:
-            answer = parseAnswer(bytes(self._buffer), closed=True)
-        except FilterError:
-            self._answer.errback()
-        else:
-            assert answer is not None
-            self._answer.callback(answer)
-
-    def abort(self) -> None:
-        """Give up: drop the connection (the answer is no longer awaited)."""
-        if self.transport is not None:
-            self.transport.abortConnection()  # type: ignore[attr-defined]
-
-    def _settle(self, result: SpamdAnswer | Failure) -> None:
-        assert self.transport is not None
-        if self._sender is not None:
-            # spamd answered before reading the whole message (an error): stop sending.
-            self.abort()
-        else:
-            self.transport.loseConnection()
-        if isinstance(result, SpamdAnswer):
-            self._answer.callback(result)
-        else:
-            self._answer.errback(result)
+        super().__init__(
+            message, answer, parseAnswer, daemon="spamd", maxAnswer=MAX_ANSWER, prefix=request
+        )
 
 
 @attrs.frozen
@@ -241,26 +163,8 @@ class SpamdClient:
 
         @raise FilterError: (asynchronously) spamd cannot be reached or answered badly.
         """
-        return Deferred.fromCoroutine(self._check(message))
-
-    async def _check(self, message: Message) -> SpamdAnswer:
-        protocol: _SpamdProtocol | None = None
-
-        def cancel(d: Deferred[SpamdAnswer]) -> None:
-            if protocol is not None:
-                protocol.abort()
-
-        answer: Deferred[SpamdAnswer] = Deferred(cancel)
-        protocol = _SpamdProtocol(request(message.size, self.user), message, answer)
-        try:
-            await connectProtocol(self.endpoint, protocol)
-        except error.ConnectingCancelledError:
-            # Cancelled (timed out) while connecting: say so as a cancellation, which the
-            # pipeline's timeout turns into a TimeoutError.
-            raise CancelledError() from None
-        except (error.ConnectError, OSError) as e:
-            raise FilterError(f"spamd at {self.address} unreachable: {e}") from e
-        return await answer
+        query = partial(_SpamdProtocol, request(message.size, self.user), message)
+        return Deferred.fromCoroutine(ask(self.endpoint, f"spamd at {self.address}", query))
 
 
 @implementer(IFilter)

@@ -41,10 +41,11 @@ from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from mailproxy.dns import Network, clientIP, inNetworks, readNetworks, readServer
+from mailproxy.dns import readServer
 from mailproxy.envelope import Envelope, Message, Session
 from mailproxy.filters import BaseFilter, IFilter, IFilterFactory, OptionError, Stage, Verdict
 from mailproxy.filters.options import Options
+from mailproxy.net import Network, clientIP, inNetworks
 
 RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
 
@@ -364,7 +365,7 @@ class SPFFilterFactory:
             result: Action(o.choice(result, tuple(a.value for a in Action), default.value))
             for result, default in DEFAULT_ACTIONS.items()
         }
-        skip = readNetworks(o, "skip_networks")
+        skip = o.networks("skip_networks")
         o.finish()
         _installDispatch()
         check = ThreadedCheck(

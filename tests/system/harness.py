@@ -12,6 +12,7 @@ import re
 import shutil
 import socket
 import sys
+import uuid
 from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,7 +27,9 @@ from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
+from twisted.python import log
 from twisted.python.failure import Failure
+from twisted.trial import unittest
 
 import mailproxy
 
@@ -315,6 +318,31 @@ def spawnProxy(
     return ProxyProcess(port, logPath, configPath, protocol, reactor)
 
 
+async def runProxy(
+    case: unittest.TestCase,
+    reactor: Any,
+    workdir: Path,
+    sections: Mapping[str, Mapping[str, TomlValue]],
+    port: int,
+    twistdOptions: Sequence[str] = (),
+    greeting: int = 220,
+) -> ProxyProcess:
+    """Spawn the proxy (L{spawnProxy}) and wait until it greets with C{greeting}; it is
+    stopped when C{case} ends, its output copied into the test log."""
+    process = spawnProxy(reactor, workdir, sections, port, twistdOptions)
+    case.addCleanup(stopAndLog, process)
+    await process.waitUntilReady(greeting=greeting)
+    return process
+
+
+async def stopAndLog(process: ProxyProcess) -> int | None:
+    """Stop the proxy, copy its output into the test log; its exit status."""
+    try:
+        return await process.stop()
+    finally:
+        log.msg(f"mailproxy output ({process.logPath}):\n{process.log()}")
+
+
 @attrs.frozen
 class Reply:
     """One SMTP reply: the code and the text of each line."""
@@ -498,3 +526,48 @@ def headerBlock(data: bytes) -> str:
     """The header section of a message, unfolded lines kept, as text."""
     head = data.split(b"\n\n", 1)[0].replace(b"\r\n", b"\n")
     return head.decode("utf-8", "replace")
+
+
+class PostfixCase(unittest.TestCase):
+    """The proxy as a twistd process in front of the private Postfix that C{.ci/run}
+    starts, with swaks as the client and Postfix's Maildir to watch."""
+
+    skip = systemSkipReason("swaks", "postfix")
+
+    def setUp(self) -> None:
+        self.reactor = reactor()
+        self.postfix = PostfixInstance.fromEnvironment()
+        self.maildir = Maildir(self.postfix.maildir)
+
+    async def startProxy(
+        self, filters: Mapping[str, Mapping[str, TomlValue]], greeting: int = 220
+    ) -> ProxyProcess:
+        """Start a proxy in front of Postfix with these filters; stop it at test end.
+
+        @param greeting: the reply that shows it is ready (554 if it refuses us at connect).
+        """
+        workdir = Path(self.mktemp()).resolve()
+        port = freePort()
+        sections = proxyConfig(workdir, port, self.postfix.endpoint, filters=filters)
+        return await runProxy(self, self.reactor, workdir, sections, port, greeting=greeting)
+
+    def token(self) -> str:
+        """A marker unique to this test run, put into the message to find it again."""
+        return f"{self.id().rsplit('.', 1)[-1]}-{uuid.uuid4().hex}"
+
+    def rcpt(self, local: str = "alice") -> str:
+        """An address in the domain Postfix delivers to its Maildir."""
+        return f"{local}@{self.postfix.domain}"
+
+    async def sendDirect(self, token: str, local: str = "sentinel") -> None:
+        """Send a message tagged C{token} straight to Postfix (bypassing the proxy) and wait
+        until it lands."""
+        result = await swaks(
+            self.reactor,
+            self.postfix.port,
+            "--from", "sentinel@client.example",
+            "--to", self.rcpt(local),
+            "--add-header", f"X-Mailproxy-Test: {token}",
+        )  # fmt: skip
+        self.assertEqual(result.status, 0, result.output)
+        await self.maildir.waitFor(self.reactor, token)

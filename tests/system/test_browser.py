@@ -72,16 +72,8 @@ class StatusPageInBrowserTests(unittest.TestCase):
             filters={"access": {"deny_senders": ["*@refused.example"]}},
         )
         sections["web"] = {"listen": f"tcp:{webPort}:interface=127.0.0.1", "refresh": 1}
-        proxy = harness.spawnProxy(self.reactor, workdir, sections, port)
-        self.addCleanup(self._stopProxy, proxy)
-        await proxy.waitUntilReady()
+        proxy = await harness.runProxy(self, self.reactor, workdir, sections, port)
         return proxy, webPort
-
-    async def _stopProxy(self, proxy: harness.ProxyProcess) -> None:
-        try:
-            await proxy.stop()
-        finally:
-            log.msg(f"mailproxy log ({proxy.logPath}):\n{proxy.log()}")
 
     async def test_pageShowsTraffic(self) -> None:
         """

@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import os
 import re
-import uuid
-from collections.abc import Mapping
 from pathlib import Path
 
-from twisted.python import log
 from twisted.trial import unittest
 
 from tests.system import harness
@@ -27,42 +24,8 @@ HAM_BODY = (
 )
 
 
-class _FilterSystemTest(unittest.TestCase):
+class _FilterSystemTest(harness.PostfixCase):
     """A proxy in front of Postfix with one filter; swaks as the client."""
-
-    skip = harness.systemSkipReason("swaks", "postfix")
-
-    def setUp(self) -> None:
-        self.reactor = harness.reactor()
-        self.postfix = harness.PostfixInstance.fromEnvironment()
-        self.maildir = harness.Maildir(self.postfix.maildir)
-
-    async def startProxy(
-        self, filters: Mapping[str, Mapping[str, harness.TomlValue]], greeting: int = 220
-    ) -> harness.ProxyProcess:
-        """Start a proxy in front of Postfix with these filters; stop it at test end.
-
-        @param greeting: the reply that shows it is ready (554 if it refuses us at connect).
-        """
-        workdir = Path(self.mktemp()).resolve()
-        port = harness.freePort()
-        sections = harness.proxyConfig(workdir, port, self.postfix.endpoint, filters=filters)
-        proxy = harness.spawnProxy(self.reactor, workdir, sections, port)
-        self.addCleanup(self._stopProxy, proxy)
-        await proxy.waitUntilReady(greeting=greeting)
-        return proxy
-
-    async def _stopProxy(self, proxy: harness.ProxyProcess) -> None:
-        try:
-            await proxy.stop()
-        finally:
-            log.msg(f"mailproxy log ({proxy.logPath}):\n{proxy.log()}")
-
-    def token(self) -> str:
-        return f"{self.id().rsplit('.', 1)[-1]}-{uuid.uuid4().hex}"
-
-    def rcpt(self) -> str:
-        return f"alice@{self.postfix.domain}"
 
     async def send(self, port: int, token: str, *args: str) -> harness.SwaksResult:
         """Send a message tagged with C{token} through the proxy with swaks."""
@@ -86,16 +49,7 @@ class _FilterSystemTest(unittest.TestCase):
     async def assertNotDelivered(self, token: str) -> None:
         """Nothing tagged C{token} lands, while a message sent after it straight to Postfix
         does: the refused one is not merely late."""
-        sentinel = self.token()
-        result = await harness.swaks(
-            self.reactor,
-            self.postfix.port,
-            "--from", "sentinel@client.example",
-            "--to", self.rcpt(),
-            "--add-header", f"X-Mailproxy-Test: {sentinel}",
-        )  # fmt: skip
-        self.assertEqual(result.status, 0, result.output)
-        await self.maildir.waitFor(self.reactor, sentinel)
+        await self.sendDirect(self.token(), local="alice")
         self.assertEqual(self.maildir.find(token), [])
 
 

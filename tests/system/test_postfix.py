@@ -6,11 +6,6 @@ scripted client), what Postfix queues, and what lands in its Maildir.
 from __future__ import annotations
 
 import re
-import uuid
-from pathlib import Path
-
-from twisted.python import log
-from twisted.trial import unittest
 
 from tests.system import harness
 
@@ -20,54 +15,22 @@ ACCESS = {
 }
 
 
-class PostfixBehindProxyTests(unittest.TestCase):
+class PostfixBehindProxyTests(harness.PostfixCase):
     """The proxy relays Postfix's dialogue and refuses what its access filter denies."""
 
-    skip = harness.systemSkipReason("swaks", "postfix")
-
-    def setUp(self) -> None:
-        self.reactor = harness.reactor()
-        self.postfix = harness.PostfixInstance.fromEnvironment()
-        self.maildir = harness.Maildir(self.postfix.maildir)
-
-    async def startProxy(self) -> harness.ProxyProcess:
-        """Start a proxy in front of Postfix with the access filter; stop it at test end."""
-        workdir = Path(self.mktemp()).resolve()
-        port = harness.freePort()
-        sections = harness.proxyConfig(
-            workdir, port, self.postfix.endpoint, filters={"access": ACCESS}
-        )
-        proxy = harness.spawnProxy(self.reactor, workdir, sections, port)
-        self.addCleanup(self._stopProxy, proxy)
-        await proxy.waitUntilReady()
-        return proxy
-
-    async def _stopProxy(self, proxy: harness.ProxyProcess) -> None:
-        """Stop the proxy and copy its output into the test log."""
-        try:
-            await proxy.stop()
-        finally:
-            log.msg(f"mailproxy log ({proxy.logPath}):\n{proxy.log()}")
-
-    def token(self) -> str:
-        """A marker unique to this test run, put into the message to find it again."""
-        return f"{self.id().rsplit('.', 1)[-1]}-{uuid.uuid4().hex}"
-
-    def rcpt(self, local: str = "alice") -> str:
-        """An address in the domain Postfix delivers to its Maildir."""
-        return f"{local}@{self.postfix.domain}"
-
-    async def sendDirect(self, token: str) -> None:
-        """Send a message straight to Postfix (bypassing the proxy) and wait until it lands."""
-        result = await harness.swaks(
+    async def send(
+        self, port: int, token: str, sender: str, recipient: str, helo: str | None = None
+    ) -> harness.SwaksResult:
+        """Send a message tagged with C{token} through the proxy with swaks."""
+        heloArgs = ["--helo", helo] if helo is not None else []
+        return await harness.swaks(
             self.reactor,
-            self.postfix.port,
-            "--from", "sentinel@client.example",
-            "--to", self.rcpt("sentinel"),
+            port,
+            "--from", sender,
+            "--to", recipient,
+            *heloArgs,
             "--add-header", f"X-Mailproxy-Test: {token}",
         )  # fmt: skip
-        self.assertEqual(result.status, 0, result.output)
-        await self.maildir.waitFor(self.reactor, token)
 
     async def test_cleanMessageIsDeliveredWithPostfixQueueId(self) -> None:
         """
@@ -75,16 +38,11 @@ class PostfixBehindProxyTests(unittest.TestCase):
         250 is Postfix's own reply: its queue id is the one in the delivered message's Received
         header and in Postfix's log of that delivery.
         """
-        proxy = await self.startProxy()
+        proxy = await self.startProxy({"access": ACCESS})
         token = self.token()
-        result = await harness.swaks(
-            self.reactor,
-            proxy.port,
-            "--from", "sender@client.example",
-            "--to", self.rcpt(),
-            "--helo", "client.example",
-            "--add-header", f"X-Mailproxy-Test: {token}",
-        )  # fmt: skip
+        result = await self.send(
+            proxy.port, token, "sender@client.example", self.rcpt(), helo="client.example"
+        )
         self.assertEqual(result.status, 0, result.output)
         queueId = result.queueId()
         self.assertIsNotNone(queueId, f"no 'queued as' in the 250:\n{result.output}")
@@ -101,15 +59,9 @@ class PostfixBehindProxyTests(unittest.TestCase):
         MAIL FROM a denied sender gets 550 from the proxy, Postfix never hears of that sender
         and nothing is delivered for it.
         """
-        proxy = await self.startProxy()
+        proxy = await self.startProxy({"access": ACCESS})
         token = self.token()
-        result = await harness.swaks(
-            self.reactor,
-            proxy.port,
-            "--from", "x@refused.example",
-            "--to", self.rcpt(),
-            "--add-header", f"X-Mailproxy-Test: {token}",
-        )  # fmt: skip
+        result = await self.send(proxy.port, token, "x@refused.example", self.rcpt())
         self.assertNotEqual(result.status, 0, result.output)
         self.assertTrue(
             any(r.startswith("550") for r in result.replies()), f"no 550:\n{result.output}"
@@ -122,16 +74,10 @@ class PostfixBehindProxyTests(unittest.TestCase):
 
     async def test_refusedRecipientNeverReachesPostfix(self) -> None:
         """RCPT TO a denied recipient gets 550 from the proxy and nothing is delivered."""
-        proxy = await self.startProxy()
+        proxy = await self.startProxy({"access": ACCESS})
         token = self.token()
         blocked = self.rcpt("blocked")
-        result = await harness.swaks(
-            self.reactor,
-            proxy.port,
-            "--from", "sender@client.example",
-            "--to", blocked,
-            "--add-header", f"X-Mailproxy-Test: {token}",
-        )  # fmt: skip
+        result = await self.send(proxy.port, token, "sender@client.example", blocked)
         self.assertNotEqual(result.status, 0, result.output)
         self.assertTrue(
             any(r.startswith("550") for r in result.replies()), f"no 550:\n{result.output}"
@@ -145,7 +91,7 @@ class PostfixBehindProxyTests(unittest.TestCase):
         After a refused sender the session goes on: the next transaction on the same
         connection is relayed and delivered, with Postfix's queue id in its 250.
         """
-        proxy = await self.startProxy()
+        proxy = await self.startProxy({"access": ACCESS})
         token = self.token()
         replies = await harness.converse(
             self.reactor,
@@ -174,7 +120,7 @@ class PostfixBehindProxyTests(unittest.TestCase):
         The client sees Postfix's EHLO capabilities minus CHUNKING, XCLIENT and XFORWARD
         (which Postfix offers to the proxy), with PIPELINING kept.
         """
-        proxy = await self.startProxy()
+        proxy = await self.startProxy({"access": ACCESS})
         replies = await harness.converse(
             self.reactor, proxy.port, [b"EHLO client.example", b"QUIT"]
         )
@@ -189,16 +135,11 @@ class PostfixBehindProxyTests(unittest.TestCase):
         Postfix records the client's own HELO name, not the proxy's, in the Received header:
         the proxy passed the client on with XCLIENT.
         """
-        proxy = await self.startProxy()
+        proxy = await self.startProxy({"access": ACCESS})
         token = self.token()
-        result = await harness.swaks(
-            self.reactor,
-            proxy.port,
-            "--from", "sender@client.example",
-            "--to", self.rcpt(),
-            "--helo", "helo.client.example",
-            "--add-header", f"X-Mailproxy-Test: {token}",
-        )  # fmt: skip
+        result = await self.send(
+            proxy.port, token, "sender@client.example", self.rcpt(), helo="helo.client.example"
+        )
         self.assertEqual(result.status, 0, result.output)
         delivered = await self.maildir.waitFor(self.reactor, token)
         self.assertIn("Received: from helo.client.example ", harness.headerBlock(delivered))

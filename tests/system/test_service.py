@@ -15,7 +15,6 @@ import socket
 from pathlib import Path
 
 from twisted.internet.task import deferLater
-from twisted.python import log
 from twisted.trial import unittest
 
 from mailproxy.localmta import LocalMTA
@@ -107,8 +106,7 @@ class PrivilegeTests(unittest.TestCase):
             replies = await harness.converse(reactor, port, [*script[:2], b"QUIT"])
             self.assertEqual([r.code for r in replies], [220, 250, 550, 221])
         finally:
-            status = await process.stop()
-            log.msg(f"mailproxy output ({process.logPath}):\n{process.log()}")
+            status = await harness.stopAndLog(process)
         # twistd ends a clean shutdown on SIGTERM by re-raising it: the status is the signal.
         self.assertIn(status, (0, None))
         self.assertIn("Server Shut Down.", process.log())

@@ -19,7 +19,6 @@ from pathlib import Path
 
 from twisted.internet import error
 from twisted.internet.task import deferLater
-from twisted.python import log
 from twisted.trial import unittest
 
 from mailproxy.localmta import LocalMTA
@@ -132,16 +131,8 @@ class SyslogTests(unittest.TestCase):
         )
         if logging:
             sections["logging"] = logging
-        process = harness.spawnProxy(self.reactor, self.workdir / "proxy", sections, port, twistd)
-        self.addCleanup(self.stopProxy, process)
-        await process.waitUntilReady()
+        await harness.runProxy(self, self.reactor, self.workdir / "proxy", sections, port, twistd)
         return port
-
-    async def stopProxy(self, process: harness.ProxyProcess) -> None:
-        try:
-            await process.stop()
-        finally:
-            log.msg(f"mailproxy output ({process.logPath}):\n{process.log()}")
 
     async def session(self, port: int) -> None:
         """One relayed message and one refused sender, on one connection."""
