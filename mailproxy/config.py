@@ -74,6 +74,9 @@ class Timeouts:
     filters: float = 120.0
     #: On stop: how long sessions in flight may take to finish before they get 421.
     shutdownGrace: float = 30.0
+    #: While a message is received or filtered the MTA hears nothing; a NOOP this often
+    #: keeps its own idle timeout (Postfix's smtpd_timeout, 300 s) from dropping us.
+    mtaKeepalive: float = 60.0
 
 
 @attrs.frozen
@@ -325,7 +328,8 @@ _LIMITS_KEYS: dict[str, _Check] = {
     "connections_per_client": _integer(1),
 }
 _TIMEOUTS_KEYS: dict[str, _Check] = dict.fromkeys(
-    ("client_idle", "mta_connect", "mta_reply", "filters", "shutdown_grace"), _seconds
+    ("client_idle", "mta_connect", "mta_reply", "mta_keepalive", "filters", "shutdown_grace"),
+    _seconds,
 )
 _FILTER_KEYS: dict[str, _Check] = {
     "timeout": _seconds,

@@ -289,6 +289,7 @@ class InboundProtocol(Protocol):
         self._readingPaused = False
         self._idleTimer: IDelayedCall | None = None
         self._mtaTimer: IDelayedCall | None = None
+        self._keepalive: IDelayedCall | None = None
         self._client = "unknown"
         self._clientGone = False
         self._quitSent = False
@@ -805,6 +806,7 @@ class InboundProtocol(Protocol):
         self._log.info("{session} DATA", session=self.session.id)
         self._scanner = wire.DataScanner(config.bareLineEndings is BareLineEndings.NORMALISE)
         self._phase = Phase.DATA
+        self._keepalive = self._clock.callLater(config.timeouts.mtaKeepalive, self._keepMtaAwake)
         self._local(START_INPUT)
         early = self._commands.takeRest()
         if early:
@@ -953,8 +955,25 @@ class InboundProtocol(Protocol):
             phase=self._phase.value,
         )
 
+    def _keepMtaAwake(self) -> None:
+        """
+        While the message is received and filtered, NOOP the otherwise idle MTA now and
+        then, so that its idle timeout does not end the session under a slow client.
+        """
+        self._keepalive = None
+        if self._phase not in (Phase.DATA, Phase.FILTERING) or self._mta is None:
+            return
+        if not self._awaitingMta():
+            self._sendMta(b"NOOP", _swallow)
+            self._flushMta()
+        interval = self.settings.config.timeouts.mtaKeepalive
+        self._keepalive = self._clock.callLater(interval, self._keepMtaAwake)
+
     def _endTransaction(self) -> None:
         """Forget the transaction; remove its spool file, on every path."""
+        if self._keepalive is not None and self._keepalive.active():
+            self._keepalive.cancel()
+        self._keepalive = None
         if self._spool is not None:
             self._spool.remove()
             self._spool = None

@@ -127,7 +127,7 @@ class SampleTests(ConfigTestCase):
             *keys(StatsSocket),
             *keys(Web),
         ]
-        self.assertEqual(len(names), 33)
+        self.assertEqual(len(names), 34)
         for name in names:
             self.assertRegex(text, rf"(?m)^#? *{name} *=", name)
 

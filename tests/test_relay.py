@@ -284,6 +284,28 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual(client.codes[-1], 421)
         self.assertFalse(client.connected)
 
+    def test_mtaKeptAwake(self) -> None:
+        """
+        While a slow client sends its message, the MTA gets a NOOP every mta_keepalive
+        seconds (so its own idle timeout does not drop us); the client never sees those
+        replies, and the message is released as usual.
+        """
+        h = Harness(self, timeouts={"mtaKeepalive": 60.0, "clientIdle": 100.0})
+        client = h.greeted()
+        h.send(client, envelope() + b"DATA\r\n")
+        for line in (b"Subject: slow\r\n", b"\r\n", b"one\r\n"):
+            h.clock.advance(61)
+            h.memory.flush()
+            h.send(client, line)
+        h.send(client, b".\r\n")
+        transcript = bytes(h.mta.transcripts[0])
+        self.assertEqual(transcript.count(b"NOOP\r\n"), 3)
+        self.assertEqual(client.codes, [220, 250, 250, 250, 354, 250])
+        self.assertEqual(h.mta.messages[0].content, b"Subject: slow\r\n\r\none\r\n")
+        h.clock.advance(300)
+        h.memory.flush()
+        self.assertEqual(bytes(h.mta.transcripts[0]).count(b"NOOP\r\n"), 3)
+
     def test_idleClient(self) -> None:
         """An idle client gets 421 4.4.2 and is disconnected."""
         h = Harness(self, timeouts={"clientIdle": 10.0})
