@@ -123,7 +123,7 @@ def makeService(options: Options) -> IService:
         port=_clientAddress(config.listen[0]).rpartition(":")[2],
     )
     root = MultiService()
-    mta = LocalMTA(maildir=os.path.abspath(options["maildir"]), clock=reactor)
+    mta = LocalMTA(maildir=os.path.abspath(options["maildir"]), clock=reactor, record=False)
     listener = StreamServerEndpointService(
         serverFromString(reactor, options["local-mta"]), mta.buildFactory()
     )

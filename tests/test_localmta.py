@@ -536,6 +536,26 @@ class KnobTests(SynchronousTestCase):
         submit(Client(mta), MESSAGE)
         self.assertEqual(mta.transcripts, [bytearray()])
 
+    def test_recordOff(self) -> None:
+        """
+        A long-running stand-in (C{record=False}, as C{--local-mta} and the command line
+        use it) keeps nothing in memory per message or connection, and still delivers
+        every message to the Maildir with its queue id in the reply.
+        """
+        mta = LocalMTA(maildir=self.mktemp(), record=False)
+        for _ in range(3):
+            client = Client(mta)
+            lines = submit(client, MESSAGE)
+            self.assertRegex(lines[-1], QUEUED)
+            client.close()
+        self.assertEqual((mta.messages, mta.transcripts), ([], []))
+        assert mta.maildir is not None
+        new = os.path.join(mta.maildir, "new")
+        for name in os.listdir(new):
+            with open(os.path.join(new, name), "rb") as f:
+                self.assertEqual(f.read(), MESSAGE)
+        self.assertEqual(len(os.listdir(new)), 3)
+
     def test_idleTimeout(self) -> None:
         """With a clock, an idle client gets 421 4.4.2 and is disconnected."""
         clock = Clock()
