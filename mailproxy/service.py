@@ -57,12 +57,7 @@ class ProxyService(MultiService):
         #: The counters: the relay and the filters report to them; the stats socket, the web
         #: and the manhole read them.
         self.stats = Stats(reactor)
-        self.factory = RelayFactory(
-            self._settings(config),
-            clientFromString(reactor, config.upstream),
-            reactor,
-            self.stats,
-        )
+        self.factory = RelayFactory(self._settings(config), reactor, self.stats)
         self.logs = LogService(config.logging)
         self.logs.setServiceParent(self)  # type: ignore[no-untyped-call] # first: before others log
         self.listeners: list[StreamServerEndpointService] = []
@@ -109,6 +104,7 @@ class ProxyService(MultiService):
             config,
             buildPipeline(config, self._reactor, self.stats.filterChecked),
             Quarantine.fromConfig(config, self._reactor),
+            clientFromString(self._reactor, config.upstream),
         )
 
     def startService(self) -> None:
@@ -163,7 +159,6 @@ class ProxyService(MultiService):
             )
         self.config = config
         self.factory.settings = settings
-        self.factory.upstream = clientFromString(self._reactor, config.upstream)
         if self.manhole is not None:
             self.manhole.namespace["config"] = config
         try:

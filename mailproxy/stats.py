@@ -228,7 +228,6 @@ class Stats:
         self.refusals: deque[Refusal] = deque(maxlen=refusalsKept)
         self._active: dict[SessionView, float] = {}
         #: Session id -> the filter whose refusal the relay is about to report.
-        self._decidedBy: dict[str, str] = {}
         #: Sessions whose final dot went to the MTA, which has not answered yet.
         self._releasing: set[str] = set()
         #: Sessions whose MTA error is counted already (one per session: the first cause).
@@ -314,7 +313,6 @@ class Stats:
         if sessionId in self._releasing:
             self._releasing.discard(sessionId)
             self._add("messages", "ambiguous")
-        self._decidedBy.pop(sessionId, None)
         self._mtaFailed.discard(sessionId)
 
     def messageAttempted(self) -> None:
@@ -335,11 +333,11 @@ class Stats:
         """
         The client got C{reply}, a refusal at C{stage}.
 
-        @param reason: why, when it is not a filter's refusal: L{CONNECTION_LIMIT},
-            L{MTA}, C{"size limit"}, ... With C{None}, the refusing filter is the one
-            L{filterChecked} saw refuse last in this session.
+        @param reason: who refused: the filter's name, or a
+            L{mailproxy.replies.Reason} value (C{"mta"}, C{"size limit"}, ...); C{None}
+            counts as L{FILTERS}.
         """
-        by = reason if reason is not None else self._decidedBy.pop(session.id, FILTERS)
+        by = reason if reason is not None else FILTERS
         tempfail = 400 <= reply.code < 500
         if stage is Stage.CONNECT:
             self._add("connectionsRefused", by)
@@ -392,8 +390,6 @@ class Stats:
         latency.observe(max(checked.seconds, 0.0))
         verdict = checked.verdict.action.value
         latency.verdicts[f"dry run: {verdict}" if checked.dryRun else verdict] += 1
-        if checked.verdict.refuses and not checked.dryRun:
-            self._decidedBy[checked.session.id] = checked.filter
 
     # -- reading ------------------------------------------------------------------------
 

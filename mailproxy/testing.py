@@ -132,7 +132,9 @@ class MemoryProxy:
     ) -> None:
         self.clock = clock or Clock()
         self.endpoint = MemoryEndpoint(mtaFactory, self.clock)
-        self.factory = RelayFactory(Settings(config, pipeline), self.endpoint, self.clock)
+        self.factory = RelayFactory(
+            Settings(config, pipeline, upstream=self.endpoint), self.clock
+        )
         self._pumps: list[iosim.IOPump] = []
 
     def connect(self, clientAddress: str = "127.0.0.1") -> tuple[RawClient, InboundProtocol]:

@@ -51,15 +51,23 @@ class Reply:
         return 200 <= self.code < 400
 
 
-_QUEUE_ID = re.compile(rb"queued as ([0-9A-Za-z.@_-]+)")
+#: Where MTAs name the queue id in their reply to the end of data: Postfix ("queued as
+#: 4XyZ1b2C3dz"), Exim ("OK id=1rABCd-000123-4X"), OpenSMTPD and Sendmail ("0f9f4ae5
+#: Message accepted for delivery", after the enhanced code).
+_QUEUE_IDS: Final = (
+    re.compile(rb"queued as ([0-9A-Za-z.@_-]+)"),
+    re.compile(rb"\bid=([0-9A-Za-z-]+)"),
+    re.compile(rb"^(?:[245]\.[0-9]{1,3}\.[0-9]{1,3} +)?([0-9A-Za-z]+) +Message accepted", re.I),
+)
 
 
 def queueId(reply: Reply) -> str | None:
-    """The queue id an MTA names in its reply to end of data (Postfix, Exim, OpenSMTPD)."""
+    """The queue id an MTA names in its reply to end of data (Postfix, Exim, OpenSMTPD, Sendmail)."""
     for line in reply.lines:
-        found = _QUEUE_ID.search(line) or re.search(rb"\bid=([0-9A-Za-z-]+)", line)
-        if found:
-            return found.group(1).decode("ascii")
+        for pattern in _QUEUE_IDS:
+            found = pattern.search(line)
+            if found:
+                return found.group(1).decode("ascii")
     return None
 
 
@@ -172,29 +180,104 @@ class CommandBuffer:
         return rest
 
 
+class CommandSyntaxError(ValueError):
+    """A command line outside RFC 5321's grammar; C{kind} says how (for the reply)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+#: C{kind} of a L{CommandSyntaxError}: a control byte (TAB, NUL, CR, ...) in the line; a
+#: verb that is not letters followed by one SP; arguments where none are allowed.
+BAD_CHARACTER: Final = "bad character"
+BAD_VERB: Final = "bad verb"
+NO_ARGUMENTS: Final = "no arguments"
+
+_CONTROL: Final = re.compile(rb"[\x00-\x1f\x7f]")
+_VERB: Final = re.compile(rb"[A-Za-z]{1,16}")
+
+
 @attrs.frozen
 class Command:
+    """
+    A command line as RFC 5321 reads it: the verb (upper-cased), one SP, the arguments.
+
+    L{toLine} is what the MTA gets when the command is relayed: the command as parsed,
+    never the client's bytes, so the MTA cannot read it as anything else.
+    """
+
     verb: str
-    argument: bytes
-    line: bytes
+    argument: bytes = b""
+
+    def toLine(self) -> bytes:
+        verb = self.verb.encode("ascii")
+        return verb + b" " + self.argument if self.argument else verb
 
 
 def parseCommand(line: bytes) -> Command:
-    """Split a command line into its upper-cased verb and the rest."""
-    verb, _, argument = line.strip(b" ").partition(b" ")
-    return Command(verb.decode("ascii", "replace").upper(), argument.strip(b" "), line)
+    """
+    Parse one command line (its terminator removed).
+
+    The verb is letters only and must be followed by exactly one SP when arguments follow;
+    trailing SPs are dropped. Any control byte anywhere (TAB, VT, FF, NUL, a stray CR) is
+    refused: MTAs split commands on such bytes in different ways, and a command mailproxy
+    reads one way must never reach the MTA to be read another.
+
+    @raise CommandSyntaxError: the line is not of that form.
+    """
+    if _CONTROL.search(line):
+        raise CommandSyntaxError(BAD_CHARACTER)
+    line = line.rstrip(b" ")
+    verb, _, argument = line.partition(b" ")
+    if not _VERB.fullmatch(verb) or argument.startswith(b" "):
+        raise CommandSyntaxError(BAD_VERB)
+    return Command(verb.decode("ascii").upper(), argument)
 
 
 class PathSyntaxError(ValueError):
     """A MAIL FROM or RCPT TO argument that cannot be parsed."""
 
 
-def parsePath(argument: bytes, keyword: bytes) -> tuple[str, bytes]:
+@attrs.frozen
+class Path:
+    """A parsed C{FROM:<address> PARAMS} or C{TO:<address> PARAMS}."""
+
+    address: str
+    parameters: tuple[tuple[bytes, bytes | None], ...] = ()
+
+    def toArgument(self, keyword: bytes) -> bytes:
+        """The argument as relayed: C{FROM:<address>} and each parameter after one SP."""
+        path = keyword + b"<" + self.address.encode("utf-8", "surrogateescape") + b">"
+        parameters = self.parameterBytes()
+        return path + b" " + parameters if parameters else path
+
+    def parameterBytes(self) -> bytes:
+        """The parameters as relayed, one SP between each."""
+        return b" ".join(
+            key if value is None else key + b"=" + value for key, value in self.parameters
+        )
+
+    def parameter(self, name: bytes) -> bytes | None:
+        for key, value in self.parameters:
+            if key == name:
+                return value if value is not None else b""
+        return None
+
+
+_KEYWORD: Final = re.compile(rb"[A-Za-z0-9][A-Za-z0-9-]*")
+_VALUE: Final = re.compile(rb"[\x21-\x3c\x3e-\x7e\x80-\xff]+")
+
+
+def parsePath(argument: bytes, keyword: bytes) -> Path:
     """
     Parse C{FROM:<addr> PARAMS} or C{TO:<addr> PARAMS} (keyword C{b"FROM:"}/C{b"TO:"}).
 
-    @return: the address (C{""} for the null sender) and the raw parameters.
-    @raise PathSyntaxError: the keyword or the path is missing or malformed.
+    Spaces after the colon and between parameters are tolerated (the relayed command has
+    one SP each); an address without angle brackets is read up to the first space. An
+    RFC 5321 source route is dropped, keeping the mailbox.
+
+    @raise PathSyntaxError: the keyword, the path or a parameter is missing or malformed.
     """
     if argument[: len(keyword)].upper() != keyword:
         raise PathSyntaxError(argument)
@@ -204,15 +287,25 @@ def parsePath(argument: bytes, keyword: bytes) -> tuple[str, bytes]:
         if close < 0:
             raise PathSyntaxError(argument)
         path, params = rest[1:close], rest[close + 1 :]
+        if params and not params.startswith(b" "):
+            raise PathSyntaxError(argument)
     else:
         path, _, params = rest.partition(b" ")
         if not path:
             raise PathSyntaxError(argument)
     if b":" in path and path.startswith(b"@"):
-        path = path.rpartition(b":")[2]  # an RFC 5321 source route: keep the mailbox
+        path = path.rpartition(b":")[2]
     if any(c in path for c in b" <>\x00"):
         raise PathSyntaxError(argument)
-    return path.decode("utf-8", "surrogateescape"), params.strip(b" ")
+    parameters = []
+    for param in params.split(b" "):
+        if not param:
+            continue
+        key, eq, value = param.partition(b"=")
+        if not _KEYWORD.fullmatch(key) or (eq and not _VALUE.fullmatch(value)):
+            raise PathSyntaxError(argument)
+        parameters.append((key.upper(), value if eq else None))
+    return Path(path.decode("utf-8", "surrogateescape"), tuple(parameters))
 
 
 def sizeParameter(params: bytes) -> int | None:
@@ -224,31 +317,88 @@ def sizeParameter(params: bytes) -> int | None:
     return None
 
 
-#: Capabilities the client must never see: we take BDAT nowhere, and the MTA's trust in
-#: us (XCLIENT, XFORWARD) is not the client's; STARTTLS is ours to offer, not the MTA's.
-HIDDEN_CAPABILITIES: Final = frozenset({b"CHUNKING", b"BINARYMIME", b"XCLIENT", b"XFORWARD", b"STARTTLS"})
+#: The EHLO extensions mailproxy implements, and so passes on to the client when the MTA
+#: offers them. Everything else (PRDR, PIPECONNECT, CHUNKING, XCLIENT, the MTA's STARTTLS
+#: and AUTH, whatever comes next) is removed: the client must not use what mailproxy would
+#: relay without understanding.
+EXTENSIONS: Final = frozenset(
+    {b"PIPELINING", b"SIZE", b"8BITMIME", b"SMTPUTF8", b"ENHANCEDSTATUSCODES", b"DSN"}
+)
+
+#: MAIL and RCPT parameters by the extension that defines them, with their allowed values
+#: (None: any value, or none).
+_MAIL_PARAMETERS: Final[dict[bytes, tuple[bytes, frozenset[bytes] | None]]] = {
+    b"SIZE": (b"SIZE", None),
+    b"BODY": (b"8BITMIME", frozenset({b"7BIT", b"8BITMIME"})),
+    b"SMTPUTF8": (b"SMTPUTF8", None),
+    b"RET": (b"DSN", frozenset({b"FULL", b"HDRS"})),
+    b"ENVID": (b"DSN", None),
+}
+_RCPT_PARAMETERS: Final[dict[bytes, tuple[bytes, frozenset[bytes] | None]]] = {
+    b"NOTIFY": (b"DSN", None),
+    b"ORCPT": (b"DSN", None),
+}
+
+
+def parametersAllowed(path: Path, verb: str, offered: frozenset[bytes]) -> bool:
+    """Whether each parameter belongs to an extension the client was offered, with a value it allows."""
+    table = _MAIL_PARAMETERS if verb == "MAIL" else _RCPT_PARAMETERS
+    for key, value in path.parameters:
+        known = table.get(key)
+        if known is None or known[0] not in offered:
+            return False
+        values = known[1]
+        if key == b"SIZE" and (value is None or not value.isdigit()):
+            return False
+        if key == b"SMTPUTF8" and value is not None:
+            return False
+        if values is not None and (value is None or value.upper() not in values):
+            return False
+    return True
+
+
+@attrs.frozen
+class Capabilities:
+    """What the MTA's EHLO reply offered, as far as mailproxy uses it."""
+
+    keywords: frozenset[bytes] = frozenset()
+
+    @property
+    def pipelining(self) -> bool:
+        return b"PIPELINING" in self.keywords
+
+    @property
+    def enhancedStatusCodes(self) -> bool:
+        return b"ENHANCEDSTATUSCODES" in self.keywords
+
+
+def capabilities(reply: Reply) -> Capabilities:
+    """The keywords of an EHLO reply (upper-cased), for L{Capabilities}."""
+    if reply.code // 100 != 2:
+        return Capabilities()
+    return Capabilities(
+        frozenset(line.split(b" ", 1)[0].upper() for line in reply.lines[1:] if line)
+    )
 
 
 def editCapabilities(reply: Reply, maxSize: int, startTLS: bool = False) -> Reply:
     """
-    The MTA's EHLO reply as the client may see it: hidden extensions removed, SIZE
-    capped at (or set to) our own limit, STARTTLS offered only when we terminate TLS.
+    The MTA's EHLO reply as the client may see it: only the L{EXTENSIONS} mailproxy
+    implements, SIZE set to the smaller of the MTA's and C{maxSize}, STARTTLS offered only
+    when mailproxy terminates TLS.
     """
     if reply.code // 100 != 2 or not reply.lines:
         return reply
     lines = [reply.lines[0]]
-    for line in reply.lines[1:]:
-        keyword = line.split(b" ", 1)[0].upper()
-        if keyword in HIDDEN_CAPABILITIES or keyword == b"SIZE":
-            continue
-        lines.append(line)
     size = maxSize
     for line in reply.lines[1:]:
         words = line.split()
-        if words and words[0].upper() == b"SIZE" and len(words) > 1 and words[1].isdigit():
-            mtaSize = int(words[1])
-            if mtaSize:
-                size = min(size, mtaSize)
+        keyword = words[0].upper() if words else b""
+        if keyword == b"SIZE":
+            if len(words) > 1 and words[1].isdigit() and int(words[1]):
+                size = min(size, int(words[1]))
+        elif keyword in EXTENSIONS:
+            lines.append(line)
     lines.append(b"SIZE %d" % (size,))
     if startTLS:
         lines.append(b"STARTTLS")

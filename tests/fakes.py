@@ -439,8 +439,11 @@ class ProxyTestCase(TestCase):
             limits=attrs.evolve(Limits(), **limits),
         )
         factory = RelayFactory(
-            Settings(config, pipelineOf(filters, reactor, timeout=filterTimeout)),  # type: ignore[arg-type]
-            TCP4ClientEndpoint(reactor, "127.0.0.1", self.mtaPort),
+            Settings(
+                config,
+                pipelineOf(filters, reactor, timeout=filterTimeout),  # type: ignore[arg-type]
+                upstream=TCP4ClientEndpoint(reactor, "127.0.0.1", self.mtaPort),
+            ),
             reactor,  # type: ignore[arg-type]
         )
         self.addCleanup(closeSessions, factory)

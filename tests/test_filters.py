@@ -32,7 +32,7 @@ def summary(verdict: object) -> tuple[Action, int, str]:
     return verdict.action, verdict.code, verdict.enhanced
 
 
-ACCEPT = (Action.ACCEPT, 250, "2.0.0")
+ACCEPT = (Action.ACCEPT, None, None)
 REFUSED = (Action.REJECT, 550, "5.7.1")
 TOO_BIG = (Action.REJECT, 552, "5.3.4")
 

@@ -26,6 +26,8 @@ from mailproxy.filters.pipeline import ConfiguredFilter, Pipeline, buildPipeline
 
 Answer = Callable[[], Any]
 TEMPFAIL = (Action.TEMPFAIL, 451, "4.7.1")
+#: What a filter's bug answers: an internal error, never an acceptance.
+BUG = (Action.TEMPFAIL, 451, "4.3.0")
 
 
 @implementer(IFilter)
@@ -281,14 +283,14 @@ class FailureTests(PipelineTestCase):
 
     def test_bugTempfailsEvenIfAccepting(self) -> None:
         """
-        An unexpected exception is a bug: tempfailed even with on_error accept, and
-        logged with its traceback.
+        An unexpected exception is a bug: tempfailed (451 4.3.0) even with on_error
+        accept, and logged with its traceback.
         """
         for answer in (bug, lambda: defer.fail(KeyError("a bug in the filter"))):
             pipeline = self.pipeline(
                 ConfiguredFilter(FakeFilter("buggy", answer), 5, OnError.ACCEPT)
             )
-            self.assertEqual(summary(self.message(pipeline)), TEMPFAIL)
+            self.assertEqual(summary(self.message(pipeline)), BUG)
         events = self.logged("filter buggy raised")
         self.assertEqual(len(events), 2)
         for event in events:
@@ -299,11 +301,11 @@ class FailureTests(PipelineTestCase):
         self.assertEqual(len(self.flushLoggedErrors(KeyError)), 2)
 
     def test_notAVerdict(self) -> None:
-        """A filter answering something other than a Verdict tempfails, whatever on_error."""
+        """A filter answering something other than a Verdict tempfails (451 4.3.0), whatever on_error."""
         pipeline = self.pipeline(
             ConfiguredFilter(FakeFilter("odd", lambda: "OK"), 5, OnError.ACCEPT)
         )
-        self.assertEqual(summary(self.message(pipeline)), TEMPFAIL)
+        self.assertEqual(summary(self.message(pipeline)), BUG)
         [event] = self.logged("not a Verdict")
         self.assertEqual(event["log_level"], LogLevel.error)
         self.assertEqual(event["answer"], "OK")

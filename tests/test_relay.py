@@ -443,13 +443,20 @@ class RelayTests(SynchronousTestCase):
         self.assertNotIn(b"bad.invalid", bytes(h.mta.transcripts[0]))
 
     def test_otherCommandsRelayed(self) -> None:
-        """NOOP, HELP, VRFY and unknown commands are relayed and answered by the MTA."""
+        """
+        NOOP, HELP and VRFY (the default relay_commands) are relayed and answered by the
+        MTA; an unknown command gets 502 5.5.2 from mailproxy and never reaches the MTA.
+        """
         h = Harness(self)
         client = h.greeted()
         h.send(client, b"NOOP\r\nHELP\r\nVRFY postmaster\r\nXYZZY\r\n")
         self.assertEqual(len(client.codes), 6)
-        for verb in (b"NOOP", b"HELP", b"VRFY postmaster", b"XYZZY"):
-            self.assertIn(verb + b"\r\n", bytes(h.mta.transcripts[0]))
+        self.assertEqual(client.codes[-1], 502)
+        self.assertEqual(client.replies[-1].lines[0][:5], b"5.5.2")
+        transcript = bytes(h.mta.transcripts[0])
+        for verb in (b"NOOP", b"HELP", b"VRFY postmaster"):
+            self.assertIn(verb + b"\r\n", transcript)
+        self.assertNotIn(b"XYZZY", transcript)
 
     def test_notForClients(self) -> None:
         """STARTTLS, XCLIENT and XFORWARD from a client get 502 and are not relayed."""

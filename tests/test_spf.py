@@ -233,13 +233,13 @@ class PolicyTests(SynchronousTestCase):
         self.assertEqual(
             replies,
             {
-                "pass": (250, "2.0.0"),
+                "pass": (None, None),
                 "fail": (550, "5.7.23"),
-                "softfail": (250, "2.0.0"),
-                "neutral": (250, "2.0.0"),
-                "none": (250, "2.0.0"),
+                "softfail": (None, None),
+                "neutral": (None, None),
+                "none": (None, None),
                 "temperror": (451, "4.7.24"),
-                "permerror": (250, "2.0.0"),
+                "permerror": (None, None),
             },
         )
 

@@ -335,34 +335,43 @@ class CommandBufferTests(SynchronousTestCase):
         self.assertEqual((command.verb, command.argument), ("MAIL", b"FROM:<A@B> SIZE=10"))
 
 
+def path(argument: bytes, keyword: bytes = b"FROM:") -> tuple[str, bytes]:
+    """The address and the parameters as relayed, of a parsed path."""
+    parsed = parsePath(argument, keyword)
+    return parsed.address, parsed.parameterBytes()
+
+
 class PathTests(SynchronousTestCase):
     def test_plain(self) -> None:
         """C{FROM:<addr>} gives the address and no parameters."""
-        self.assertEqual(parsePath(b"FROM:<a@example.org>", b"FROM:"), ("a@example.org", b""))
+        self.assertEqual(path(b"FROM:<a@example.org>"), ("a@example.org", b""))
 
     def test_nullSender(self) -> None:
         """C{<>} is the null sender: the empty address."""
-        self.assertEqual(parsePath(b"FROM:<> SIZE=10", b"FROM:"), ("", b"SIZE=10"))
+        self.assertEqual(path(b"FROM:<> SIZE=10"), ("", b"SIZE=10"))
 
     def test_params(self) -> None:
-        """The parameters after the path are returned raw."""
+        """The parameters after the path, keywords upper-cased, one SP between each."""
         self.assertEqual(
-            parsePath(b"FROM:<a@b> SIZE=1000 BODY=8BITMIME", b"FROM:"),
-            ("a@b", b"SIZE=1000 BODY=8BITMIME"),
+            path(b"FROM:<a@b> SIZE=1000  body=8BITMIME"), ("a@b", b"SIZE=1000 BODY=8BITMIME")
+        )
+        self.assertEqual(
+            parsePath(b"FROM:<a@b>   SIZE=1 SMTPUTF8", b"FROM:").toArgument(b"FROM:"),
+            b"FROM:<a@b> SIZE=1 SMTPUTF8",
         )
 
     def test_spaceAndCase(self) -> None:
         """C{from: <x>}, with a space and in lower case, is accepted as clients send it."""
-        self.assertEqual(parsePath(b"from: <a@b>", b"FROM:"), ("a@b", b""))
-        self.assertEqual(parsePath(b"To: <c@d>", b"TO:"), ("c@d", b""))
+        self.assertEqual(path(b"from: <a@b>"), ("a@b", b""))
+        self.assertEqual(path(b"To: <c@d>", b"TO:"), ("c@d", b""))
 
     def test_unbracketed(self) -> None:
         """An address without angle brackets is taken up to the first space."""
-        self.assertEqual(parsePath(b"TO:c@d NOTIFY=NEVER", b"TO:"), ("c@d", b"NOTIFY=NEVER"))
+        self.assertEqual(path(b"TO:c@d NOTIFY=NEVER", b"TO:"), ("c@d", b"NOTIFY=NEVER"))
 
     def test_sourceRoute(self) -> None:
         """An RFC 5321 source route is dropped; the mailbox is kept."""
-        self.assertEqual(parsePath(b"TO:<@relay1,@relay2:c@d>", b"TO:"), ("c@d", b""))
+        self.assertEqual(path(b"TO:<@relay1,@relay2:c@d>", b"TO:"), ("c@d", b""))
 
     def test_garbage(self) -> None:
         """Missing keyword, unclosed or nested brackets, spaces and NULs are refused."""
@@ -375,6 +384,10 @@ class PathTests(SynchronousTestCase):
             b"FROM:<a b@c>",
             b"FROM:<a\x00b>",
             b"FROM a@b",
+            b"FROM:<a@b>x",
+            b"FROM:<a@b> SIZE=1=",
+            b"FROM:<a@b> -X",
+            b"FROM:<a@b> S=",
         ):
             self.assertRaises(PathSyntaxError, parsePath, bad, b"FROM:")
 

@@ -8,72 +8,27 @@ dropin module and a C{[filters.NAME]} section in the configuration.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping
 
-import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import Attribute, Interface
 
 from mailproxy.envelope import Envelope, Message, Session
+from mailproxy.verdict import Action, InvalidVerdictError, Stage, Verdict
 
-
-class Stage(enum.Enum):
-    """The points of an SMTP session at which filters are asked."""
-
-    CONNECT = "connect"
-    HELO = "helo"
-    MAIL = "mail"
-    RCPT = "rcpt"
-    MESSAGE = "message"
-
-
-class Action(enum.Enum):
-    ACCEPT = "accept"
-    #: Accept, and trust the session: later filters are skipped for the rest of it,
-    #: but those that declare C{always = True} (a virus scanner).
-    ALLOW = "allow"
-    REJECT = "reject"
-    TEMPFAIL = "tempfail"
-
-
-@attrs.frozen
-class Verdict:
-    """
-    A filter's answer: accept (optionally adding headers), reject, or tempfail.
-
-    @ivar headers: C{(name, value)} pairs to prepend to the message on release.
-    """
-
-    action: Action
-    code: int = 250
-    enhanced: str = "2.0.0"
-    text: str = ""
-    headers: tuple[tuple[str, str], ...] = ()
-    #: The filter that refused, set by the pipeline (for the logs and the quarantine);
-    #: not part of the verdict's value.
-    filter: str | None = attrs.field(default=None, eq=False)
-
-    @classmethod
-    def accept(cls, headers: tuple[tuple[str, str], ...] = ()) -> Verdict:
-        return cls(Action.ACCEPT, headers=headers)
-
-    @classmethod
-    def allow(cls, headers: tuple[tuple[str, str], ...] = ()) -> Verdict:
-        return cls(Action.ALLOW, headers=headers)
-
-    @classmethod
-    def reject(cls, text: str, code: int = 550, enhanced: str = "5.7.1") -> Verdict:
-        return cls(Action.REJECT, code, enhanced, text)
-
-    @classmethod
-    def tempfail(cls, text: str, code: int = 451, enhanced: str = "4.7.1") -> Verdict:
-        return cls(Action.TEMPFAIL, code, enhanced, text)
-
-    @property
-    def refuses(self) -> bool:
-        return self.action in (Action.REJECT, Action.TEMPFAIL)
+__all__ = [
+    "Action",
+    "BaseFilter",
+    "FilterError",
+    "IFilter",
+    "IFilterFactory",
+    "InvalidVerdictError",
+    "OptionError",
+    "Stage",
+    "Verdict",
+    "VerdictResult",
+]
 
 
 class FilterError(Exception):

@@ -41,6 +41,12 @@ EXPECTED_FAILURES: tuple[type[BaseException], ...] = (
 )
 
 
+#: What a filter's bug (an exception it did not expect, an invalid or missing verdict)
+#: answers: never an acceptance.
+BUG: Verdict = Verdict.tempfail("Error: internal error, try again later", 451, "4.3.0")
+UNAVAILABLE: Verdict = Verdict.tempfail("Message checks temporarily unavailable, try again later")
+
+
 @attrs.frozen
 class ConfiguredFilter:
     filter: IFilter
@@ -100,6 +106,17 @@ class Pipeline:
 
     def wants(self, stage: Stage) -> bool:
         return bool(self._byStage[stage])
+
+    @property
+    def sizeLimit(self) -> int | None:
+        """The smallest C{maxMessageSize} a configured filter declares (the size filter's)."""
+        limits = [
+            limit
+            for cf in self._byStage[Stage.MESSAGE]
+            if isinstance(limit := getattr(cf.filter, "maxMessageSize", None), int)
+            and not cf.dryRun
+        ]
+        return min(limits, default=None)
 
     def checkConnect(self, session: Session) -> Deferred[Verdict]:
         return self._check(Stage.CONNECT, session, ())
@@ -213,7 +230,7 @@ class Pipeline:
             )
             if cf.onError is OnError.ACCEPT:
                 return Verdict.accept()
-            return Verdict.tempfail("Message checks temporarily unavailable, try again later")
+            return UNAVAILABLE
         except defer.CancelledError:
             raise
         except Exception:
@@ -223,7 +240,7 @@ class Pipeline:
                 stage=stage.value,
                 filter=name,
             )
-            return Verdict.tempfail("Message checks temporarily unavailable, try again later")
+            return BUG
         if not isinstance(verdict, Verdict):
             self._log.error(
                 "{session} {stage}: filter {filter} answered {answer!r}, not a Verdict",
@@ -232,7 +249,7 @@ class Pipeline:
                 filter=name,
                 answer=verdict,
             )
-            return Verdict.tempfail("Message checks temporarily unavailable, try again later")
+            return BUG
         return verdict
 
 

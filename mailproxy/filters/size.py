@@ -24,6 +24,11 @@ class SizeFilter(BaseFilter):
     name = "size"
     stages = frozenset({Stage.MAIL, Stage.MESSAGE})
 
+    @property
+    def maxMessageSize(self) -> int:
+        """What EHLO's SIZE may announce at most (L{Pipeline.sizeLimit})."""
+        return self.maxBytes
+
     def _refuse(self) -> Verdict:
         return Verdict.reject(f"Message size exceeds {self.maxBytes} bytes", 552, "5.3.4")
 

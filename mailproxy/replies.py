@@ -1,0 +1,91 @@
+"""
+mailproxy's own SMTP replies, named, and the reasons it refuses.
+
+An L{Answer} is a reply before it knows its session: the code, the RFC 3463 enhanced code
+and the text. The session renders it (L{Answer.render}) with or without the enhanced code,
+as the client's EHLO exchange allows (RFC 2034), and with the host name in a closing 421.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Final
+
+import attrs
+
+from mailproxy.wire import Reply
+
+
+@attrs.frozen
+class Answer:
+    """
+    One of our replies: C{Answer(550, "5.7.1", "Refused")}.
+
+    @ivar closing: a reply the connection is closed after (421): its text starts with our
+        host name, as RFC 5321 section 3.8 asks.
+    """
+
+    code: int
+    enhanced: str
+    text: str
+    closing: bool = False
+
+    def render(self, hostname: str, enhanced: bool) -> Reply:
+        """The reply as the client gets it."""
+        parts = [self.enhanced] if enhanced and self.enhanced else []
+        if self.closing:
+            parts.append(hostname)
+        parts.append(self.text.replace("\r", " ").replace("\n", " "))
+        return Reply(self.code, (" ".join(parts).encode("utf-8", "replace"),))
+
+
+def closing(enhanced: str, text: str) -> Answer:
+    return Answer(421, enhanced, text, closing=True)
+
+
+# Commands.
+START_INPUT: Final = Answer(354, "", "End data with <CR><LF>.<CR><LF>")
+LINE_TOO_LONG: Final = Answer(500, "5.5.2", "Error: line too long")
+BAD_CHARACTER: Final = Answer(500, "5.5.2", "Error: bad character in command")
+UNRECOGNISED: Final = Answer(502, "5.5.2", "Error: command not recognized")
+NOT_IMPLEMENTED: Final = Answer(502, "5.5.1", "Error: command not implemented")
+SYNTAX_HELO: Final = Answer(501, "5.5.4", "Syntax: EHLO hostname")
+SYNTAX_MAIL: Final = Answer(501, "5.5.4", "Syntax: MAIL FROM:<address>")
+SYNTAX_RCPT: Final = Answer(501, "5.5.4", "Syntax: RCPT TO:<address>")
+NO_ARGUMENTS: Final = Answer(501, "5.5.4", "Syntax error: no arguments allowed")
+BAD_PARAMETER: Final = Answer(555, "5.5.4", "Error: unsupported or malformed parameter")
+NEED_MAIL: Final = Answer(503, "5.5.1", "Error: need MAIL command")
+NESTED_MAIL: Final = Answer(503, "5.5.1", "Error: nested MAIL command")
+NO_RECIPIENTS: Final = Answer(554, "5.5.1", "Error: no valid recipients")
+TOO_MANY_RECIPIENTS: Final = Answer(452, "4.5.3", "Error: too many recipients")
+# The message.
+TOO_BIG: Final = Answer(552, "5.3.4", "Error: message size exceeds fixed limit")
+BARE_LINE_ENDING: Final = Answer(554, "5.6.0", "Error: bare CR or LF in message content")
+SPOOL_FAILED: Final = Answer(452, "4.3.1", "Error: insufficient system storage")
+# The session.
+MTA_UNREACHABLE: Final = closing("4.3.2", "Service not available, try again later")
+MTA_LOST: Final = closing("4.4.2", "Error: lost connection to the MTA")
+MTA_SILENT: Final = closing("4.4.2", "Error: the MTA did not answer")
+MTA_CONFUSED: Final = Answer(451, "4.3.0", "Error: the MTA answered out of turn, try again later")
+INTERNAL_ERROR: Final = closing("4.3.0", "Error: internal error, try again later")
+IDLE: Final = closing("4.4.2", "Error: timeout exceeded")
+SHUTTING_DOWN: Final = closing("4.3.2", "Service shutting down")
+TOO_MANY_CONNECTIONS: Final = closing("4.7.0", "Error: too many connections")
+TOO_MANY_FROM_YOU: Final = closing("4.7.0", "Error: too many connections from you")
+
+
+class Reason(enum.Enum):
+    """Why mailproxy itself refused (a filter's refusal is counted by the filter's name)."""
+
+    CONNECTION_LIMIT = "connection limit"
+    CLIENT_LIMIT = "client limit"
+    MTA_DOWN = "mta down"
+    #: The MTA's own refusal, relayed.
+    MTA = "mta"
+    RECIPIENT_LIMIT = "recipient limit"
+    SIZE_LIMIT = "size limit"
+    BARE_LINE_ENDING = "bare line ending"
+    SPOOL = "spool"
+    SYNTAX = "syntax"
+    #: A refusal of the filters whose filter is unknown (a stage timed out as a whole).
+    FILTERS = "filters"

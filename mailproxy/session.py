@@ -1,0 +1,1298 @@
+"""
+The SMTP session as a state machine, sans-IO: events in, effects out.
+
+A L{Session} owns every SMTP decision of one client connection and its MTA leg. The
+Twisted side (L{mailproxy.relay}) feeds it events — client bytes, the MTA's replies, a
+filter's verdict, a timer — by calling its methods, and carries out the effects each call
+returns, in order: bytes to the client or the MTA, a check to run, the spool to open,
+write, release or remove, timers, reports for the counters and the log. Nothing here does
+I/O, keeps time or imports Twisted, so the tests drive it with lists of events and read
+lists of effects.
+
+States (L{State}) and the transitions between them (L{TRANSITIONS}, checked on every
+move)::
+
+    CHECKING_CONNECT --accept--> CONNECTING --connected--> GREETING --220--> COMMAND
+    COMMAND --EHLO/MAIL/RCPT--> CHECKING --verdict--> COMMAND (EHLO: HELLO --250--> COMMAND)
+    COMMAND --DATA--> SYNCING --earlier replies in, spool open--> DATA --CRLF.CRLF-->
+        FILTERING --accept--> RELEASING (DATA, 354, the message) --dot sent--> RELEASED
+        --final reply--> COMMAND
+    FILTERING --refuse--> COMMAND (RSET to the MTA), or RECONNECTING (a fresh MTA leg
+        once the MTA has heard mta_junk_commands commands other than mail) --> COMMAND
+    COMMAND --QUIT--> QUITTING --221--> CLOSING --flushed--> CLOSED
+    any --failure, timeout, shutdown--> CLOSING; any --client gone--> CLOSED
+
+Replies owed to the client are one queue of slots in command order: ours, ready at once;
+or the MTA's, each with the reply classes its command may get (Postfix's
+C{smtpd_proxy.c} C{WANT_OK}/C{WANT_MORE}). An MTA reply of another class, or one nobody
+asked for, ends the MTA leg with 451 4.3.0: it is never relayed. Commands reach the MTA
+only as mailproxy parsed them (L{wire.Command.toLine}), and one at a time when the MTA
+did not offer PIPELINING.
+
+Where the next capabilities go, as states and events rather than flags:
+  - STARTTLS: a verb handler that answers 220 and moves to a C{TLS_HANDSHAKE} state in
+    which client bytes are discarded (CVE-2011-0411), with an effect C{StartTLS}; the
+    event C{tlsStarted(version, cipher)} resets the session to before EHLO (RFC 3207).
+  - XCLIENT/XFORWARD: after GREETING, when the MTA's EHLO offers XCLIENT, a state
+    C{INTRODUCING}: hidden EHLO, XCLIENT (expects 220), the MTA's new banner and a hidden
+    EHLO with the client's HELO, all before the client's own EHLO is relayed; XFORWARD is
+    one more hidden command per transaction, before MAIL.
+  - BDAT: a verb handler moving COMMAND to a C{CHUNK} state that counts the chunk's bytes
+    into the spool (the same scanner-free path, the same limits), back to SYNCING/DATA
+    semantics at C{BDAT n LAST}.
+  - PROXY protocol: an event before L{start} that sets the client address; nothing here
+    reads the transport.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import attrs
+
+from mailproxy import replies, wire
+from mailproxy.envelope import Envelope
+from mailproxy.envelope import Session as SessionInfo
+from mailproxy.replies import Answer, Reason
+from mailproxy.verdict import Stage, Verdict
+from mailproxy.wire import Reply
+
+if TYPE_CHECKING:
+    from mailproxy.config import Config
+
+#: Stop reading from a client with this many unprocessed bytes or unanswered commands.
+MAX_BUFFERED = 64 * 1024
+MAX_PENDING = 1000
+
+Headers = tuple[tuple[str, str], ...]
+
+
+class State(enum.Enum):
+    """Where a session is; each state decides what client bytes and MTA replies mean."""
+
+    CHECKING_CONNECT = "connect"  # connect filters deciding; client bytes buffered
+    CONNECTING = "connecting"  # the MTA leg being made
+    GREETING = "greeting"  # waiting for the MTA's banner
+    COMMAND = "command"  # reading and relaying commands
+    CHECKING = "checking"  # a command's filters deciding; later commands wait
+    HELLO = "hello"  # EHLO/HELO relayed; later commands wait for the extensions it offers
+    SYNCING = "syncing"  # DATA: waiting for the replies before it, then the spool
+    DATA = "data"  # receiving the message into the spool
+    FILTERING = "filtering"  # the message filters deciding
+    RELEASING = "releasing"  # DATA sent to the MTA, the message streaming to it
+    RELEASED = "released"  # the final dot sent, the MTA's reply awaited
+    RECONNECTING = "reconnecting"  # a fresh MTA leg: banner, then the client's EHLO again
+    QUITTING = "quitting"  # QUIT relayed; nothing more is read
+    CLOSING = "closing"  # the last reply queued; close once it is written
+    CLOSED = "closed"
+
+
+S = State
+#: Every move a session may make; L{Session._enter} refuses any other.
+TRANSITIONS: dict[State, frozenset[State]] = {
+    S.CHECKING_CONNECT: frozenset({S.CONNECTING}),
+    S.CONNECTING: frozenset({S.GREETING}),
+    S.GREETING: frozenset({S.COMMAND}),
+    S.COMMAND: frozenset({S.CHECKING, S.HELLO, S.SYNCING, S.QUITTING, S.RECONNECTING}),
+    S.HELLO: frozenset({S.COMMAND}),
+    S.CHECKING: frozenset({S.COMMAND}),
+    S.SYNCING: frozenset({S.COMMAND, S.DATA}),
+    S.DATA: frozenset({S.FILTERING}),
+    S.FILTERING: frozenset({S.COMMAND, S.RELEASING}),
+    S.RELEASING: frozenset({S.COMMAND, S.RELEASED}),
+    S.RELEASED: frozenset({S.COMMAND}),
+    S.RECONNECTING: frozenset({S.COMMAND}),
+    S.QUITTING: frozenset(),
+    S.CLOSING: frozenset(),
+    S.CLOSED: frozenset(),
+}
+#: States in which the client waits for us: it is not idle.
+_WAITING = frozenset(
+    {
+        S.CHECKING_CONNECT, S.CONNECTING, S.GREETING, S.CHECKING, S.HELLO, S.SYNCING,
+        S.FILTERING, S.RELEASING, S.RELEASED, S.RECONNECTING, S.QUITTING,
+    }
+)  # fmt: skip
+
+
+class Timer(enum.Enum):
+    IDLE = "idle"
+    MTA_REPLY = "mta reply"
+    KEEPALIVE = "keepalive"
+
+
+class Counted(enum.Enum):
+    """Simple counter events (L{Report})."""
+
+    CONNECTION_ACCEPTED = "connection accepted"  # the MTA greeted with 220
+    MESSAGE_ATTEMPTED = "message attempted"  # MAIL FROM
+    RECIPIENT_ACCEPTED = "recipient accepted"
+    RELEASED = "released"  # the final dot went to the MTA; its answer is awaited
+
+
+# -- effects -----------------------------------------------------------------------------
+
+
+@attrs.frozen
+class SendClient:
+    data: bytes
+
+
+@attrs.frozen
+class CloseClient:
+    """Close the client's connection once what was sent is written."""
+
+
+@attrs.frozen
+class PauseClient:
+    pass
+
+
+@attrs.frozen
+class ResumeClient:
+    pass
+
+
+@attrs.frozen
+class ConnectMta:
+    """Open the MTA leg; answer with L{Session.mtaConnected} or L{Session.mtaUnreachable}."""
+
+
+@attrs.frozen
+class CancelConnect:
+    pass
+
+
+@attrs.frozen
+class SendMta:
+    data: bytes
+
+
+@attrs.frozen
+class CloseMta:
+    """Send QUIT (when C{quit}) and close the MTA leg; its later events are not wanted."""
+
+    quit: bool = True
+
+
+@attrs.frozen
+class AbortMta:
+    """Drop the MTA leg at once, so that it never sees the end of a message."""
+
+
+@attrs.frozen
+class RunCheck:
+    """
+    Ask the filters of C{stage}; answer with L{Session.verdict} (or L{Session.checkFailed}).
+    For L{Stage.MESSAGE}, the spooled message is the driver's to hand over.
+    """
+
+    stage: Stage
+    session: SessionInfo
+    envelope: Envelope | None = None
+    recipient: str | None = None
+
+
+@attrs.frozen
+class CancelCheck:
+    pass
+
+
+@attrs.frozen
+class SpoolOpen:
+    """Create the spool file; answer with L{Session.spoolOpened} or L{Session.spoolFailed}."""
+
+
+@attrs.frozen
+class SpoolWrite:
+    data: bytes
+
+
+@attrs.frozen
+class SpoolClose:
+    """Finish writing; answer with L{Session.spoolClosed} (after any L{Session.spoolFailed})."""
+
+
+@attrs.frozen
+class SpoolRemove:
+    pass
+
+
+@attrs.frozen
+class Quarantine:
+    """Keep the spooled message, refused by C{verdict}, if the quarantine wants it."""
+
+    verdict: Verdict
+    session: SessionInfo
+    envelope: Envelope
+
+
+@attrs.frozen
+class Release:
+    """
+    Stream C{headers} and the spooled message, dot-stuffed, then the final dot, to the
+    MTA; answer with L{Session.releaseSent} or L{Session.releaseFailed}.
+    """
+
+    headers: Headers
+
+
+@attrs.frozen
+class StartTimer:
+    """(Re)start C{timer}: fire L{Session.timerFired} in C{seconds}."""
+
+    timer: Timer
+    seconds: float
+
+
+@attrs.frozen
+class CancelTimer:
+    timer: Timer
+
+
+@attrs.frozen
+class Log:
+    """A log event: C{format} in C{twisted.logger} style, C{session} added by the driver."""
+
+    level: str
+    format: str
+    fields: dict[str, object] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class Report:
+    """A counter event: L{Counted}."""
+
+    what: Counted
+
+
+@attrs.frozen
+class Refused:
+    """The client got C{reply}, a refusal at C{stage}, decided C{by} a filter or a L{Reason}."""
+
+    stage: Stage
+    reply: Reply
+    sender: str | None
+    by: str
+
+
+@attrs.frozen
+class Delivered:
+    """The MTA answered the final dot with C{reply}, relayed to the client."""
+
+    reply: Reply
+    sender: str
+    size: int
+
+
+@attrs.frozen
+class MtaError:
+    """C{"unreachable"}, C{"lost"}, C{"timeout"} or C{"protocol"}."""
+
+    kind: str
+
+
+Effect = (
+    SendClient | CloseClient | PauseClient | ResumeClient | ConnectMta | CancelConnect
+    | SendMta | CloseMta | AbortMta | RunCheck | CancelCheck | SpoolOpen | SpoolWrite
+    | SpoolClose | SpoolRemove | Quarantine | Release | StartTimer | CancelTimer | Log
+    | Report | Refused | Delivered | MtaError
+)  # fmt: skip
+
+
+# -- the session -------------------------------------------------------------------------
+
+_ANY = frozenset({2, 4, 5})
+_MORE = frozenset({3, 4, 5})
+_OK = frozenset({2})
+
+
+@attrs.define
+class _Slot:
+    """
+    One reply owed to the client, in command order: ours (ready at once) or the MTA's,
+    which C{onReply} maps to the client's reply (C{None}: hidden, as for our own RSET).
+    """
+
+    reply: Reply | None = None
+    ready: bool = False
+    expects: frozenset[int] = _ANY
+    onReply: Callable[[Reply], Reply | None] | None = None
+    command: bytes = b""
+
+
+@attrs.define
+class _Transaction:
+    """One mail transaction, MAIL to its end."""
+
+    envelope: Envelope
+    mailAccepted: bool = False
+    recipientsAsked: int = 0
+    headers: list[tuple[str, str]] = attrs.Factory(list)
+    scanner: wire.DataScanner | None = None
+    spoolOpen: bool = False
+    spoolError: str | None = None
+    size: int = 0
+
+
+@attrs.define
+class _Check:
+    stage: Stage
+    accepted: Callable[[Verdict], None]
+    refused: Callable[[Verdict], None]
+
+
+#: Verbs mailproxy knows and never relays: it implements them not (yet), or they are the
+#: MTA's trust in mailproxy, not the client's.
+NOT_FOR_CLIENTS = frozenset(
+    {"AUTH", "BDAT", "STARTTLS", "XCLIENT", "XFORWARD", "ATRN", "ETRN", "TURN", "EXPN", "VERB"}
+)
+#: Commands that may be allowed with C{relay_commands}: harmless, answered by the MTA.
+RELAYABLE = frozenset({"NOOP", "HELP", "VRFY", "EXPN", "ETRN"})
+#: Commands MTAs count against their junk or non-mail limits (Exim's
+#: C{smtp_accept_max_nonmail}, Postfix's C{smtpd_junk_command_limit}).
+_NONMAIL = frozenset({"NOOP", "RSET", "HELP", "VRFY", "EXPN", "ETRN", "EHLO", "HELO"})
+
+
+class Session:
+    """
+    One client session and its MTA leg. Every public method is an event; it returns the
+    effects to carry out, in order.
+
+    @param config: the configuration the session runs under, whole, for its lifetime.
+    @param info: the session as filters see it (its id and client address set).
+    @param sizeLimit: the smallest message size limit of the filters, if any declares one.
+    """
+
+    def __init__(self, config: Config, info: SessionInfo, sizeLimit: int | None = None) -> None:
+        self._config = config
+        self.info = info
+        limit = config.limits.messageSize
+        self._sizeLimit = min(limit, sizeLimit) if sizeLimit is not None else limit
+        self._hostname = config.hostname
+        self._relayable = frozenset(getattr(config, "relayCommands", ("NOOP", "HELP", "VRFY")))
+        self._junkLimit: int = getattr(config.limits, "mtaJunkCommands", 8)
+        self._normalise = config.bareLineEndings.value == "normalise"
+        self.state = State.CHECKING_CONNECT
+        self._effects: list[Effect] = []
+        self._commands = wire.CommandBuffer(config.limits.lineLength)
+        self._replies: deque[_Slot] = deque()
+        # The MTA leg: slots awaiting its replies, commands not yet sent, how many sent
+        # and unanswered, and what it offered.
+        self._mtaSlots: deque[_Slot] = deque()
+        self._unsent: deque[tuple[bytes, bool]] = deque()
+        self._inFlight = 0
+        self._barrierInFlight = False
+        self._mtaConnected = False
+        self._pipelining = False
+        self._junk = 0
+        self._ehlos = 0
+        #: Enhanced status codes in our replies: None until the client's EHLO is answered.
+        self._enhanced: bool | None = None
+        #: The EHLO keywords the client was offered.
+        self._offered: frozenset[bytes] = frozenset()
+        self._helo: wire.Command | None = None
+        self._sessionHeaders: dict[Stage, Headers] = {}
+        self._txn: _Transaction | None = None
+        self._check: _Check | None = None
+        self._quitSent = False
+        self._inputEnded = False
+        self._draining = False
+        self._paused = False
+        self._closeSent = False
+
+    # -- reading the session -------------------------------------------------------------
+
+    @property
+    def sender(self) -> str | None:
+        return self._txn.envelope.mailFrom if self._txn is not None else None
+
+    @property
+    def recipients(self) -> int:
+        return len(self._txn.envelope.recipients) if self._txn is not None else 0
+
+    # -- events: the client --------------------------------------------------------------
+
+    def start(self, refusal: tuple[Answer, Reason | None] | None = None) -> list[Effect]:
+        """The client connected; C{refusal}: the admission refused it (and why)."""
+        if refusal is not None:
+            answer, reason = refusal
+            reply = self._render(answer)
+            self._log("warn", "refused connection from [{client}]: {reply}", reply=reply.text)
+            if reason is not None:
+                self._emit(Refused(Stage.CONNECT, reply, None, reason.value))
+            self._closeWith(answer)
+            return self._take()
+        self._log(
+            "info",
+            "connect from [{client}]:{port}",
+            port=self.info.clientPort,
+        )
+        self._touch()
+        self._ask(
+            _Check(Stage.CONNECT, self._connectAccepted, self._connectRefused),
+            RunCheck(Stage.CONNECT, self.info),
+        )
+        return self._take()
+
+    def clientData(self, data: bytes) -> list[Effect]:
+        if self.state in (S.CLOSING, S.CLOSED, S.QUITTING):
+            return self._take()
+        self._touch()
+        if self.state is S.DATA:
+            self._messageData(data)
+        else:
+            self._commands.feed(data)
+        self._advance()
+        return self._take()
+
+    def clientEnded(self) -> list[Effect]:
+        """The client half-closed: finish what it pipelined, answer it all, then close."""
+        if self.state in (S.CLOSING, S.CLOSED):
+            return self._take()
+        self._inputEnded = True
+        if self.state is S.DATA:
+            self._log("info", "client ended its input in the middle of a message")
+            self._closeNow()
+        else:
+            self._advance()
+        return self._take()
+
+    def clientLost(self) -> list[Effect]:
+        """The client's connection is gone: let go of everything the session holds."""
+        if self.state is S.CLOSED:
+            return self._take()
+        midRelease = self.state in (S.RELEASING, S.RELEASED)
+        connecting = self.state is S.CONNECTING or (
+            self.state is S.RECONNECTING and not self._mtaConnected
+        )
+        self.state = S.CLOSED
+        for timer in Timer:
+            self._emit(CancelTimer(timer))
+        if self._check is not None:
+            self._check = None
+            self._emit(CancelCheck())
+        self._endTransaction()
+        if connecting:
+            self._emit(CancelConnect())
+        elif self._mtaConnected:
+            self._mtaConnected = False
+            # Mid-release the client will send the message again: the MTA must not get its end.
+            self._emit(AbortMta() if midRelease else CloseMta(quit=not self._quitSent))
+        self._log("info", "disconnect from [{client}]")
+        return self._take()
+
+    # -- events: the MTA -----------------------------------------------------------------
+
+    def mtaConnected(self) -> list[Effect]:
+        self._mtaConnected = True
+        if self.state is S.CONNECTING:
+            self._enter(S.GREETING)
+        self._armMtaTimer()
+        return self._take()
+
+    def mtaUnreachable(self, why: str) -> list[Effect]:
+        if self.state in (S.CLOSING, S.CLOSED):
+            return self._take()
+        self._log("error", "cannot reach the MTA: {why}", why=why)
+        self._emit(MtaError("unreachable"))
+        reply = self._render(replies.MTA_UNREACHABLE)
+        self._emit(Refused(Stage.CONNECT, reply, None, Reason.MTA_DOWN.value))
+        self._closeWith(replies.MTA_UNREACHABLE)
+        return self._take()
+
+    def mtaReply(self, reply: Reply) -> list[Effect]:
+        """A reply from the MTA: it answers the oldest command sent and not yet answered."""
+        if self.state in (S.CLOSING, S.CLOSED):
+            return self._take()
+        if self._inFlight == 0:
+            self._unasked(reply)
+            return self._take()
+        slot = self._mtaSlots.popleft()
+        self._inFlight -= 1
+        if reply.code // 100 not in slot.expects:
+            self._confused(slot, reply)
+            return self._take()
+        assert slot.onReply is not None
+        slot.reply, slot.ready = slot.onReply(reply), True
+        self._armMtaTimer()
+        if self.state is S.SYNCING and not self._mtaSlots:
+            self._dataReady()
+        self._advance()
+        return self._take()
+
+    def mtaProtocolError(self, why: str) -> list[Effect]:
+        """The MTA sent something that is not an SMTP reply."""
+        if self.state in (S.CLOSING, S.CLOSED):
+            return self._take()
+        self._log("error", "MTA protocol error: {why}", why=why)
+        self._emit(MtaError("protocol"))
+        self._mtaBroken(self._render(replies.MTA_CONFUSED))
+        return self._take()
+
+    def mtaLost(self, why: str) -> list[Effect]:
+        self._mtaConnected = False
+        if self.state in (S.CLOSING, S.CLOSED):
+            return self._take()
+        self._log("error", "lost the MTA in state {state}: {why}", state=self.state.value, why=why)
+        self._emit(MtaError("lost"))
+        self._closeWith(replies.MTA_LOST)
+        return self._take()
+
+    # -- events: filters, spool, release, timers, the service ----------------------------
+
+    def verdict(self, stage: Stage, verdict: Verdict) -> list[Effect]:
+        check, self._check = self._check, None
+        if check is None or self.state is S.CLOSED:
+            return self._take()
+        assert check.stage is stage, (check.stage, stage)
+        if self.state is S.CHECKING:
+            self._enter(S.COMMAND)
+        if verdict.refuses:
+            check.refused(verdict)
+        else:
+            check.accepted(verdict)
+        self._advance()
+        return self._take()
+
+    def checkFailed(self) -> list[Effect]:
+        """A check failed in a way the pipeline does not handle: a bug, logged by the driver."""
+        self._check = None
+        if self.state not in (S.CLOSING, S.CLOSED):
+            self._closeWith(replies.INTERNAL_ERROR)
+        return self._take()
+
+    def spoolOpened(self) -> list[Effect]:
+        txn = self._txn
+        if self.state is not S.SYNCING or txn is None:
+            return self._take()
+        txn.spoolOpen = True
+        txn.scanner = wire.DataScanner(self._normalise)
+        self._enter(S.DATA)
+        self._log("info", "DATA")
+        self._emit(StartTimer(Timer.KEEPALIVE, self._config.timeouts.mtaKeepalive))
+        self._local(replies.START_INPUT)
+        early = self._commands.takeRest()
+        if early:
+            self._messageData(early)
+        self._advance()
+        return self._take()
+
+    def spoolFailed(self, why: str) -> list[Effect]:
+        txn = self._txn
+        if txn is None or self.state is S.CLOSED:
+            return self._take()
+        self._log("error", "spool failed: {why}", why=why)
+        if self.state is S.SYNCING:  # it could not even be created
+            self._txn = None
+            self._local(replies.SPOOL_FAILED)
+            self._enter(S.COMMAND)
+            self._advance()
+        elif txn.spoolError is None:
+            txn.spoolError = why
+        return self._take()
+
+    def spoolClosed(self) -> list[Effect]:
+        txn = self._txn
+        if self.state is not S.FILTERING or txn is None or txn.scanner is None:
+            return self._take()
+        if txn.spoolError is not None:
+            self._refuseMessage(replies.SPOOL_FAILED, Reason.SPOOL.value)
+        elif txn.size > self._config.limits.messageSize:
+            self._refuseMessage(replies.TOO_BIG, Reason.SIZE_LIMIT.value)
+        elif txn.scanner.bare:
+            self._refuseMessage(replies.BARE_LINE_ENDING, Reason.BARE_LINE_ENDING.value)
+        else:
+            self._ask(
+                _Check(Stage.MESSAGE, self._messageAccepted, self._messageRefused),
+                RunCheck(Stage.MESSAGE, self.info, txn.envelope),
+            )
+        self._advance()
+        return self._take()
+
+    def releaseSent(self) -> list[Effect]:
+        if self.state is S.RELEASING:
+            self._enter(S.RELEASED)
+            self._emit(Report(Counted.RELEASED))
+            self._armMtaTimer()
+        return self._take()
+
+    def releaseFailed(self, why: str) -> list[Effect]:
+        if self.state is S.RELEASING:
+            self._log("error", "release stopped: {why}", why=why)
+            self._mtaConnected = False
+            self._emit(AbortMta())
+            self._closeWith(replies.MTA_LOST)
+        return self._take()
+
+    def timerFired(self, timer: Timer) -> list[Effect]:
+        if self.state is S.CLOSED:
+            return self._take()
+        if timer is Timer.IDLE:
+            if self.state in _WAITING or self._replies:
+                self._touch()  # the client is waiting for us, not idle
+            elif self.state not in (S.CLOSING,):
+                self._log("info", "idle timeout")
+                self._closeWith(replies.IDLE)
+        elif timer is Timer.MTA_REPLY:
+            if self._inFlight:
+                self._log("error", "MTA did not answer in time")
+                self._emit(MtaError("timeout"))
+                self._mtaConnected = False
+                self._emit(AbortMta())
+                self._closeWith(replies.MTA_SILENT)
+        elif timer is Timer.KEEPALIVE:
+            self._keepalive()
+        return self._take()
+
+    def drain(self) -> list[Effect]:
+        """The service is stopping: finish the transaction in flight, then close with 421."""
+        self._draining = True
+        if self.state in (S.CHECKING_CONNECT, S.CONNECTING, S.GREETING):
+            return self.shutDown()
+        self._advance()
+        return self._take()
+
+    def shutDown(self) -> list[Effect]:
+        """Close now with 421, whatever the session is doing: its grace time is over."""
+        if self.state not in (S.CLOSING, S.CLOSED):
+            self._log("info", "closed by the shutdown in state {state}", state=self.state.value)
+            self._closeWith(replies.SHUTTING_DOWN)
+        return self._take()
+
+    # -- the connect stage ---------------------------------------------------------------
+
+    def _connectAccepted(self, verdict: Verdict) -> None:
+        self._sessionHeaders[Stage.CONNECT] = verdict.headers
+        self._enter(S.CONNECTING)
+        self._connectMta()
+
+    def _connectRefused(self, verdict: Verdict) -> None:
+        answer = _answerOf(verdict)
+        if answer.code // 100 == 4:
+            answer = replies.closing(answer.enhanced, answer.text)
+        self._emit(Refused(Stage.CONNECT, self._render(answer), None, _by(verdict)))
+        self._closeWith(answer)
+
+    def _connectMta(self) -> None:
+        """Open an MTA leg; its banner is the first reply it owes."""
+        self._emit(ConnectMta())
+        slot = _Slot(expects=_ANY, onReply=self._banner, command=b"(banner)")
+        self._replies.append(slot)
+        self._mtaSlots.append(slot)
+        self._inFlight = 1
+        self._pipelining, self._junk, self._ehlos = False, 0, 0
+
+    def _banner(self, reply: Reply) -> Reply:
+        if reply.code == 220:
+            self._enter(S.COMMAND)
+            self._emit(Report(Counted.CONNECTION_ACCEPTED))
+        else:
+            self._emit(Refused(Stage.CONNECT, reply, None, Reason.MTA.value))
+            self._closeAfterFlush()
+        return reply
+
+    # -- commands ------------------------------------------------------------------------
+
+    def _advance(self) -> None:
+        """Handle buffered command lines until one has to wait."""
+        while self.state is S.COMMAND:
+            if self._draining and self._txn is None:
+                if not self._mtaSlots:  # between transactions, every reply in
+                    self._log("info", "closed: shutting down")
+                    self._closeWith(replies.SHUTTING_DOWN)
+                break
+            line = self._commands.nextLine()
+            if line is None:
+                break
+            if line is wire.TOO_LONG:
+                self._local(replies.LINE_TOO_LONG)
+                continue
+            assert isinstance(line, bytes)
+            try:
+                command = wire.parseCommand(line)
+            except wire.CommandSyntaxError as e:
+                self._syntaxError(
+                    line,
+                    replies.BAD_CHARACTER if e.kind == wire.BAD_CHARACTER else replies.UNRECOGNISED,
+                )
+                continue
+            self._command(command)
+        if self._inputEnded and self.state is S.COMMAND and not self._mtaSlots:
+            self._log("info", "client ended its input")
+            self._closeNow()
+
+    def _syntaxError(self, line: bytes, answer: Answer) -> None:
+        self._log(
+            "info",
+            "syntax error: {line}: {reply}",
+            line=repr(line[:80])[2:-1],
+            reply=f"{answer.code} {answer.text}",
+        )
+        self._local(answer)
+
+    def _command(self, command: wire.Command) -> None:
+        verb = command.verb
+        handler = {
+            "EHLO": self._ehlo,
+            "HELO": self._ehlo,
+            "MAIL": self._mail,
+            "RCPT": self._rcpt,
+            "DATA": self._data,
+            "RSET": self._rset,
+            "QUIT": self._quit,
+        }.get(verb)
+        if handler is not None:
+            handler(command)
+        elif verb in self._relayable and verb in RELAYABLE:
+            self._relay(command.toLine(), _relayed)
+        elif verb in NOT_FOR_CLIENTS or verb in RELAYABLE:
+            self._local(replies.NOT_IMPLEMENTED)
+        else:
+            self._syntaxError(command.toLine(), replies.UNRECOGNISED)
+
+    def _ehlo(self, command: wire.Command) -> None:
+        if not command.argument or b" " in command.argument:
+            self._local(replies.SYNTAX_HELO)
+            return
+        self._txn = None  # EHLO resets the transaction, at the MTA as here
+        self.info.helo = command.argument.decode("utf-8", "replace")
+        self.info.esmtp = command.verb == "EHLO"
+
+        def accepted(verdict: Verdict) -> None:
+            self._sessionHeaders[Stage.HELO] = verdict.headers
+            self._helo = command
+            self._relay(command.toLine(), answered, barrier=True)
+            self._enter(S.HELLO)
+
+        def answered(reply: Reply) -> Reply:
+            self._enter(S.COMMAND)
+            self._logEvent(f"{command.verb} {self.info.helo}", reply)
+            if command.verb == "HELO":
+                if reply.code // 100 == 2:
+                    self._pipelining, self._enhanced, self._offered = False, False, frozenset()
+                return reply
+            edited = wire.editCapabilities(reply, self._sizeLimit)
+            if reply.code // 100 == 2:
+                offered = wire.capabilities(reply)
+                self._pipelining = offered.pipelining
+                self._enhanced = offered.enhancedStatusCodes
+                self._offered = wire.capabilities(edited).keywords
+            return edited
+
+        self._ask(
+            _Check(Stage.HELO, accepted, self._refusedAt(Stage.HELO, None)),
+            RunCheck(Stage.HELO, self.info),
+        )
+
+    def _mail(self, command: wire.Command) -> None:
+        try:
+            path = wire.parsePath(command.argument, b"FROM:")
+        except wire.PathSyntaxError:
+            self._local(replies.SYNTAX_MAIL)
+            return
+        if not wire.parametersAllowed(path, "MAIL", self._offered):
+            self._local(replies.BAD_PARAMETER)
+            return
+        if self._txn is not None:
+            self._local(replies.NESTED_MAIL)
+            return
+        self._emit(Report(Counted.MESSAGE_ATTEMPTED))
+        sender = path.address
+        declared = path.parameter(b"SIZE")
+        if declared is not None and int(declared) > self._sizeLimit:
+            self._logEvent(
+                f"MAIL FROM:<{sender}> SIZE={int(declared)}", self._render(replies.TOO_BIG)
+            )
+            self._emit(
+                Refused(Stage.MAIL, self._render(replies.TOO_BIG), sender, Reason.SIZE_LIMIT.value)
+            )
+            self._local(replies.TOO_BIG)
+            return
+        envelope = Envelope(sender, path.parameterBytes().decode("utf-8", "surrogateescape"))
+        txn = _Transaction(envelope)
+
+        def accepted(verdict: Verdict) -> None:
+            self._txn = txn
+            txn.headers.extend(verdict.headers)
+            self._relay(b"MAIL " + path.toArgument(b"FROM:"), answered)
+
+        def answered(reply: Reply) -> Reply:
+            self._logEvent(f"MAIL FROM:<{sender}>", reply)
+            if reply.code // 100 == 2:
+                txn.mailAccepted = True
+            else:
+                self._emit(Refused(Stage.MAIL, reply, sender, Reason.MTA.value))
+                if self._txn is txn:
+                    self._txn = None
+            return reply
+
+        self._ask(
+            _Check(Stage.MAIL, accepted, self._refusedAt(Stage.MAIL, sender)),
+            RunCheck(Stage.MAIL, self.info, envelope),
+        )
+
+    def _rcpt(self, command: wire.Command) -> None:
+        try:
+            path = wire.parsePath(command.argument, b"TO:")
+        except wire.PathSyntaxError:
+            self._local(replies.SYNTAX_RCPT)
+            return
+        if not wire.parametersAllowed(path, "RCPT", self._offered):
+            self._local(replies.BAD_PARAMETER)
+            return
+        txn = self._txn
+        if txn is None:
+            self._local(replies.NEED_MAIL)
+            return
+        recipient, envelope = path.address, txn.envelope
+        if txn.recipientsAsked >= self._config.limits.recipients:
+            self._logEvent(f"RCPT TO:<{recipient}>", self._render(replies.TOO_MANY_RECIPIENTS))
+            self._emit(
+                Refused(
+                    Stage.RCPT,
+                    self._render(replies.TOO_MANY_RECIPIENTS),
+                    envelope.mailFrom,
+                    Reason.RECIPIENT_LIMIT.value,
+                )
+            )
+            self._local(replies.TOO_MANY_RECIPIENTS)
+            return
+        txn.recipientsAsked += 1
+
+        def accepted(verdict: Verdict) -> None:
+            txn.headers.extend(verdict.headers)
+            self._relay(b"RCPT " + path.toArgument(b"TO:"), answered)
+
+        def answered(reply: Reply) -> Reply:
+            self._logEvent(f"RCPT TO:<{recipient}>", reply)
+            if reply.code // 100 == 2:
+                envelope.recipients.append(recipient)
+                self._emit(Report(Counted.RECIPIENT_ACCEPTED))
+            else:
+                self._emit(Refused(Stage.RCPT, reply, envelope.mailFrom, Reason.MTA.value))
+            return reply
+
+        self._ask(
+            _Check(Stage.RCPT, accepted, self._refusedAt(Stage.RCPT, envelope.mailFrom)),
+            RunCheck(Stage.RCPT, self.info, envelope, recipient),
+        )
+
+    def _refusedAt(self, stage: Stage, sender: str | None) -> Callable[[Verdict], None]:
+        def refused(verdict: Verdict) -> None:
+            answer = _answerOf(verdict)
+            self._emit(Refused(stage, self._render(answer), sender, _by(verdict)))
+            self._local(answer)
+
+        return refused
+
+    def _rset(self, command: wire.Command) -> None:
+        if command.argument:
+            self._local(replies.NO_ARGUMENTS)
+            return
+        self._txn = None
+        self._relay(b"RSET", _relayed)
+
+    def _quit(self, command: wire.Command) -> None:
+        if command.argument:
+            self._local(replies.NO_ARGUMENTS)
+            return
+
+        def bye(reply: Reply) -> Reply:
+            self._closeAfterFlush()
+            return reply
+
+        self._quitSent = True
+        self._enter(S.QUITTING)  # nothing after QUIT is read
+        self._relay(b"QUIT", bye, barrier=True)
+
+    def _logEvent(self, event: str, reply: Reply) -> None:
+        """One log line per SMTP event, with the reply the client got."""
+        self._log(
+            "info",
+            "{event}: {code} {text}",
+            event=event,
+            code=reply.code,
+            text=reply.lines[0].decode("utf-8", "replace") if reply.lines else "",
+        )
+
+    # -- the message ---------------------------------------------------------------------
+
+    def _data(self, command: wire.Command) -> None:
+        """DATA is a synchronisation point: decide once every earlier reply is in."""
+        if command.argument:
+            self._local(replies.NO_ARGUMENTS)
+            return
+        txn = self._txn
+        if txn is None:
+            self._local(replies.NEED_MAIL)
+            return
+        self._enter(S.SYNCING)
+        if not self._mtaSlots:
+            self._dataReady()
+
+    def _dataReady(self) -> None:
+        txn = self._txn
+        if txn is None or not txn.mailAccepted:
+            self._txn = None
+            self._local(replies.NEED_MAIL)
+            self._enter(S.COMMAND)
+        elif not txn.envelope.recipients:
+            self._local(replies.NO_RECIPIENTS)
+            self._enter(S.COMMAND)
+        else:
+            self._emit(SpoolOpen())
+
+    def _messageData(self, data: bytes) -> None:
+        txn = self._txn
+        assert txn is not None and txn.scanner is not None
+        content, rest = txn.scanner.feed(data)
+        if content:
+            txn.size += len(content)
+            if txn.size <= self._config.limits.messageSize and txn.spoolError is None:
+                self._emit(SpoolWrite(content))
+        if rest is None:
+            return
+        self._enter(S.FILTERING)
+        self._commands.feed(rest)
+        self._emit(SpoolClose())
+
+    def _messageAccepted(self, verdict: Verdict) -> None:
+        txn = self._txn
+        assert txn is not None
+        early = [
+            h for stage in (Stage.CONNECT, Stage.HELO) for h in self._sessionHeaders.get(stage, ())
+        ]
+        self._release((*early, *txn.headers, *verdict.headers))
+
+    def _messageRefused(self, verdict: Verdict) -> None:
+        txn = self._txn
+        assert txn is not None
+        self._emit(Quarantine(verdict, self.info, txn.envelope))
+        self._refuseMessage(_answerOf(verdict), _by(verdict))
+
+    def _refuseMessage(self, answer: Answer, by: str) -> None:
+        """Answer the client, reset the MTA's transaction, and go on with the session."""
+        txn = self._txn
+        assert txn is not None
+        envelope = txn.envelope
+        reply = self._render(answer)
+        self._log(
+            "info",
+            "message refused ({why}): {reply}; from=<{sender}> rcpts={rcpts} size={size}",
+            why=by,
+            reply=f"{reply.code} {reply.text}",
+            sender=envelope.mailFrom,
+            rcpts=len(envelope.recipients),
+            size=txn.size,
+        )
+        self._emit(Refused(Stage.MESSAGE, reply, envelope.mailFrom, by))
+        self._local(answer)
+        self._endTransaction()
+        self._enter(S.COMMAND)
+        self._resetMta()
+
+    def _release(self, headers: Headers) -> None:
+        """Send DATA and then the spooled message to the MTA; relay its final reply."""
+        txn = self._txn
+        assert txn is not None
+        envelope = txn.envelope
+        self._enter(S.RELEASING)
+        self._emit(CancelTimer(Timer.KEEPALIVE))
+
+        def finalReply(reply: Reply) -> Reply:
+            self._log(
+                "info",
+                "released: {reply}; queue_id={queueId} from=<{sender}> rcpts={rcpts} size={size}",
+                reply=f"{reply.code} {reply.text}",
+                queueId=wire.queueId(reply) or "-",
+                sender=envelope.mailFrom,
+                rcpts=len(envelope.recipients),
+                size=txn.size,
+            )
+            self._emit(Delivered(reply, envelope.mailFrom, txn.size))
+            self._endTransaction()
+            self._enter(S.COMMAND)
+            return reply
+
+        def dataReply(reply: Reply) -> Reply | None:
+            if reply.code // 100 != 3:
+                self._log("warn", "MTA refused DATA: {reply}", reply=reply.text)
+                self._emit(Refused(Stage.MESSAGE, reply, envelope.mailFrom, Reason.MTA.value))
+                self._endTransaction()
+                self._enter(S.COMMAND)
+                self._resetMta()
+                return reply
+            slot = _Slot(expects=_ANY, onReply=finalReply, command=b".")
+            self._replies.append(slot)
+            self._mtaSlots.append(slot)
+            self._inFlight += 1
+            self._emit(Release(headers))
+            return None
+
+        self._relay(b"DATA", dataReply, expects=_MORE, barrier=True, hidden=True)
+
+    def _endTransaction(self) -> None:
+        """Forget the transaction; remove its spool file, on every path."""
+        txn, self._txn = self._txn, None
+        if txn is not None and txn.spoolOpen:
+            self._emit(CancelTimer(Timer.KEEPALIVE))
+            self._emit(SpoolRemove())
+
+    # -- our own commands to the MTA -----------------------------------------------------
+
+    def _resetMta(self) -> None:
+        """
+        Reset the MTA's transaction after a refusal: RSET, or — once the MTA has heard
+        as many commands other than mail as it may count against us — a fresh MTA leg.
+        """
+        if self._junk < self._junkLimit:
+            self._relay(b"RSET", self._ownReply(b"RSET"), hidden=True)
+            return
+        self._log(
+            "info",
+            "reconnecting to the MTA: it heard {count} commands other than mail "
+            "(limits.mta_junk_commands)",
+            count=self._junk,
+        )
+        self._enter(S.RECONNECTING)
+        self._emit(CloseMta(quit=True))
+        self._mtaConnected = False
+        for slot in self._mtaSlots:  # only our own NOOPs can be outstanding here
+            slot.ready = True
+        self._mtaSlots.clear()
+        self._unsent.clear()
+        self._inFlight = 0
+        self._barrierInFlight = False
+        self._emit(ConnectMta())
+        slot = _Slot(expects=_OK, onReply=self._rebanner, command=b"(banner)")
+        self._replies.append(slot)
+        self._mtaSlots.append(slot)
+        self._inFlight = 1
+        self._pipelining, self._junk, self._ehlos = False, 0, 0
+
+    def _rebanner(self, reply: Reply) -> None:
+        helo = self._helo
+        if helo is None:
+            self._enter(S.COMMAND)
+            return
+
+        def greeted(r: Reply) -> None:
+            if helo.verb == "EHLO":
+                self._pipelining = wire.capabilities(r).pipelining
+            self._enter(S.COMMAND)
+
+        self._relay(helo.toLine(), greeted, expects=_OK, barrier=True, hidden=True)
+
+    def _keepalive(self) -> None:
+        """
+        While a message is received and filtered the MTA hears nothing: NOOP it now and
+        then, so that its idle timeout does not end the session under a slow client, as
+        long as that stays within what it counts against us (C{mta_junk_commands}).
+        """
+        if self.state not in (S.DATA, S.FILTERING) or not self._mtaConnected:
+            return
+        if self._junk >= self._junkLimit - 1:  # keep one for the RSET after a refusal
+            self._log(
+                "info",
+                "no more keepalives: the MTA heard {count} commands other than mail",
+                count=self._junk,
+            )
+            return
+        if not self._inFlight:
+            self._relay(b"NOOP", self._ownReply(b"NOOP"), hidden=True)
+        self._emit(StartTimer(Timer.KEEPALIVE, self._config.timeouts.mtaKeepalive))
+
+    def _ownReply(self, command: bytes) -> Callable[[Reply], None]:
+        def answered(reply: Reply) -> None:
+            if reply.code // 100 != 2:
+                self._log(
+                    "warn",
+                    "MTA answered our {command}: {reply}",
+                    command=command.decode(),
+                    reply=f"{reply.code} {reply.text}",
+                )
+
+        return answered
+
+    # -- the reply queue and the MTA writer ----------------------------------------------
+
+    def _relay(
+        self,
+        line: bytes,
+        onReply: Callable[[Reply], Reply | None],
+        expects: frozenset[int] = _ANY,
+        barrier: bool = False,
+        hidden: bool = False,
+    ) -> None:
+        """Queue a command for the MTA; its reply takes the next slot of the client's queue."""
+        verb = line.split(b" ", 1)[0].decode("ascii")
+        if verb in ("EHLO", "HELO"):
+            self._ehlos += 1
+            if self._ehlos > 1:
+                self._junk += 1
+        elif verb in _NONMAIL:
+            self._junk += 1
+        slot = _Slot(expects=expects, onReply=onReply, command=line.split(b" ", 1)[0])
+        self._replies.append(slot)
+        self._mtaSlots.append(slot)
+        self._unsent.append((line, barrier))
+
+    def _local(self, answer: Answer) -> None:
+        self._replies.append(_Slot(reply=self._render(answer), ready=True))
+
+    def _render(self, answer: Answer) -> Reply:
+        return answer.render(self._hostname, self._enhanced is not False)
+
+    def _flushMta(self) -> None:
+        """Send what may be sent: all of it to a pipelining MTA, else one at a time."""
+        if not self._mtaConnected:
+            return
+        out = []
+        while self._unsent:
+            line, barrier = self._unsent[0]
+            if self._inFlight and (barrier or self._barrierInFlight or not self._pipelining):
+                break
+            self._unsent.popleft()
+            out.append(line + wire.CRLF)
+            self._inFlight += 1
+            self._barrierInFlight = barrier
+        if out:
+            self._emit(SendMta(b"".join(out)))
+            self._armMtaTimer()
+
+    def _flushClient(self) -> None:
+        out = []
+        while self._replies and self._replies[0].ready:
+            reply = self._replies.popleft().reply
+            if reply is not None:
+                out.append(reply.toBytes())
+        if out:
+            self._emit(SendClient(b"".join(out)))
+        if self.state is S.CLOSING and not self._replies and not self._closeSent:
+            self._closeSent = True
+            self._emit(CloseClient())
+
+    def _armMtaTimer(self) -> None:
+        if self._inFlight and self._mtaConnected and self.state is not S.RELEASING:
+            self._emit(StartTimer(Timer.MTA_REPLY, self._config.timeouts.mtaReply))
+        else:
+            self._emit(CancelTimer(Timer.MTA_REPLY))
+
+    def _unasked(self, reply: Reply) -> None:
+        """A reply nobody asked for: a 421 is the MTA leaving; anything else is confusion."""
+        if reply.code == 421:
+            self._log("warn", "MTA closing: {reply}", reply=reply.text)
+            self._emit(MtaError("lost"))
+            self._mtaConnected = False
+            self._emit(AbortMta())
+            self._closeWith(replies.MTA_LOST)
+            return
+        self._log("error", "unexpected MTA reply: {reply}", reply=f"{reply.code} {reply.text}")
+        self._emit(MtaError("protocol"))
+        self._mtaBroken(self._render(replies.MTA_CONFUSED))
+
+    def _confused(self, slot: _Slot, reply: Reply) -> None:
+        self._log(
+            "error",
+            "MTA answered {command} with {reply}, a reply of the wrong class",
+            command=slot.command.decode("utf-8", "replace"),
+            reply=f"{reply.code} {reply.text}",
+        )
+        self._emit(MtaError("protocol"))
+        slot.reply, slot.ready = self._render(replies.MTA_CONFUSED), True
+        self._mtaBroken(None)
+
+    def _mtaBroken(self, reply: Reply | None) -> None:
+        """End the MTA leg: the client gets C{reply} (if any) after what is ready, then the close."""
+        self._mtaConnected = False
+        self._emit(AbortMta())
+        self._dropUnready()
+        if reply is not None:
+            self._replies.append(_Slot(reply=reply, ready=True))
+        self._closeAfterFlush()
+
+    # -- closing -------------------------------------------------------------------------
+
+    def _dropUnready(self) -> None:
+        for slot in self._replies:
+            if not slot.ready:
+                slot.ready, slot.reply = True, None
+        self._mtaSlots.clear()
+        self._unsent.clear()
+        self._inFlight = 0
+
+    def _closeWith(self, answer: Answer) -> None:
+        """Answer C{answer} after whatever replies are ready, then close both connections."""
+        if self.state in (S.RELEASING, S.RELEASED) and self._mtaConnected:
+            self._mtaConnected = False
+            self._emit(AbortMta())  # no end of data for a message the client will retry
+        self._dropUnready()
+        self._replies.append(_Slot(reply=self._render(answer), ready=True))
+        self._closeAfterFlush()
+
+    def _closeAfterFlush(self) -> None:
+        if self.state is not S.CLOSED:
+            self.state = S.CLOSING
+        self._endTransaction()
+
+    def _closeNow(self) -> None:
+        self._dropUnready()
+        self._closeAfterFlush()
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _enter(self, state: State) -> None:
+        if self.state in (S.CLOSING, S.CLOSED):
+            return
+        assert state in TRANSITIONS[self.state], f"{self.state} -> {state}"
+        self.state = state
+
+    def _ask(self, check: _Check, effect: RunCheck) -> None:
+        if self.state is S.COMMAND:
+            self._enter(S.CHECKING)
+        self._check = check
+        self._emit(effect)
+
+    def _touch(self) -> None:
+        self._emit(StartTimer(Timer.IDLE, self._config.timeouts.clientIdle))
+
+    def _log(self, level: str, format: str, **fields: object) -> None:
+        fields.setdefault("client", self.info.clientAddress)
+        self._emit(Log(level, "{session} " + format, fields))
+
+    def _emit(self, effect: Effect) -> None:
+        self._effects.append(effect)
+
+    def _take(self) -> list[Effect]:
+        """The effects of this event: what it queued, then the batched writes."""
+        self._flushMta()
+        self._flushClient()
+        self._throttle()
+        effects, self._effects = self._effects, []
+        return effects
+
+    def _throttle(self) -> None:
+        """Stop reading from a client that sends faster than we can answer."""
+        if self.state is S.CLOSED:
+            return
+        pause = len(self._commands) > MAX_BUFFERED or len(self._replies) > MAX_PENDING
+        if pause != self._paused:
+            self._paused = pause
+            self._emit(PauseClient() if pause else ResumeClient())
+
+
+def _relayed(reply: Reply) -> Reply:
+    return reply
+
+
+def _answerOf(verdict: Verdict) -> Answer:
+    assert verdict.code is not None and verdict.enhanced is not None
+    return Answer(verdict.code, verdict.enhanced, verdict.text)
+
+
+def _by(verdict: Verdict) -> str:
+    return verdict.filter or Reason.FILTERS.value
