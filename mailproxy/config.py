@@ -62,6 +62,12 @@ class Limits:
     lineLength: int = 2048
     connections: int = 500
     connectionsPerClient: int = 20
+    #: Commands other than MAIL, RCPT, DATA and QUIT one MTA connection may hear (our RSET
+    #: and NOOP keepalives, the client's NOOP, RSET, HELP, VRFY, a second EHLO) before
+    #: mailproxy reconnects to the MTA instead of another RSET, and stops its keepalives:
+    #: MTAs count them (Exim's smtp_accept_max_nonmail, 10; Postfix's
+    #: smtpd_junk_command_limit, 100).
+    mtaJunkCommands: int = 8
 
 
 @attrs.frozen
@@ -76,7 +82,7 @@ class Timeouts:
     shutdownGrace: float = 30.0
     #: While a message is received or filtered the MTA hears nothing; a NOOP this often
     #: keeps its own idle timeout (Postfix's smtpd_timeout, 300 s) from dropping us.
-    mtaKeepalive: float = 60.0
+    mtaKeepalive: float = 120.0
 
 
 @attrs.frozen
@@ -153,6 +159,9 @@ class Config:
     hostname: str
     spoolDir: str
     bareLineEndings: BareLineEndings = BareLineEndings.REJECT
+    #: Commands relayed to the MTA besides those mailproxy handles (EHLO, HELO, MAIL, RCPT,
+    #: DATA, RSET, QUIT); any other gets 502 from mailproxy.
+    relayCommands: tuple[str, ...] = ("NOOP", "HELP", "VRFY")
     limits: Limits = Limits()
     timeouts: Timeouts = Timeouts()
     filters: tuple[FilterSpec, ...] = ()
@@ -317,7 +326,22 @@ def _proxyKeys(reactor: IReactorTime) -> dict[str, _Check]:
         "hostname": _hostname,
         "spool_dir": _spoolDir,
         "bare_line_endings": _choice(BareLineEndings),
+        "relay_commands": _relayCommands,
     }
+
+
+def _relayCommands(value: object) -> tuple[str, ...]:
+    from mailproxy.session import RELAYABLE
+
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _InvalidValueError(f"must be an array of command names, not {_show(value)}")
+    commands = tuple(v.upper() for v in value)
+    unknown = sorted(set(commands) - RELAYABLE)
+    if unknown:
+        raise _InvalidValueError(
+            f"{', '.join(unknown)} cannot be relayed (possible: {', '.join(sorted(RELAYABLE))})"
+        )
+    return commands
 
 
 _LIMITS_KEYS: dict[str, _Check] = {
@@ -326,6 +350,7 @@ _LIMITS_KEYS: dict[str, _Check] = {
     "line_length": _integer(512),
     "connections": _integer(1),
     "connections_per_client": _integer(1),
+    "mta_junk_commands": _integer(2),
 }
 _TIMEOUTS_KEYS: dict[str, _Check] = dict.fromkeys(
     ("client_idle", "mta_connect", "mta_reply", "mta_keepalive", "filters", "shutdown_grace"),

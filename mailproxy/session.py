@@ -373,8 +373,8 @@ class Session:
         limit = config.limits.messageSize
         self._sizeLimit = min(limit, sizeLimit) if sizeLimit is not None else limit
         self._hostname = config.hostname
-        self._relayable = frozenset(getattr(config, "relayCommands", ("NOOP", "HELP", "VRFY")))
-        self._junkLimit: int = getattr(config.limits, "mtaJunkCommands", 8)
+        self._relayable = frozenset(config.relayCommands)
+        self._junkLimit = config.limits.mtaJunkCommands
         self._normalise = config.bareLineEndings.value == "normalise"
         self.state = State.CHECKING_CONNECT
         self._effects: list[Effect] = []

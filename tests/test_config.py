@@ -127,7 +127,7 @@ class SampleTests(ConfigTestCase):
             *keys(StatsSocket),
             *keys(Web),
         ]
-        self.assertEqual(len(names), 34)
+        self.assertEqual(len(names), 36)
         for name in names:
             self.assertRegex(text, rf"(?m)^#? *{name} *=", name)
 
@@ -334,7 +334,18 @@ class KeyErrorTests(ConfigTestCase):
             path,
             "limits.foo",
             "unknown key; known: message_size, recipients, line_length, connections, "
-            "connections_per_client",
+            "connections_per_client, mta_junk_commands",
+        )
+
+    def test_relayCommands(self) -> None:
+        """relay_commands takes only harmless commands, named in any case."""
+        path = self.configure(proxy='relay_commands = ["noop", "Help"]')
+        self.assertEqual(load(path, self.reactor).relayCommands, ("NOOP", "HELP"))
+        path = self.configure(proxy='relay_commands = ["NOOP", "XCLIENT"]')
+        self.assertError(
+            path,
+            "proxy.relay_commands",
+            "XCLIENT cannot be relayed (possible: ETRN, EXPN, HELP, NOOP, VRFY)",
         )
 
     def test_sectionNotTable(self) -> None:
