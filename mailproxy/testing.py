@@ -87,6 +87,97 @@ class RawClient(Protocol):
         return [r.code for r in self.replies]
 
 
+class ScriptedMTA:
+    """
+    A small, hostile MTA for tests: answers each command line with what C{answer} returns
+    for it (C{None}: the usual reply), and records what it received.
+
+    It reads as leniently as real MTAs do (a line ends at LF, a CR before it dropped; a
+    message ends at a line holding only a dot, however its line ends are written), and
+    like OpenSMTPD, when it did not offer PIPELINING, it notes in L{collisions} every
+    command that arrived while an earlier one was still unanswered.
+
+    @ivar received: every byte of every connection, in order.
+    @ivar messages: the content of each message it accepted.
+    @ivar lost: how many of its connections have closed; C{aborted} those that were aborted.
+    """
+
+    def __init__(
+        self, extensions: Sequence[bytes] = (b"PIPELINING", b"ENHANCEDSTATUSCODES")
+    ) -> None:
+        self.extensions = list(extensions)
+        self.answer: Callable[[bytes], bytes | None] = lambda line: None
+        self.received = bytearray()
+        self.messages: list[bytes] = []
+        self.collisions: list[bytes] = []
+        self.connections = 0
+        self.lost = 0
+
+    def buildFactory(self) -> ServerFactory:
+        return ServerFactory.forProtocol(lambda: _ScriptedProtocol(self))
+
+    def usual(self, line: bytes) -> bytes:
+        verb = line.split(b" ", 1)[0].upper()
+        if verb == b"EHLO":
+            keywords = [b"mta.test", *self.extensions]
+            return b"".join(
+                b"250" + (b" " if i == len(keywords) - 1 else b"-") + k + b"\r\n"
+                for i, k in enumerate(keywords)
+            )
+        if verb == b"DATA":
+            return b"354 go ahead\r\n"
+        if verb == b"QUIT":
+            return b"221 2.0.0 bye\r\n"
+        if verb in (b"MAIL", b"RCPT", b"RSET", b"NOOP", b"HELO"):
+            return b"250 2.0.0 ok\r\n"
+        return b"502 5.5.2 unknown\r\n"
+
+
+class _ScriptedProtocol(Protocol):
+    def __init__(self, mta: ScriptedMTA) -> None:
+        self._mta = mta
+        self._buffer = b""
+        self._message: bytearray | None = None
+
+    def connectionMade(self) -> None:
+        self._mta.connections += 1
+        assert self.transport is not None
+        self.transport.write(b"220 mta.test ESMTP\r\n")
+
+    def dataReceived(self, data: bytes) -> None:
+        self._mta.received += data
+        self._buffer += data
+        assert self.transport is not None
+        while b"\n" in self._buffer:
+            line, self._buffer = self._buffer.split(b"\n", 1)
+            line = line.removesuffix(b"\r")
+            if self._message is not None:
+                if line == b".":
+                    self._mta.messages.append(bytes(self._message))
+                    self._message = None
+                    reply = self._mta.answer(b".") or b"250 2.0.0 Ok: queued as SCRIPTED1\r\n"
+                    self._write(reply)
+                else:
+                    self._message += line.removeprefix(b".") + b"\r\n"
+                continue
+            if self._buffer and b"PIPELINING" not in self._mta.extensions:
+                self._mta.collisions.append(line)
+            reply = self._mta.answer(line)
+            if reply is None:
+                reply = self._mta.usual(line)
+            if line.upper() == b"DATA" and reply.startswith(b"354"):
+                self._message = bytearray()
+            self._write(reply)
+
+    def _write(self, reply: bytes) -> None:
+        assert self.transport is not None
+        if reply:
+            self.transport.write(reply)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._mta.lost += 1
+
+
 @implementer(IStreamClientEndpoint)
 class MemoryEndpoint:
     """A client endpoint that connects, in memory, to a server factory (the MTA)."""
@@ -132,9 +223,7 @@ class MemoryProxy:
     ) -> None:
         self.clock = clock or Clock()
         self.endpoint = MemoryEndpoint(mtaFactory, self.clock)
-        self.factory = RelayFactory(
-            Settings(config, pipeline, upstream=self.endpoint), self.clock
-        )
+        self.factory = RelayFactory(Settings(config, pipeline, upstream=self.endpoint), self.clock)
         self._pumps: list[iosim.IOPump] = []
 
     def connect(self, clientAddress: str = "127.0.0.1") -> tuple[RawClient, InboundProtocol]:

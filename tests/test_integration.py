@@ -181,6 +181,26 @@ class LoopbackFailureTests(ProxyTestCase):
 
         return self.later(go())
 
+    def test_halfClose(self) -> defer.Deferred[None]:
+        """
+        Over a real socket, a client that sends its final dot and QUIT and then shuts down
+        its writing side (as Exim does) gets the MTA's 250 and 221; the message arrives.
+        """
+
+        async def go() -> None:
+            port = self.proxyWith()
+            client = await self.session(
+                port, b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n", 5
+            )
+            client.send(b"Subject: half\r\n\r\nclosed\r\n.\r\nQUIT\r\n")
+            assert client.transport is not None
+            client.transport.loseWriteConnection()  # type: ignore[attr-defined]
+            await client.lost
+            self.assertEqual(client.codes, [220, 250, 250, 250, 354, 250, 221])
+            self.assertEqual([m.content for m in self.mta.messages], [b"Subject: half\r\n\r\nclosed\r\n"])
+
+        return self.later(go())
+
     def test_smuggling(self) -> defer.Deferred[None]:
         """
         No bare-LF or bare-CR end-of-data lookalike makes the MTA see a second message:

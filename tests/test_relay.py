@@ -18,7 +18,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailproxy import relay
-from mailproxy.config import BareLineEndings, Config, Limits, Timeouts
+from mailproxy.config import Config, Limits, Timeouts
 from mailproxy.filters import IFilter, Stage, Verdict
 from mailproxy.filters.access import AccessFilterFactory
 from mailproxy.localmta import LocalMTA
@@ -474,36 +474,6 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual(client.codes[-1], 221)
         self.assertFalse(client.connected)
         self.assertTrue(bytes(h.mta.transcripts[0]).endswith(b"QUIT\r\n"))
-
-
-SMUGGLING = [b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\r", b"\r.\r\n"]
-
-
-class SmugglingTests(SynchronousTestCase):
-    def test_smuggling(self) -> None:
-        """
-        Bare-LF and bare-CR end-of-data lookalikes never make the MTA see a second
-        message: refused (554 5.6.0) by default, one message when normalised.
-        """
-        for mode in BareLineEndings:
-            for fake in SMUGGLING:
-                h = Harness(self, bareLineEndings=mode)
-                client = h.greeted()
-                h.send(client, envelope() + b"DATA\r\n")
-                smuggled = (
-                    b"MAIL FROM:<evil@x>\r\nRCPT TO:<victim@y>\r\nDATA\r\nSubject: forged\r\n"
-                )
-                h.send(client, b"Subject: real\r\n\r\nhi" + fake + smuggled + b"\r\n.\r\n")
-                # The stand-in MTA ends data only at CRLF.CRLF, like Postfix.
-                self.assertNotIn("evil@x", [m.mailFrom for m in h.mta.messages])
-                if mode is BareLineEndings.REJECT:
-                    self.assertEqual(client.codes[-1], 554, (mode, fake))
-                    self.assertEqual(h.mta.messages, [])
-                else:
-                    self.assertEqual(client.codes[-1], 250, (mode, fake))
-                    [message] = h.mta.messages
-                    self.assertEqual(message.recipients, ["b@example.net"])
-                    self.assertIn(b"MAIL FROM:<evil@x>", message.content)
 
 
 class ChunkingTests(SynchronousTestCase):
