@@ -114,7 +114,9 @@ class ScriptedMTA:
         self.lost = 0
 
     def buildFactory(self) -> ServerFactory:
-        return ServerFactory.forProtocol(lambda: _ScriptedProtocol(self))
+        factory = ServerFactory()
+        factory.buildProtocol = lambda addr: _ScriptedProtocol(self)  # type: ignore[method-assign]
+        return factory
 
     def usual(self, line: bytes) -> bytes:
         verb = line.split(b" ", 1)[0].upper()
@@ -162,9 +164,8 @@ class _ScriptedProtocol(Protocol):
                 continue
             if self._buffer and b"PIPELINING" not in self._mta.extensions:
                 self._mta.collisions.append(line)
-            reply = self._mta.answer(line)
-            if reply is None:
-                reply = self._mta.usual(line)
+            scripted = self._mta.answer(line)
+            reply = self._mta.usual(line) if scripted is None else scripted
             if line.upper() == b"DATA" and reply.startswith(b"354"):
                 self._message = bytearray()
             self._write(reply)
