@@ -23,6 +23,9 @@ import attrs
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.interfaces import IReactorTime
 
+#: The configuration file twistd's plugin and the quarantine tool read without C{--config}.
+DEFAULT_CONFIG = "/etc/mailproxy/mailproxy.toml"
+
 
 class ConfigError(Exception):
     """The configuration is wrong; C{str()} is one line naming the file and the key."""

@@ -13,11 +13,9 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
-from mailproxy.config import Config, ConfigError, load
+from mailproxy.config import DEFAULT_CONFIG, Config, ConfigError, load
 from mailproxy.filters.pipeline import buildPipeline
 from mailproxy.service import ProxyService
-
-DEFAULT_CONFIG = "/etc/mailproxy/mailproxy.toml"
 
 
 class Options(usage.Options):
