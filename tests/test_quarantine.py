@@ -281,6 +281,21 @@ class CommandTests(TestCase):
                 (1, "", f"mailproxy-quarantine: no such message: {entryId}\n"),
             )
 
+    async def test_missingDirectory(self) -> None:
+        """
+        A quarantine directory that does not exist (the proxy creates it when it starts,
+        reading the configuration does not) is one line and exit 1, not a traceback.
+        """
+        os.rmdir(self.directory)
+        self.assertEqual(
+            await self.command("list"),
+            (
+                1,
+                "",
+                f"mailproxy-quarantine: cannot read {self.directory}: No such file or directory\n",
+            ),
+        )
+
     async def test_release(self) -> None:
         """
         release sends the message to the configured MTA with its envelope, prints the

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -126,3 +127,22 @@ class ReloadTests(ProxyTestCase):
         self.assertEqual(await self.mailFrom(client, "x@one.example"), 250)
         await service.stopService()
         self.assertEqual(signal.getsignal(signal.SIGHUP), previous)
+
+    async def test_newQuarantineDirectoryMade(self) -> None:
+        """
+        A reload that names a new quarantine directory makes it (mode 0700), since
+        reading the file creates nothing; one that cannot be made is refused, naming
+        quarantine.dir, and the running configuration stays.
+        """
+        service, _ = self.start(DENY_ONE)
+        quarantine = os.path.join(self.spool, "quarantine")
+        self.write(DENY_ONE + f'[quarantine]\ndir = "{quarantine}"\n')
+        self.assertTrue(service.reload())
+        self.assertEqual(stat.S_IMODE(os.stat(quarantine).st_mode), 0o700)
+        self.assertEqual(service.config.quarantine.dir, quarantine)
+        elsewhere = os.path.join(self.spool, "missing", "quarantine")
+        self.write(DENY_ONE + f'[quarantine]\ndir = "{elsewhere}"\n')
+        self.assertFalse(service.reload())
+        [line] = self.logged("reload refused")
+        self.assertIn("quarantine.dir: cannot create", line)
+        self.assertEqual(service.config.quarantine.dir, quarantine)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 
 from twisted.application.service import IServiceMaker, MultiService
 from twisted.plugin import getPlugins
@@ -10,7 +11,7 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailproxy import tap
-from mailproxy.service import ProxyService
+from mailproxy.service import ProxyService, StartupError
 
 
 class TapTests(SynchronousTestCase):
@@ -20,8 +21,8 @@ class TapTests(SynchronousTestCase):
             f.write(text)
         return path
 
-    def goodConfig(self, extra: str = "") -> str:
-        spool = os.path.abspath(self.mktemp())
+    def goodConfig(self, extra: str = "", spool: str | None = None) -> str:
+        spool = spool or os.path.abspath(self.mktemp())
         return self.writeConfig(
             '[proxy]\nlisten = ["tcp:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.2"]\n'
             'upstream = "tcp:host=127.0.0.1:port=10025"\n'
@@ -101,6 +102,7 @@ class TapTests(SynchronousTestCase):
         service = tap.makeService(options)
         assert isinstance(service, ProxyService)
         spool = service.config.spoolDir
+        os.mkdir(spool)
         for name in ("mailproxy-abc.msg", "keep.txt"):
             open(os.path.join(spool, name), "w").close()
         for listener in service:
@@ -108,3 +110,70 @@ class TapTests(SynchronousTestCase):
         service.startService()
         self.addCleanup(service.stopService)
         self.assertEqual(os.listdir(spool), ["keep.txt"])
+
+    def test_directoriesMadeAtStart(self) -> None:
+        """
+        Parsing the options and building the service create nothing; the spool and
+        quarantine directories are made (mode 0700) when the service starts.
+        """
+        spool = os.path.abspath(self.mktemp())
+        quarantine = os.path.join(spool, "quarantine")
+        options = tap.Options()
+        options.parseOptions(
+            [
+                "--config",
+                self.goodConfig(spool=spool, extra=f'[quarantine]\ndir = "{quarantine}"\n'),
+            ]
+        )
+        service = tap.makeService(options)
+        assert isinstance(service, ProxyService)
+        self.assertFalse(os.path.lexists(spool))
+        for listener in service:
+            listener.startService = lambda: None  # type: ignore[method-assign]
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertEqual(
+            [stat.S_IMODE(os.stat(d).st_mode) for d in (spool, quarantine)], [0o700, 0o700]
+        )
+
+    def test_directoryErrorAtStartIsOneLine(self) -> None:
+        """
+        A directory that cannot be made when twistd starts the service (it became a file
+        after the options were read) stops start-up with one line naming the file and
+        the key, and nothing is bound.
+        """
+        spool = os.path.abspath(self.mktemp())
+        options = tap.Options()
+        options.parseOptions(["--config", self.goodConfig(spool=spool)])
+        service = tap.makeService(options)
+        assert isinstance(service, ProxyService)
+        open(spool, "w").close()
+        with self.assertRaises(SystemExit) as raised:
+            service.privilegedStartService()
+        self.assertEqual(
+            raised.exception.code,
+            f"mailproxy: {options['config']}: proxy.spool_dir: {spool!r} exists and is not a directory",
+        )
+        self.assertEqual([listener._waitingForPort for listener in service.listeners], [None, None])
+
+    def test_directoryErrorDaemonised(self) -> None:
+        """
+        Under twistd in the background (no -n), the same error is a StartupError, which
+        twistd reports to the process that launched it (a SystemExit would leave that
+        process waiting); its text is the same one line.
+        """
+        from twisted.scripts._twistd_unix import ServerOptions
+
+        spool = os.path.abspath(self.mktemp())
+        path = self.goodConfig(spool=spool)
+        twistd = ServerOptions()
+        twistd.parseOptions(["mailproxy", "--config", path])
+        service = tap.makeService(twistd.subOptions)
+        assert isinstance(service, ProxyService)
+        open(spool, "w").close()
+        with self.assertRaises(StartupError) as raised:
+            service.privilegedStartService()
+        self.assertEqual(
+            str(raised.exception),
+            f"{path}: proxy.spool_dir: {spool!r} exists and is not a directory",
+        )
