@@ -7,6 +7,7 @@ the manhole. SIGHUP reloads the configuration; stopping lets sessions finish.
 from __future__ import annotations
 
 import signal
+from collections.abc import Mapping
 from types import FrameType
 from typing import Any
 
@@ -21,6 +22,7 @@ from twisted.logger import Logger
 from mailproxy import directories
 from mailproxy.config import Config, ConfigError, load
 from mailproxy.control import StatsSocketService
+from mailproxy.filters import IFilterFactory
 from mailproxy.filters.pipeline import buildPipeline
 from mailproxy.logs import LogService
 from mailproxy.manhole import ManholeService, namespace
@@ -56,12 +58,17 @@ class ProxyService(MultiService):
         self,
         config: Config,
         reactor: Any,
+        factories: Mapping[str, IFilterFactory],
         *,
         uid: int | None = None,
         gid: int | None = None,
         daemonised: bool = False,
     ) -> None:
         """
+        @param factories: the installed filter kinds by name, found once at start-up
+            (L{filterFactories}): this configuration's filters and every reloaded one's
+            are built from them, so a reload never looks for plugins again (after twistd
+            dropped privileges, the installed code may not be readable).
         @param uid: twistd's C{-u} user: started as root, the spool and quarantine
             directories are handed over to it (L{privilegedStartService}).
         @param gid: twistd's C{-g} group; L{None}: the user's own.
@@ -71,6 +78,7 @@ class ProxyService(MultiService):
         super().__init__()  # type: ignore[no-untyped-call]
         self.config = config
         self._reactor = reactor
+        self._factories = factories
         self._owner = (uid, gid)
         self._daemonised = daemonised
         #: Whether the directories were made (by L{privilegedStartService}, under twistd).
@@ -131,7 +139,7 @@ class ProxyService(MultiService):
         """
         return Settings(
             config,
-            buildPipeline(config, self._reactor, self.stats.filterChecked),
+            buildPipeline(config, self._reactor, self.stats.filterChecked, self._factories),
             Quarantine.fromConfig(config, self._reactor),
         )
 

@@ -13,7 +13,7 @@ from twisted.python import usage
 
 from mailproxy import directories
 from mailproxy.config import DEFAULT_CONFIG, Config, ConfigError, load
-from mailproxy.filters.pipeline import buildPipeline
+from mailproxy.filters.pipeline import filterFactories
 from mailproxy.service import ProxyService
 
 
@@ -46,7 +46,6 @@ class Options(usage.Options):
             path = DEFAULT_CONFIG
         try:
             config = load(path, reactor)
-            buildPipeline(config, reactor)
             # The directories are made when the service starts; whether they can be, and
             # handed over to twistd's -u user, is known now, before twistd daemonises.
             directories.check(config, *_twistdUser(self))
@@ -54,6 +53,9 @@ class Options(usage.Options):
             # One line naming the file and the key, not a usage screen.
             raise SystemExit(f"mailproxy: {e}") from None
         self["parsed"] = config
+        # Found once, now: as root, and before twistd drops privileges (after which the
+        # installed code may not be readable); reloads build from the same registry.
+        self["factories"] = filterFactories()
 
 
 _log = Logger()
@@ -81,7 +83,15 @@ def makeService(options: Options) -> IService:
     uid, gid = _twistdUser(options)
     twistd = options.parent
     daemonised = twistd is not None and not twistd.get("nodaemon")
-    proxy = ProxyService(config, reactor, uid=uid, gid=gid, daemonised=daemonised)
+    try:
+        # The one build of the start-up filters, their answers counted by the service's
+        # counters. Still before twistd daemonises, logs or drops privileges: an error
+        # is the same single line as one of postOptions.
+        proxy = ProxyService(
+            config, reactor, options["factories"], uid=uid, gid=gid, daemonised=daemonised
+        )
+    except ConfigError as e:
+        raise SystemExit(f"mailproxy: {e}") from None
     if options["local-mta"] is None:
         return proxy
     from mailproxy.localmta import LocalMTA

@@ -30,6 +30,7 @@ from mailproxy import quarantinectl
 from mailproxy.config import Config, FilterSpec, QuarantineSettings, Timeouts, load
 from mailproxy.envelope import Envelope, Message, Session
 from mailproxy.filters import Stage, Verdict
+from mailproxy.filters.pipeline import filterFactories
 from mailproxy.localmta import LocalMTA
 from mailproxy.quarantine import Quarantine
 from mailproxy.service import ProxyService
@@ -192,7 +193,7 @@ class RetentionTests(SynchronousTestCase):
             filters=(FilterSpec("access", quarantine=True),),
             quarantine=QuarantineSettings(dir=directory, retentionDays=30),
         )
-        service = ProxyService(config, clock)
+        service = ProxyService(config, clock, filterFactories())
         service.startService()
         self.addCleanup(service.stopService)
         self.assertEqual([e.id for e in q.entries()], [young])

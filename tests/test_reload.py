@@ -8,6 +8,7 @@ stand-in MTA; proved by what clients are answered.
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import stat
@@ -16,6 +17,7 @@ from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.task import deferLater
 
+from mailproxy.filters import pipeline
 from mailproxy.service import ProxyService
 from mailproxy.testing import RawClient, loopbackConfig, startProxy
 from tests.fakes import ProxyTestCase
@@ -146,3 +148,24 @@ class ReloadTests(ProxyTestCase):
         [line] = self.logged("reload refused")
         self.assertIn("quarantine.dir: cannot create", line)
         self.assertEqual(service.config.quarantine.dir, quarantine)
+
+    async def test_reloadLooksForNoPlugins(self) -> None:
+        """
+        A reload builds its filters from the kinds found at start-up: with plugin
+        discovery made impossible afterwards (as when the service user cannot read the
+        installed code), a new configuration still applies.
+        """
+        service, port = self.start(DENY_ONE)
+
+        def noDiscovery(*args: object) -> None:
+            raise AssertionError("plugins looked for after start-up")
+
+        self.patch(pipeline, "getPlugins", noDiscovery)
+        self.patch(pipeline, "filterFactories", noDiscovery)
+        self.patch(importlib.import_module("twisted.plugin"), "getPlugins", noDiscovery)
+        self.write(DENY_TWO)
+        self.assertTrue(service.reload())
+        self.assertEqual(self.logged("reload refused"), [])
+        client = await self.session(port)
+        self.assertEqual(await self.mailFrom(client, "x@two.example"), 550)
+        self.assertEqual(await self.mailFrom(client, "x@one.example"), 250)

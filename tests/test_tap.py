@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Mapping
 
-from twisted.application.service import IServiceMaker, MultiService
+from twisted.application.service import IService, IServiceMaker, MultiService
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from mailproxy import tap
+from mailproxy.filters import IFilterFactory, pipeline
+from mailproxy.filters.pipeline import filterFactories
 from mailproxy.service import ProxyService, StartupError
 
 
@@ -47,21 +51,60 @@ class TapTests(SynchronousTestCase):
         self.assertIn("limits.recipients", message)
         self.assertNotIn("\n", message)
 
-    def test_unknownFilter(self) -> None:
-        """A filter section naming no installed filter stops start-up, naming it."""
+    def build(self, path: str) -> IService:
+        """What twistd does: parse the options, then make the service."""
         options = tap.Options()
+        options.parseOptions(["--config", path])
+        return tap.makeService(options)
+
+    def test_unknownFilter(self) -> None:
+        """A filter section naming no installed filter stops start-up with one line."""
+        path = self.goodConfig("[filters.nosuch]\n")
         with self.assertRaises(SystemExit) as raised:
-            options.parseOptions(["--config", self.goodConfig("[filters.nosuch]\n")])
-        self.assertIn("filters.nosuch", str(raised.exception.code))
+            self.build(path)
+        self.assertEqual(
+            raised.exception.code,
+            f"mailproxy: {path}: filters.nosuch: no such filter is installed (known: "
+            + ", ".join(sorted(filterFactories()))
+            + ")",
+        )
 
     def test_badFilterOption(self) -> None:
-        """A wrong filter option stops start-up, naming the filter's key."""
-        options = tap.Options()
+        """A wrong filter option stops start-up with one line naming the filter's key."""
         with self.assertRaises(SystemExit) as raised:
-            options.parseOptions(
-                ["--config", self.goodConfig('[filters.access]\ndeny_networks = ["300.1.2.3/8"]\n')]
-            )
-        self.assertIn("filters.access.deny_networks", str(raised.exception.code))
+            self.build(self.goodConfig('[filters.access]\ndeny_networks = ["300.1.2.3/8"]\n'))
+        message = str(raised.exception.code)
+        self.assertIn("filters.access.deny_networks", message)
+        self.assertNotIn("\n", message)
+
+    def test_filtersFoundAndBuiltOnce(self) -> None:
+        """
+        Start-up looks for the installed filters once, while the options are read, and
+        builds each configured filter once; the service keeps that registry.
+        """
+        found = []
+        built = []
+        real = pipeline.filterFactories
+
+        def counting() -> Mapping[str, IFilterFactory]:
+            factories = real()
+            found.append(factories)
+            access = factories["access"]
+
+            @implementer(IFilterFactory)
+            class Counting:
+                name = "access"
+
+                def build(self, options: Mapping[str, object], reactor: object) -> object:
+                    built.append(options)
+                    return access.build(options, reactor)  # type: ignore[arg-type]
+
+            return {**factories, "access": Counting()}
+
+        self.patch(tap, "filterFactories", counting)
+        service = self.build(self.goodConfig('[filters.access]\ndeny_senders = ["*@x"]\n'))
+        assert isinstance(service, ProxyService)
+        self.assertEqual((len(found), len(built)), (1, 1))
 
     def test_configRequired(self) -> None:
         """Without --config and without the default file, the usage error says so."""
