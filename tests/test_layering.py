@@ -202,6 +202,22 @@ class LayeringTests(SynchronousTestCase):
         if cycle is not None:
             self.fail("import cycle: " + " -> ".join(cycle))
 
+    def test_filtersImportNoFilter(self) -> None:
+        """
+        A built-in filter module (one the built-in dropin registers) imports no other
+        filter module: what they share lives in support modules.
+        """
+        files = moduleFiles()
+        graph = importGraph(files)
+        builtin = graph["mailproxy.plugins.mailproxy_builtin"]
+        filters = {m for m in builtin if m.startswith("mailproxy.filters.")}
+        self.assertIn("mailproxy.filters.access", filters)
+        self.assertNotIn("mailproxy.filters.support", filters)
+        found = {
+            module: sorted(graph[module] & filters) for module in filters if graph[module] & filters
+        }
+        self.assertEqual(found, {})
+
     def test_sessionImportsNoTwisted(self) -> None:
         """The sans-IO session core, C{mailproxy/session.py}, imports nothing from Twisted."""
         path = os.path.join(ROOT, "session.py")
