@@ -16,12 +16,15 @@ import re
 import socket
 import tomllib
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import attrs
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.interfaces import IReactorTime
+
+#: The configuration file twistd's plugin and the quarantine tool read without C{--config}.
+DEFAULT_CONFIG = "/etc/mailproxy/mailproxy.toml"
 
 
 class ConfigError(Exception):
@@ -303,20 +306,34 @@ def _listen(reactor: IReactorTime) -> _Check:
 
 
 def _spoolDir(value: object) -> str:
-    """An absolute path; the directory itself is checked by L{_prepareSpool}, last."""
+    """An absolute path; the directory itself is checked by L{_checkDirectory}, last."""
     return os.path.abspath(_string(value))
 
 
-def _prepareSpool(spoolDir: str) -> None:
-    """Create the spool directory if missing (mode 0700) and check that we may use it."""
-    try:
-        os.makedirs(spoolDir, mode=0o700, exist_ok=True)
-    except FileExistsError:
-        raise _InvalidValueError(f"{_show(spoolDir)} exists and is not a directory") from None
-    except OSError as e:
-        raise _InvalidValueError(f"cannot create {_show(spoolDir)}: {e.strerror}") from None
-    if not os.access(spoolDir, os.W_OK | os.X_OK):
-        raise _InvalidValueError(f"{_show(spoolDir)} is not writable")
+def _checkDirectory(path: str, willExist: Collection[str] = ()) -> None:
+    """
+    Check, without touching anything, that a directory mailproxy writes in is usable:
+    an existing, writable directory; or a missing one that can be created at start-up
+    (L{mailproxy.directories.prepare}), in an existing, writable directory or in one of
+    C{willExist}.
+
+    @raise _InvalidValueError: it cannot be.
+    """
+    if os.path.isdir(path):
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise _InvalidValueError(f"{_show(path)} is not writable")
+        return
+    if os.path.lexists(path):
+        raise _InvalidValueError(f"{_show(path)} exists and is not a directory")
+    parent = os.path.dirname(path)
+    if parent in willExist:
+        return
+    if not os.path.lexists(parent):
+        raise _InvalidValueError(f"cannot create {_show(path)}: no such directory {_show(parent)}")
+    if not os.path.isdir(parent):
+        raise _InvalidValueError(f"cannot create {_show(path)}: {_show(parent)} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise _InvalidValueError(f"cannot create {_show(path)}: {_show(parent)} is not writable")
 
 
 def _proxyKeys(reactor: IReactorTime) -> dict[str, _Check]:
@@ -331,7 +348,7 @@ def _proxyKeys(reactor: IReactorTime) -> dict[str, _Check]:
 
 
 def _relayCommands(value: object) -> tuple[str, ...]:
-    from mailproxy.session import RELAYABLE
+    from mailproxy.wire import RELAYABLE
 
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise _InvalidValueError(f"must be an array of command names, not {_show(value)}")
@@ -600,7 +617,7 @@ def _checkService(config: Config) -> None:
             )
     if config.quarantine.dir is not None:
         try:
-            _prepareSpool(config.quarantine.dir)
+            _checkDirectory(config.quarantine.dir, willExist={config.spoolDir})
         except _InvalidValueError as e:
             raise ConfigError(path, "quarantine.dir", str(e)) from None
     if config.logging.json is not None:
@@ -613,9 +630,10 @@ def _checkService(config: Config) -> None:
 
 def load(path: str, reactor: IReactorTime) -> Config:
     """
-    Read and validate the configuration file at C{path}.
-
-    The spool directory is created (mode 0700) if missing, once everything else is valid.
+    Read and validate the configuration file at C{path}. Nothing is created or changed:
+    the spool and quarantine directories are only checked (an existing writable one, or
+    a missing one whose parent is), and are created when the service starts
+    (L{mailproxy.directories.prepare}).
 
     @param reactor: only used to parse endpoint strings; nothing listens or connects.
     @raise ConfigError: the file is unreadable, not TOML, or any key is wrong.
@@ -644,7 +662,7 @@ def load(path: str, reactor: IReactorTime) -> Config:
     )
     _checkService(config)
     try:
-        _prepareSpool(config.spoolDir)
+        _checkDirectory(config.spoolDir)
     except _InvalidValueError as e:
         raise ConfigError(path, "proxy.spool_dir", str(e)) from None
     return config

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import attrs
 from twisted.internet import defer
@@ -299,3 +299,24 @@ class ListLookup:
     def cached(self) -> int:
         """How many names are cached (expired entries included, until they are purged)."""
         return len(self._cache)
+
+
+async def lookupAll(
+    lookup: ListLookup, queries: list[tuple[str, Zone]]
+) -> list[tuple[Zone, tuple[str, ...] | Failure]]:
+    """
+    Ask every C{(name, zone)} at once; each zone with its listing codes (empty: not
+    listed) or the L{FilterError} failure of its lookup.
+    """
+    results = await defer.DeferredList(
+        [lookup.lookup(name) for name, _ in queries], consumeErrors=True
+    )
+    out: list[tuple[Zone, tuple[str, ...] | Failure]] = []
+    for (_, zone), (ok, value) in zip(queries, results, strict=True):
+        if ok:
+            out.append((zone, zone.codes.matching(value)))
+        else:
+            failure = cast(Failure, value)
+            failure.trap(FilterError)  # anything else is a bug: let it through
+            out.append((zone, failure))
+    return out

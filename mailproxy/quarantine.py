@@ -13,27 +13,20 @@ files, both mode 0600:
 The sidecar is written last, and atomically: an entry without one is incomplete and is
 not listed. Entries older than C{retention_days} are removed at start-up and daily.
 
-An operator lists, shows, releases (to the configured MTA) and deletes entries with::
-
-    python -m mailproxy.quarantine --config /etc/mailproxy/mailproxy.toml list
-    python -m mailproxy.quarantine --config ... show ID
-    python -m mailproxy.quarantine --config ... release ID
-    python -m mailproxy.quarantine --config ... delete ID
+This module is the store, used by the relay and the service; an operator lists, shows,
+releases (to the configured MTA) and deletes entries with the command line tool,
+L{mailproxy.quarantinectl} (C{mailproxy-quarantine}).
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
 import re
 import secrets
 import shutil
-import smtplib
-import socket
-import sys
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping
 from typing import IO, Any
 
 import attrs
@@ -48,7 +41,7 @@ from mailproxy.config import Config
 from mailproxy.envelope import Envelope, Message, Session
 from mailproxy.filters import Action, Verdict
 
-__all__ = ["Entry", "Quarantine", "main", "release"]
+__all__ = ["Entry", "Quarantine"]
 
 #: What an entry's id looks like: when, the session, and a random part.
 _ID = re.compile(r"[0-9]{8}T[0-9]{6}Z-[0-9A-Za-z]{1,32}-[0-9a-f]{6}")
@@ -269,207 +262,9 @@ def _unlink(path: str) -> None:
         pass
 
 
-# -- releasing to the MTA (the command line; smtplib, since no reactor runs here) -----------
-
-
-def _splitEndpoint(description: str) -> tuple[str, list[str], dict[str, str]]:
-    """A Twisted endpoint string as its kind, positional and keyword arguments."""
-    parts: list[str] = [""]
-    escaped = False
-    for char in description:
-        if escaped:
-            parts[-1] += char
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == ":":
-            parts.append("")
-        else:
-            parts[-1] += char
-    kind, args, kwargs = parts[0], [], {}
-    for part in parts[1:]:
-        name, equals, value = part.partition("=")
-        if equals:
-            kwargs[name] = value
-        else:
-            args.append(part)
-    return kind, args, kwargs
-
-
-def upstreamAddress(description: str) -> tuple[socket.AddressFamily, str | tuple[str, int]]:
-    """
-    Where the MTA of an upstream endpoint string is, as a socket family and address.
-
-    @raise ValueError: not a C{tcp:}, C{tcp6:} or C{unix:} endpoint.
-    """
-    kind, args, kwargs = _splitEndpoint(description)
-    if kind in ("tcp", "tcp6"):
-        host = kwargs.get("host", args[0] if args else "")
-        port = kwargs.get("port", args[1] if len(args) > 1 else "")
-        if not host or not port.isdigit():
-            raise ValueError(f"{description!r}: no host and port")
-        family = socket.AF_INET6 if kind == "tcp6" else socket.AF_INET
-        return family, (host, int(port))
-    if kind == "unix":
-        path = kwargs.get("path", args[0] if args else "")
-        if not path:
-            raise ValueError(f"{description!r}: no path")
-        return socket.AF_UNIX, path
-    raise ValueError(f"{description!r}: only tcp:, tcp6: and unix: upstreams can be released to")
-
-
-class _SMTP(smtplib.SMTP):
-    """smtplib over a socket of any family (a UNIX socket too)."""
-
-    def __init__(
-        self, family: socket.AddressFamily, address: str | tuple[str, int], **kw: Any
-    ) -> None:
-        self._family = family
-        self._address = address
-        super().__init__(**kw)
-
-    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
-        if self._family == socket.AF_INET:
-            return socket.create_connection(self._address, timeout)  # type: ignore[arg-type]
-        sock = socket.socket(self._family, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(timeout)
-            sock.connect(self._address)
-        except OSError:
-            sock.close()
-            raise
-        return sock
-
-
-class ReleaseError(Exception):
-    """The MTA refused the message (or could not be reached); C{str()} says why."""
-
-
-def release(config: Config, entry: Entry, err: IO[str] | None = None) -> str:
-    """
-    Send a quarantined message to the configured MTA, as it was sent to us, with its
-    envelope. It stays in the quarantine; the caller removes it.
-
-    @return: the MTA's final reply (C{"250 2.0.0 Ok: queued as ..."}).
-    @raise ReleaseError: the MTA refused the sender, every recipient, or the message; or
-        it could not be reached.
-    """
-    family, address = upstreamAddress(config.upstream)
-    err = err or sys.stderr
-    meta = entry.meta
-    options = str(meta.get("mail_parameters") or "").split()
-    try:
-        with _SMTP(
-            family, address, local_hostname=config.hostname, timeout=config.timeouts.mtaReply
-        ) as smtp:
-            code, text = smtp.connect()
-            if code != 220:
-                raise ReleaseError(f"MTA greeting: {code} {text.decode('utf-8', 'replace')}")
-            smtp.ehlo_or_helo_if_needed()
-            code, text = smtp.mail(str(meta["sender"]), options)
-            if code != 250:
-                raise ReleaseError(f"MAIL FROM: {code} {text.decode('utf-8', 'replace')}")
-            accepted = 0
-            for recipient in meta["recipients"]:
-                code, text = smtp.rcpt(str(recipient))
-                if code in (250, 251):
-                    accepted += 1
-                else:
-                    print(
-                        f"RCPT TO:<{recipient}>: {code} {text.decode('utf-8', 'replace')}",
-                        file=err,
-                    )
-            if not accepted:
-                smtp.rset()
-                raise ReleaseError("the MTA accepted no recipient")
-            with open(entry.messagePath, "rb") as f:
-                content = f.read()
-            code, text = smtp.data(content)
-            if code != 250:
-                raise ReleaseError(f"end of data: {code} {text.decode('utf-8', 'replace')}")
-            return f"{code} {text.decode('utf-8', 'replace')}"
-    except (OSError, smtplib.SMTPException) as e:
-        raise ReleaseError(f"{config.upstream}: {e}") from None
-
-
-# -- the command ---------------------------------------------------------------------------
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m mailproxy.quarantine",
-        description="List, show, release or delete the messages mailproxy quarantined.",
-    )
-    parser.add_argument("--config", "-c", help="the configuration file (default: %(default)s)")
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("list", help="one line per message, oldest first")
-    for name, what in [
-        ("show", "print a message's envelope and verdict, then the message"),
-        ("release", "send a message to the MTA, then remove it from the quarantine"),
-        ("delete", "remove a message from the quarantine"),
-    ]:
-        commands.add_parser(name, help=what).add_argument("id")
-    return parser
-
-
-def main(
-    argv: Sequence[str] | None = None, out: IO[str] | None = None, err: IO[str] | None = None
-) -> int:
-    """Run the command; returns the exit status (0: done, 1: failed)."""
-    from twisted.internet import reactor
-
-    from mailproxy.config import ConfigError, load
-    from mailproxy.tap import DEFAULT_CONFIG
-
-    out = out or sys.stdout
-    err = err or sys.stderr
-    parser = _parser()
-    parser.set_defaults(config=DEFAULT_CONFIG)
-    args = parser.parse_args(argv)
-    try:
-        config = load(args.config, reactor)
-    except ConfigError as e:
-        print(f"mailproxy.quarantine: {e}", file=err)
-        return 1
-    quarantine = Quarantine.fromConfig(config, reactor)
-    if quarantine is None:
-        print(f"mailproxy.quarantine: {config.path}: no [quarantine] dir", file=err)
-        return 1
-    if args.command == "list":
-        for entry in quarantine.entries():
-            meta = entry.meta
-            print(
-                f"{entry.id}  {meta.get('time')}  {meta.get('filter')}  "
-                f"<{meta.get('sender')}> -> {', '.join(map(str, meta.get('recipients', [])))}  "
-                f"{meta.get('reply')}",
-                file=out,
-            )
-        return 0
-    try:
-        entry = quarantine.get(args.id)
-    except KeyError:
-        print(f"mailproxy.quarantine: no such message: {args.id}", file=err)
-        return 1
-    if args.command == "show":
-        print(json.dumps(dict(entry.meta), indent=1), file=out)
-        print(file=out)
-        with open(entry.messagePath, encoding="utf-8", errors="replace", newline="") as f:
-            shutil.copyfileobj(f, out)
-    elif args.command == "release":
-        try:
-            reply = release(config, entry, err)
-        except ReleaseError as e:
-            print(f"mailproxy.quarantine: {entry.id} not released: {e}", file=err)
-            return 1
-        quarantine.remove(entry.id)
-        print(f"{entry.id} released: {reply}", file=out)
-    else:
-        quarantine.remove(entry.id)
-        print(f"{entry.id} deleted", file=out)
-    return 0
-
-
 if __name__ == "__main__":
-    from mailproxy.quarantine import main as _main
+    # The command is mailproxy.quarantinectl (installed as mailproxy-quarantine); this
+    # keeps `python -m mailproxy.quarantine ...` working for the scripts that run it.
+    from mailproxy.quarantinectl import main
 
-    sys.exit(_main())
+    main()

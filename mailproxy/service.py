@@ -7,6 +7,7 @@ the manhole. SIGHUP reloads the configuration; stopping lets sessions finish.
 from __future__ import annotations
 
 import signal
+from collections.abc import Mapping
 from types import FrameType
 from typing import Any
 
@@ -18,8 +19,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.logger import Logger
 
+from mailproxy import directories
 from mailproxy.config import Config, ConfigError, load
 from mailproxy.control import StatsSocketService
+from mailproxy.filters import IFilterFactory
 from mailproxy.filters.pipeline import buildPipeline
 from mailproxy.logs import LogService
 from mailproxy.manhole import ManholeService, namespace
@@ -42,15 +45,44 @@ RESTART_ONLY = {
 EXPIRY_INTERVAL = 86400.0
 
 
+class StartupError(Exception):
+    """Start-up stopped: a directory cannot be made or handed over. C{str()} is one line."""
+
+
 class ProxyService(MultiService):
     """mailproxy in one process: listeners in front of one upstream MTA."""
 
     _log = Logger()
 
-    def __init__(self, config: Config, reactor: Any) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        factories: Mapping[str, IFilterFactory],
+        *,
+        uid: int | None = None,
+        gid: int | None = None,
+        daemonised: bool = False,
+    ) -> None:
+        """
+        @param factories: the installed filter kinds by name, found once at start-up
+            (L{filterFactories}): this configuration's filters and every reloaded one's
+            are built from them, so a reload never looks for plugins again (after twistd
+            dropped privileges, the installed code may not be readable).
+        @param uid: twistd's C{-u} user: started as root, the spool and quarantine
+            directories are handed over to it (L{privilegedStartService}).
+        @param gid: twistd's C{-g} group; L{None}: the user's own.
+        @param daemonised: twistd runs in the background (no C{-n}): a start-up error is
+            then a L{StartupError}, which twistd reports to the process that launched it.
+        """
         super().__init__()  # type: ignore[no-untyped-call]
         self.config = config
         self._reactor = reactor
+        self._factories = factories
+        self._owner = (uid, gid)
+        self._daemonised = daemonised
+        #: Whether the directories were made (by L{privilegedStartService}, under twistd).
+        self._prepared = False
         #: The SIGHUP handler before ours, while ours is installed.
         self._previousHup: Any = None
         self._hupInstalled = False
@@ -102,12 +134,40 @@ class ProxyService(MultiService):
         """
         return Settings(
             config,
-            buildPipeline(config, self._reactor, self.stats.filterChecked),
+            buildPipeline(config, self._reactor, self.stats.filterChecked, self._factories),
             Quarantine.fromConfig(config, self._reactor),
             clientFromString(self._reactor, config.upstream),
         )
 
+    def privilegedStartService(self) -> None:
+        """
+        What twistd runs as root, before it drops privileges: make the spool and
+        quarantine directories (mode 0700) and hand them over to the C{-u} user, then
+        bind the listeners and open the logs.
+
+        @raise SystemExit: with one line naming the file and the key, when a directory
+            cannot be made or handed over; nothing is bound then.
+        @raise StartupError: the same, when twistd runs in the background.
+        """
+        self._prepareDirectories(*self._owner)
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
+
+    def _prepareDirectories(self, uid: int | None, gid: int | None) -> None:
+        try:
+            directories.prepare(self.config, uid, gid)
+        except ConfigError as e:
+            if self._daemonised:
+                # twistd's launching process waits for the report that only an exception
+                # makes it write (its first 100 bytes; a SystemExit leaves it hanging);
+                # the log gets the traceback.
+                raise StartupError(str(e)) from None
+            # In the foreground, an exception is a traceback: exit with our one line.
+            raise SystemExit(f"mailproxy: {e}") from None
+        self._prepared = True
+
     def startService(self) -> None:
+        if not self._prepared:  # started without twistd (twist, tests): no hand-over
+            self._prepareDirectories(None, None)
         self.logs.privilegedStartService()  # (done already under twistd)
         for name in sweep(self.config.spoolDir):
             self._log.warn("removed leftover spool file {name}", name=name)
@@ -147,6 +207,7 @@ class ProxyService(MultiService):
                     config, **{name: getattr(old, name) for name in RESTART_ONLY.values()}
                 )
             settings = self._settings(config)
+            directories.prepare(config)  # a new quarantine directory (as the service user)
         except ConfigError as e:
             self._log.error(
                 "reload refused, the running configuration stays: {error}", error=str(e)

@@ -350,8 +350,7 @@ class _Check:
 NOT_FOR_CLIENTS = frozenset(
     {"AUTH", "BDAT", "STARTTLS", "XCLIENT", "XFORWARD", "ATRN", "ETRN", "TURN", "EXPN", "VERB"}
 )
-#: Commands that may be allowed with C{relay_commands}: harmless, answered by the MTA.
-RELAYABLE = frozenset({"NOOP", "HELP", "VRFY", "EXPN", "ETRN"})
+RELAYABLE = wire.RELAYABLE
 #: Commands MTAs count against their junk or non-mail limits (Exim's
 #: C{smtp_accept_max_nonmail}, Postfix's C{smtpd_junk_command_limit}).
 _NONMAIL = frozenset({"NOOP", "RSET", "HELP", "VRFY", "EXPN", "ETRN", "EHLO", "HELO"})

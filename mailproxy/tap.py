@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import pwd
-import stat
 from typing import ClassVar
 
 from twisted.application.internet import StreamServerEndpointService
@@ -13,11 +11,10 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
-from mailproxy.config import Config, ConfigError, load
-from mailproxy.filters.pipeline import buildPipeline
+from mailproxy import directories
+from mailproxy.config import DEFAULT_CONFIG, Config, ConfigError, load
+from mailproxy.filters.pipeline import filterFactories
 from mailproxy.service import ProxyService
-
-DEFAULT_CONFIG = "/etc/mailproxy/mailproxy.toml"
 
 
 class Options(usage.Options):
@@ -49,49 +46,19 @@ class Options(usage.Options):
             path = DEFAULT_CONFIG
         try:
             config = load(path, reactor)
-            buildPipeline(config, reactor)
-            twistd = self.parent  # twistd's own options (-u, -g), when twistd runs us
-            if twistd is not None:
-                _handOver(config, twistd.get("uid"), twistd.get("gid"))
+            # The directories are made when the service starts; whether they can be, and
+            # handed over to twistd's -u user, is known now, before twistd daemonises.
+            directories.check(config, *_twistdUser(self))
         except ConfigError as e:
             # One line naming the file and the key, not a usage screen.
             raise SystemExit(f"mailproxy: {e}") from None
         self["parsed"] = config
+        # Found once, now: as root, and before twistd drops privileges (after which the
+        # installed code may not be readable); reloads build from the same registry.
+        self["factories"] = filterFactories()
 
 
 _log = Logger()
-
-
-def _handOver(config: Config, uid: int | None, gid: int | None) -> None:
-    """
-    With twistd's C{-u}, started as root: the directories mailproxy writes in after
-    dropping privileges must be that user's. One that root owns and that holds nothing
-    else (just created, as a missing one is) is handed over to the user; any other must
-    already be the user's.
-
-    @raise ConfigError: a directory the user could not write in.
-    """
-    if uid is None or os.getuid() != 0 or uid == 0:
-        return
-    if gid is None:
-        gid = pwd.getpwuid(uid).pw_gid
-    directories = {config.spoolDir: "proxy.spool_dir"}
-    if config.quarantine.dir is not None:
-        directories[config.quarantine.dir] = "quarantine.dir"
-    # The deepest first: a quarantine inside the spool is handed over before the spool.
-    for path in sorted(directories, key=len, reverse=True):
-        info = os.stat(path)
-        contents = {os.path.join(path, name) for name in os.listdir(path)}
-        if info.st_uid == 0 and contents <= directories.keys():
-            os.chown(path, uid, gid)
-            info = os.stat(path)
-        if info.st_uid != uid or info.st_mode & 0o700 != 0o700:
-            raise ConfigError(
-                config.path,
-                directories[path],
-                f"{path!r} must belong to uid {uid} (twistd -u) with mode 0700; it belongs to "
-                f"uid {info.st_uid}, mode {stat.S_IMODE(info.st_mode):04o}",
-            )
 
 
 def _clientAddress(listen: str) -> str:
@@ -101,11 +68,30 @@ def _clientAddress(listen: str) -> str:
     return f"{parts.get('interface', '127.0.0.1')}:{port}"
 
 
+def _twistdUser(options: usage.Options) -> tuple[int | None, int | None]:
+    """twistd's C{-u} and C{-g} (its own options are our parent), when twistd runs us."""
+    twistd = options.parent
+    if twistd is None:
+        return None, None
+    return twistd.get("uid"), twistd.get("gid")
+
+
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     config: Config = options["parsed"]
-    proxy = ProxyService(config, reactor)
+    uid, gid = _twistdUser(options)
+    twistd = options.parent
+    daemonised = twistd is not None and not twistd.get("nodaemon")
+    try:
+        # The one build of the start-up filters, their answers counted by the service's
+        # counters. Still before twistd daemonises, logs or drops privileges: an error
+        # is the same single line as one of postOptions.
+        proxy = ProxyService(
+            config, reactor, options["factories"], uid=uid, gid=gid, daemonised=daemonised
+        )
+    except ConfigError as e:
+        raise SystemExit(f"mailproxy: {e}") from None
     if options["local-mta"] is None:
         return proxy
     from mailproxy.localmta import LocalMTA

@@ -317,6 +317,9 @@ def sizeParameter(params: bytes) -> int | None:
     return None
 
 
+#: Commands that may be allowed with C{relay_commands}: harmless, answered by the MTA.
+RELAYABLE: Final = frozenset({"NOOP", "HELP", "VRFY", "EXPN", "ETRN"})
+
 #: The EHLO extensions mailproxy implements, and so passes on to the client when the MTA
 #: offers them. Everything else (PRDR, PIPECONNECT, CHUNKING, XCLIENT, the MTA's STARTTLS
 #: and AUTH, whatever comes next) is removed: the client must not use what mailproxy would

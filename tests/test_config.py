@@ -89,7 +89,8 @@ class SampleTests(ConfigTestCase):
     def test_sampleLoads(self) -> None:
         """
         The sample loads as shipped, with the documented addresses and both filters in file
-        order; its relative spool directory is created in the working directory.
+        order; its relative spool directory is in the working directory (and not created:
+        the service makes it when it starts).
         """
         self.addCleanup(os.chdir, os.getcwd())
         # Short: the sample's stats socket lands here, and UNIX socket paths are limited.
@@ -101,7 +102,7 @@ class SampleTests(ConfigTestCase):
         self.assertEqual(config.listen, ("tcp:2525:interface=127.0.0.1",))
         self.assertEqual(config.upstream, UPSTREAM)
         self.assertEqual(config.spoolDir, os.path.join(workdir, "spool"))
-        self.assertTrue(os.path.isdir(config.spoolDir))
+        self.assertEqual(os.listdir(workdir), [])
         self.assertEqual([f.name for f in config.filters], ["access", "size"])
         self.assertEqual(config.filters[0].options["deny_networks"], ("192.0.2.0/24",))
         self.assertEqual(config.filters[1].options, {"max_bytes": 26214400})
@@ -160,7 +161,7 @@ class MappingTests(ConfigTestCase):
     def test_defaultSpoolDir(self) -> None:
         """
         Without C{spool_dir} the spool is C{spool} in the working directory, stored as an
-        absolute path and created with mode 0700.
+        absolute path.
         """
         self.addCleanup(os.chdir, os.getcwd())
         path = os.path.abspath(
@@ -171,7 +172,6 @@ class MappingTests(ConfigTestCase):
         os.chdir(workdir)
         config = self.load(path)
         self.assertEqual(config.spoolDir, os.path.join(workdir, "spool"))
-        self.assertEqual(stat.S_IMODE(os.stat(config.spoolDir).st_mode), 0o700)
 
     def test_everyKey(self) -> None:
         """
@@ -193,8 +193,9 @@ class MappingTests(ConfigTestCase):
         self.assertIsInstance(config.timeouts.clientIdle, float)
 
     def test_relativeSpoolDirIsAbsolute(self) -> None:
-        """A relative C{spool_dir} is stored as an absolute path, created if missing."""
+        """A relative C{spool_dir} is stored as an absolute path."""
         relative = self.mktemp()
+        os.mkdir(relative)
         config = self.load(
             self.write(
                 f'[proxy]\nlisten = "tcp:2525"\nupstream = "{UPSTREAM}"\n'
@@ -202,7 +203,6 @@ class MappingTests(ConfigTestCase):
             )
         )
         self.assertEqual(config.spoolDir, os.path.abspath(os.path.join(relative, "spool")))
-        self.assertTrue(os.path.isdir(config.spoolDir))
 
     def test_listenList(self) -> None:
         """An array of listen endpoints becomes a tuple in the same order."""
@@ -515,24 +515,62 @@ class EndpointTests(ConfigTestCase):
 
 
 class SpoolTests(ConfigTestCase):
-    """The spool directory is created, or refused, at load time."""
+    """
+    The spool and quarantine directories are checked at load time, and never created
+    nor changed: the service makes them when it starts (L{mailproxy.directories}).
+    """
 
-    def spoolAt(self, spool: str) -> str:
+    def spoolAt(self, spool: str, extra: str = "") -> str:
         return self.write(
             f'[proxy]\nlisten = "tcp:25"\nupstream = "{UPSTREAM}"\nspool_dir = \'{spool}\'\n'
+            + extra
         )
 
-    def test_created(self) -> None:
-        """A missing spool directory is created, with its parents, mode 0700."""
+    def test_missingIsNotCreated(self) -> None:
+        """A missing spool directory in an existing directory is valid, and not created."""
+        self.assertEqual(self.load(self.spoolAt(self.spool)).spoolDir, self.spool)
+        self.assertFalse(os.path.lexists(self.spool))
+
+    def test_parentMissing(self) -> None:
+        """A spool directory whose parent is missing is an error naming the key."""
         spool = os.path.join(self.spool, "a", "b")
-        self.load(self.spoolAt(spool))
-        self.assertEqual(stat.S_IMODE(os.stat(spool).st_mode), 0o700)
+        self.assertError(
+            self.spoolAt(spool),
+            "proxy.spool_dir",
+            f'cannot create "{spool}": no such directory "{os.path.dirname(spool)}"',
+        )
+        self.assertFalse(os.path.lexists(self.spool))
+
+    def test_quarantineInMissingSpool(self) -> None:
+        """A quarantine directly inside a missing spool is valid (the spool is made first);
+        one deeper, or in any other missing directory, is an error naming its key."""
+        inside = os.path.join(self.spool, "quarantine")
+        config = self.load(self.spoolAt(self.spool, f"[quarantine]\ndir = '{inside}'\n"))
+        self.assertEqual(config.quarantine.dir, inside)
+        deeper = os.path.join(self.spool, "q", "quarantine")
+        self.assertError(
+            self.spoolAt(self.spool, f"[quarantine]\ndir = '{deeper}'\n"),
+            "quarantine.dir",
+            f'cannot create "{deeper}": no such directory "{os.path.dirname(deeper)}"',
+        )
+        self.assertFalse(os.path.lexists(self.spool))
+
+    def test_quarantineIsAFile(self) -> None:
+        """A file where the quarantine directory should be is an error naming its key."""
+        os.mkdir(self.spool)
+        where = os.path.join(self.spool, "quarantine")
+        open(where, "w").close()
+        self.assertError(
+            self.spoolAt(self.spool, f"[quarantine]\ndir = '{where}'\n"),
+            "quarantine.dir",
+            f'"{where}" exists and is not a directory',
+        )
 
     def test_existing(self) -> None:
         """An existing writable spool directory is used as it is."""
         os.mkdir(self.spool, 0o750)
         self.assertEqual(self.load(self.spoolAt(self.spool)).spoolDir, self.spool)
-        self.assertEqual(stat.S_IMODE(os.stat(self.spool).st_mode) & 0o700, 0o700)
+        self.assertEqual(stat.S_IMODE(os.stat(self.spool).st_mode), 0o750)
 
     def test_isAFile(self) -> None:
         """A regular file where the spool directory should be is an error."""
@@ -550,7 +588,22 @@ class SpoolTests(ConfigTestCase):
             pass
         spool = os.path.join(self.spool, "spool")
         self.assertError(
-            self.spoolAt(spool), "proxy.spool_dir", f'cannot create "{spool}": Not a directory'
+            self.spoolAt(spool),
+            "proxy.spool_dir",
+            f'cannot create "{spool}": "{self.spool}" is not a directory',
+        )
+
+    def test_parentNotWritable(self) -> None:
+        """A missing spool directory we could not create is an error."""
+        if os.geteuid() == 0:
+            raise SkipTest("root may write anywhere")
+        os.mkdir(self.spool, 0o500)
+        self.addCleanup(os.chmod, self.spool, 0o700)
+        spool = os.path.join(self.spool, "spool")
+        self.assertError(
+            self.spoolAt(spool),
+            "proxy.spool_dir",
+            f'cannot create "{spool}": "{self.spool}" is not writable',
         )
 
     def test_notWritable(self) -> None:
@@ -564,7 +617,7 @@ class SpoolTests(ConfigTestCase):
         )
 
     def test_notCreatedWhenInvalid(self) -> None:
-        """A configuration with any other error creates no spool directory."""
+        """A configuration with an error creates no spool directory either."""
         path = self.configure("[limits]\nrecipients = 0\n")
         self.error(path)
         self.assertFalse(os.path.exists(self.spool))

@@ -34,9 +34,9 @@ from mailproxy.dns import (
 )
 from mailproxy.envelope import Envelope, Message, Session
 from mailproxy.filters import Action, FilterError, IFilter, OptionError, Stage
-from mailproxy.filters.access import Patterns
 from mailproxy.filters.dnsbl import DNSBLFilter, DNSBLFilterFactory
 from mailproxy.filters.options import Options
+from mailproxy.filters.support import Patterns
 from mailproxy.filters.surbl import (
     LinkFinder,
     SURBLFilter,

@@ -17,7 +17,7 @@ from mailproxy.config import ConfigError, load
 from mailproxy.envelope import Envelope, Message, Session
 from mailproxy.filters import BaseFilter, IFilter, OptionError, Stage, Verdict
 from mailproxy.filters.headers import HeadersFilter, HeadersFilterFactory, authservId, resultsValue
-from mailproxy.filters.pipeline import buildPipeline
+from mailproxy.filters.pipeline import buildPipeline, filterFactories
 from mailproxy.wire import Reply
 from tests.test_mime import LoopbackProxy, crlf, stuffed
 from tests.test_relay import Harness, envelope
@@ -117,11 +117,12 @@ class OptionTests(SynchronousTestCase):
         with open(path, "w") as f:
             f.write(section)
         with self.assertRaises(ConfigError) as caught:
-            buildPipeline(load(path, Clock()), Clock())
+            buildPipeline(load(path, Clock()), Clock(), None, filterFactories())
         self.assertIn("filters.headers.reject[1].pattern", str(caught.exception))
         with open(path, "w") as f:
             f.write(section.replace('pattern = "["', 'pattern = "@spam\\\\.example"'))
-        self.assertTrue(buildPipeline(load(path, Clock()), Clock()).wants(Stage.MESSAGE))
+        pipeline = buildPipeline(load(path, Clock()), Clock(), None, filterFactories())
+        self.assertTrue(pipeline.wants(Stage.MESSAGE))
 
 
 class ValueTests(SynchronousTestCase):

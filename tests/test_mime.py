@@ -29,15 +29,8 @@ from zope.interface.verify import verifyObject
 
 from mailproxy.envelope import Envelope, Message, Session
 from mailproxy.filters import IFilter, OptionError, Stage, Verdict
-from mailproxy.filters.mime import (
-    LineReader,
-    MimeFilter,
-    MimeFilterFactory,
-    MimeStructureError,
-    Part,
-    readHeaderBlock,
-    walk,
-)
+from mailproxy.filters.mime import MimeFilter, MimeFilterFactory, Part, walk
+from mailproxy.filters.support import LineReader, MimeStructureError, readHeaderBlock
 from mailproxy.localmta import LocalMTA
 from mailproxy.testing import FakeFilter, RawClient, loopbackConfig, startProxy
 from tests.test_relay import Harness, envelope

@@ -21,13 +21,24 @@ from zope.interface.verify import verifyObject
 
 from mailproxy.config import Config, ConfigError, FilterSpec, OnError, Timeouts
 from mailproxy.envelope import Envelope, Message, Session
-from mailproxy.filters import Action, FilterError, IFilter, Stage, Verdict, VerdictResult
-from mailproxy.filters.pipeline import ConfiguredFilter, Pipeline, buildPipeline
+from mailproxy.filters import (
+    Action,
+    FilterError,
+    IFilter,
+    IFilterFactory,
+    Stage,
+    Verdict,
+    VerdictResult,
+)
+from mailproxy.filters import pipeline as pipelineModule
+from mailproxy.filters.pipeline import ConfiguredFilter, Pipeline, buildPipeline, filterFactories
 
 Answer = Callable[[], Any]
 TEMPFAIL = (Action.TEMPFAIL, 451, "4.7.1")
 #: What a filter's bug answers: an internal error, never an acceptance.
 BUG = (Action.TEMPFAIL, 451, "4.3.0")
+#: The installed filter kinds, found once (as the service does at start-up).
+FACTORIES = filterFactories()
 
 
 @implementer(IFilter)
@@ -381,6 +392,8 @@ class BuildTests(PipelineTestCase):
                 FilterSpec("access", options={"deny_senders": ["*@spam.example"]}),
             ),
             self.clock,
+            None,
+            FACTORIES,
         )
         self.assertTrue(pipeline.wants(Stage.MAIL))
         self.assertFalse(pipeline.wants(Stage.CONNECT))
@@ -397,16 +410,61 @@ class BuildTests(PipelineTestCase):
         pipeline = buildPipeline(
             self.config(FilterSpec("access", dryRun=True, options={"deny_senders": ["*"]})),
             self.clock,
+            None,
+            FACTORIES,
         )
         self.assertEqual(
             self.successResultOf(pipeline.checkMail(SESSION, ENVELOPE)), Verdict.accept()
         )
         self.assertEqual(len(self.logged("would refuse")), 1)
 
+    def test_registryOnly(self) -> None:
+        """
+        buildPipeline looks for no plugins: it builds from the registry it is given, and
+        a name that registry lacks is not installed, whatever is on disk.
+        """
+
+        def noDiscovery(*args: object) -> None:
+            raise AssertionError("plugins looked for again")
+
+        self.patch(pipelineModule, "getPlugins", noDiscovery)
+
+        @implementer(IFilterFactory)
+        class Factory:
+            name = "only"
+
+            def build(self, options: object, reactor: object) -> IFilter:
+                return FakeFilter("only", lambda: Verdict.reject("Only"), frozenset({Stage.MAIL}))
+
+        pipeline = buildPipeline(
+            self.config(FilterSpec("only")), self.clock, None, {"only": Factory()}
+        )
+        self.assertEqual(
+            summary(self.successResultOf(pipeline.checkMail(SESSION, ENVELOPE))),
+            (Action.REJECT, 550, "5.7.1"),
+        )
+        error = self.assertRaises(
+            ConfigError, buildPipeline, self.config(FilterSpec("access")), self.clock, None, {}
+        )
+        self.assertEqual(
+            str(error),
+            "/etc/mailproxy.toml: filters.access: no such filter is installed (known: none)",
+        )
+
+    def test_registryReadOnly(self) -> None:
+        """The registry filterFactories() finds cannot be changed by who holds it."""
+        with self.assertRaises(TypeError):
+            FACTORIES["access"] = FACTORIES["size"]  # type: ignore[index]
+
     def test_unknownFilter(self) -> None:
         """An uninstalled filter name is a ConfigError naming the file and filters.NAME."""
         error = self.assertRaises(
-            ConfigError, buildPipeline, self.config(FilterSpec("spamassassin")), self.clock
+            ConfigError,
+            buildPipeline,
+            self.config(FilterSpec("spamassassin")),
+            self.clock,
+            None,
+            FACTORIES,
         )
         self.assertEqual(error.key, "filters.spamassassin")
         self.assertIn("/etc/mailproxy.toml: filters.spamassassin: no such filter", str(error))
@@ -416,21 +474,25 @@ class BuildTests(PipelineTestCase):
     def test_badOption(self) -> None:
         """A wrong option is a ConfigError naming filters.NAME.KEY."""
         spec = FilterSpec("access", options={"deny_networks": ["192.0.2.0/33"]})
-        error = self.assertRaises(ConfigError, buildPipeline, self.config(spec), self.clock)
+        error = self.assertRaises(
+            ConfigError, buildPipeline, self.config(spec), self.clock, None, FACTORIES
+        )
         self.assertEqual(error.key, "filters.access.deny_networks")
         self.assertIn("192.0.2.0/33", str(error))
 
     def test_unknownOption(self) -> None:
         """A misspelt option is a ConfigError with a did-you-mean hint."""
         spec = FilterSpec("access", options={"deny_sender": ["*@spam.example"]})
-        error = self.assertRaises(ConfigError, buildPipeline, self.config(spec), self.clock)
+        error = self.assertRaises(
+            ConfigError, buildPipeline, self.config(spec), self.clock, None, FACTORIES
+        )
         self.assertEqual(error.key, "filters.access.deny_sender")
         self.assertIn('unknown option (did you mean "deny_senders"?)', str(error))
 
     def test_missingOption(self) -> None:
         """A required option left out is a ConfigError naming it."""
         error = self.assertRaises(
-            ConfigError, buildPipeline, self.config(FilterSpec("size")), self.clock
+            ConfigError, buildPipeline, self.config(FilterSpec("size")), self.clock, None, FACTORIES
         )
         self.assertEqual(error.key, "filters.size.max_bytes")
         self.assertIn("is required", str(error))

@@ -8,13 +8,16 @@ stand-in MTA; proved by what clients are answered.
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
+import stat
 
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.task import deferLater
 
+from mailproxy.filters import pipeline
 from mailproxy.service import ProxyService
 from mailproxy.testing import RawClient, loopbackConfig, startProxy
 from tests.fakes import ProxyTestCase
@@ -126,3 +129,43 @@ class ReloadTests(ProxyTestCase):
         self.assertEqual(await self.mailFrom(client, "x@one.example"), 250)
         await service.stopService()
         self.assertEqual(signal.getsignal(signal.SIGHUP), previous)
+
+    async def test_newQuarantineDirectoryMade(self) -> None:
+        """
+        A reload that names a new quarantine directory makes it (mode 0700), since
+        reading the file creates nothing; one that cannot be made is refused, naming
+        quarantine.dir, and the running configuration stays.
+        """
+        service, _ = self.start(DENY_ONE)
+        quarantine = os.path.join(self.spool, "quarantine")
+        self.write(DENY_ONE + f'[quarantine]\ndir = "{quarantine}"\n')
+        self.assertTrue(service.reload())
+        self.assertEqual(stat.S_IMODE(os.stat(quarantine).st_mode), 0o700)
+        self.assertEqual(service.config.quarantine.dir, quarantine)
+        elsewhere = os.path.join(self.spool, "missing", "quarantine")
+        self.write(DENY_ONE + f'[quarantine]\ndir = "{elsewhere}"\n')
+        self.assertFalse(service.reload())
+        [line] = self.logged("reload refused")
+        self.assertIn("quarantine.dir: cannot create", line)
+        self.assertEqual(service.config.quarantine.dir, quarantine)
+
+    async def test_reloadLooksForNoPlugins(self) -> None:
+        """
+        A reload builds its filters from the kinds found at start-up: with plugin
+        discovery made impossible afterwards (as when the service user cannot read the
+        installed code), a new configuration still applies.
+        """
+        service, port = self.start(DENY_ONE)
+
+        def noDiscovery(*args: object) -> None:
+            raise AssertionError("plugins looked for after start-up")
+
+        self.patch(pipeline, "getPlugins", noDiscovery)
+        self.patch(pipeline, "filterFactories", noDiscovery)
+        self.patch(importlib.import_module("twisted.plugin"), "getPlugins", noDiscovery)
+        self.write(DENY_TWO)
+        self.assertTrue(service.reload())
+        self.assertEqual(self.logged("reload refused"), [])
+        client = await self.session(port)
+        self.assertEqual(await self.mailFrom(client, "x@two.example"), 550)
+        self.assertEqual(await self.mailFrom(client, "x@one.example"), 250)

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import os
+import stat
+from collections.abc import Mapping
 
-from twisted.application.service import IServiceMaker, MultiService
+from twisted.application.service import IService, IServiceMaker, MultiService
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from mailproxy import tap
-from mailproxy.service import ProxyService
+from mailproxy.filters import IFilterFactory, pipeline
+from mailproxy.filters.pipeline import filterFactories
+from mailproxy.service import ProxyService, StartupError
 
 
 class TapTests(SynchronousTestCase):
@@ -20,8 +25,8 @@ class TapTests(SynchronousTestCase):
             f.write(text)
         return path
 
-    def goodConfig(self, extra: str = "") -> str:
-        spool = os.path.abspath(self.mktemp())
+    def goodConfig(self, extra: str = "", spool: str | None = None) -> str:
+        spool = spool or os.path.abspath(self.mktemp())
         return self.writeConfig(
             '[proxy]\nlisten = ["tcp:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.2"]\n'
             'upstream = "tcp:host=127.0.0.1:port=10025"\n'
@@ -46,21 +51,60 @@ class TapTests(SynchronousTestCase):
         self.assertIn("limits.recipients", message)
         self.assertNotIn("\n", message)
 
-    def test_unknownFilter(self) -> None:
-        """A filter section naming no installed filter stops start-up, naming it."""
+    def build(self, path: str) -> IService:
+        """What twistd does: parse the options, then make the service."""
         options = tap.Options()
+        options.parseOptions(["--config", path])
+        return tap.makeService(options)
+
+    def test_unknownFilter(self) -> None:
+        """A filter section naming no installed filter stops start-up with one line."""
+        path = self.goodConfig("[filters.nosuch]\n")
         with self.assertRaises(SystemExit) as raised:
-            options.parseOptions(["--config", self.goodConfig("[filters.nosuch]\n")])
-        self.assertIn("filters.nosuch", str(raised.exception.code))
+            self.build(path)
+        self.assertEqual(
+            raised.exception.code,
+            f"mailproxy: {path}: filters.nosuch: no such filter is installed (known: "
+            + ", ".join(sorted(filterFactories()))
+            + ")",
+        )
 
     def test_badFilterOption(self) -> None:
-        """A wrong filter option stops start-up, naming the filter's key."""
-        options = tap.Options()
+        """A wrong filter option stops start-up with one line naming the filter's key."""
         with self.assertRaises(SystemExit) as raised:
-            options.parseOptions(
-                ["--config", self.goodConfig('[filters.access]\ndeny_networks = ["300.1.2.3/8"]\n')]
-            )
-        self.assertIn("filters.access.deny_networks", str(raised.exception.code))
+            self.build(self.goodConfig('[filters.access]\ndeny_networks = ["300.1.2.3/8"]\n'))
+        message = str(raised.exception.code)
+        self.assertIn("filters.access.deny_networks", message)
+        self.assertNotIn("\n", message)
+
+    def test_filtersFoundAndBuiltOnce(self) -> None:
+        """
+        Start-up looks for the installed filters once, while the options are read, and
+        builds each configured filter once; the service keeps that registry.
+        """
+        found = []
+        built = []
+        real = pipeline.filterFactories
+
+        def counting() -> Mapping[str, IFilterFactory]:
+            factories = real()
+            found.append(factories)
+            access = factories["access"]
+
+            @implementer(IFilterFactory)
+            class Counting:
+                name = "access"
+
+                def build(self, options: Mapping[str, object], reactor: object) -> object:
+                    built.append(options)
+                    return access.build(options, reactor)  # type: ignore[arg-type]
+
+            return {**factories, "access": Counting()}
+
+        self.patch(tap, "filterFactories", counting)
+        service = self.build(self.goodConfig('[filters.access]\ndeny_senders = ["*@x"]\n'))
+        assert isinstance(service, ProxyService)
+        self.assertEqual((len(found), len(built)), (1, 1))
 
     def test_configRequired(self) -> None:
         """Without --config and without the default file, the usage error says so."""
@@ -101,6 +145,7 @@ class TapTests(SynchronousTestCase):
         service = tap.makeService(options)
         assert isinstance(service, ProxyService)
         spool = service.config.spoolDir
+        os.mkdir(spool)
         for name in ("mailproxy-abc.msg", "keep.txt"):
             open(os.path.join(spool, name), "w").close()
         for listener in service:
@@ -108,3 +153,70 @@ class TapTests(SynchronousTestCase):
         service.startService()
         self.addCleanup(service.stopService)
         self.assertEqual(os.listdir(spool), ["keep.txt"])
+
+    def test_directoriesMadeAtStart(self) -> None:
+        """
+        Parsing the options and building the service create nothing; the spool and
+        quarantine directories are made (mode 0700) when the service starts.
+        """
+        spool = os.path.abspath(self.mktemp())
+        quarantine = os.path.join(spool, "quarantine")
+        options = tap.Options()
+        options.parseOptions(
+            [
+                "--config",
+                self.goodConfig(spool=spool, extra=f'[quarantine]\ndir = "{quarantine}"\n'),
+            ]
+        )
+        service = tap.makeService(options)
+        assert isinstance(service, ProxyService)
+        self.assertFalse(os.path.lexists(spool))
+        for listener in service:
+            listener.startService = lambda: None  # type: ignore[method-assign]
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertEqual(
+            [stat.S_IMODE(os.stat(d).st_mode) for d in (spool, quarantine)], [0o700, 0o700]
+        )
+
+    def test_directoryErrorAtStartIsOneLine(self) -> None:
+        """
+        A directory that cannot be made when twistd starts the service (it became a file
+        after the options were read) stops start-up with one line naming the file and
+        the key, and nothing is bound.
+        """
+        spool = os.path.abspath(self.mktemp())
+        options = tap.Options()
+        options.parseOptions(["--config", self.goodConfig(spool=spool)])
+        service = tap.makeService(options)
+        assert isinstance(service, ProxyService)
+        open(spool, "w").close()
+        with self.assertRaises(SystemExit) as raised:
+            service.privilegedStartService()
+        self.assertEqual(
+            raised.exception.code,
+            f"mailproxy: {options['config']}: proxy.spool_dir: {spool!r} exists and is not a directory",
+        )
+        self.assertEqual([listener._waitingForPort for listener in service.listeners], [None, None])
+
+    def test_directoryErrorDaemonised(self) -> None:
+        """
+        Under twistd in the background (no -n), the same error is a StartupError, which
+        twistd reports to the process that launched it (a SystemExit would leave that
+        process waiting); its text is the same one line.
+        """
+        from twisted.scripts._twistd_unix import ServerOptions
+
+        spool = os.path.abspath(self.mktemp())
+        path = self.goodConfig(spool=spool)
+        twistd = ServerOptions()
+        twistd.parseOptions(["mailproxy", "--config", path])
+        service = tap.makeService(twistd.subOptions)
+        assert isinstance(service, ProxyService)
+        open(spool, "w").close()
+        with self.assertRaises(StartupError) as raised:
+            service.privilegedStartService()
+        self.assertEqual(
+            str(raised.exception),
+            f"{path}: proxy.spool_dir: {spool!r} exists and is not a directory",
+        )

@@ -8,7 +8,6 @@ has an allow list of exceptions.
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Mapping
 
 import attrs
@@ -19,22 +18,10 @@ from zope.interface import implementer
 from mailproxy.envelope import Envelope, Session
 from mailproxy.filters import BaseFilter, IFilter, IFilterFactory, Stage, Verdict
 from mailproxy.filters.options import Options
+from mailproxy.filters.support import Patterns
 from mailproxy.net import Network, clientIP, inNetworks
 
-
-@attrs.frozen
-class Patterns:
-    """Case-insensitive glob patterns, each compiled once."""
-
-    patterns: tuple[str, ...]
-
-    def match(self, value: str) -> bool:
-        value = value.lower()
-        return any(fnmatch.fnmatchcase(value, p) for p in self.patterns)
-
-    @classmethod
-    def parse(cls, options: Options, key: str) -> Patterns:
-        return cls(tuple(p.lower() for p in options.strings(key)))
+_NOTHING = Patterns(())
 
 
 @implementer(IFilter)
@@ -44,11 +31,11 @@ class AccessFilter(BaseFilter):
 
     denyNetworks: tuple[Network, ...] = ()
     allowNetworks: tuple[Network, ...] = ()
-    denyHelo: Patterns = Patterns(())
-    denySenders: Patterns = Patterns(())
-    allowSenders: Patterns = Patterns(())
-    denyRecipients: Patterns = Patterns(())
-    allowRecipients: Patterns = Patterns(())
+    denyHelo: Patterns = _NOTHING
+    denySenders: Patterns = _NOTHING
+    allowSenders: Patterns = _NOTHING
+    denyRecipients: Patterns = _NOTHING
+    allowRecipients: Patterns = _NOTHING
     name = "access"
 
     @property

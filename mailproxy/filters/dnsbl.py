@@ -16,10 +16,8 @@ It adds nothing to the message; the hits are noted as C{session.notes["dnsbl"]}.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import cast
 
 import attrs
-from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -27,7 +25,15 @@ from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailproxy.dns import ListLookup, Zone, makeResolver, readServer, readZones, reversedName
+from mailproxy.dns import (
+    ListLookup,
+    Zone,
+    lookupAll,
+    makeResolver,
+    readServer,
+    readZones,
+    reversedName,
+)
 from mailproxy.envelope import Envelope, Session
 from mailproxy.filters import (
     BaseFilter,
@@ -38,30 +44,9 @@ from mailproxy.filters import (
     Stage,
     Verdict,
 )
-from mailproxy.filters.access import Patterns
 from mailproxy.filters.options import Options
+from mailproxy.filters.support import Patterns
 from mailproxy.net import Network, clientIP, inNetworks
-
-
-async def lookupAll(
-    lookup: ListLookup, queries: list[tuple[str, Zone]]
-) -> list[tuple[Zone, tuple[str, ...] | Failure]]:
-    """
-    Ask every C{(name, zone)} at once; each zone with its listing codes (empty: not
-    listed) or the L{FilterError} failure of its lookup.
-    """
-    results = await defer.DeferredList(
-        [lookup.lookup(name) for name, _ in queries], consumeErrors=True
-    )
-    out: list[tuple[Zone, tuple[str, ...] | Failure]] = []
-    for (_, zone), (ok, value) in zip(queries, results, strict=True):
-        if ok:
-            out.append((zone, zone.codes.matching(value)))
-        else:
-            failure = cast(Failure, value)
-            failure.trap(FilterError)  # anything else is a bug: let it through
-            out.append((zone, failure))
-    return out
 
 
 @implementer(IFilter)

@@ -29,7 +29,8 @@ from zope.interface import implementer
 
 from mailproxy.envelope import Envelope, Message, Session
 from mailproxy.filters import BaseFilter, IFilter, IFilterFactory, OptionError, Stage, Verdict
-from mailproxy.filters.mime import (
+from mailproxy.filters.options import Options, reKeyed
+from mailproxy.filters.support import (
     DEFAULT_MAX_HEADER_BYTES,
     Blocking,
     LineReader,
@@ -40,7 +41,6 @@ from mailproxy.filters.mime import (
     parseHeaders,
     readHeaderBlock,
 )
-from mailproxy.filters.options import Options, reKeyed
 
 AUTHENTICATION_RESULTS = "Authentication-Results"
 # An authserv-id as this filter accepts it: a domain-like token (RFC 8601 allows a

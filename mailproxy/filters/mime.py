@@ -24,51 +24,43 @@ A C{message/rfc822} part whose content is base64 or quoted-printable encoded (wh
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Mapping
-from email.errors import HeaderParseError
-from email.header import decode_header
+from collections.abc import Iterator, Mapping
 from email.message import Message as EmailMessage
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 from email.utils import collapse_rfc2231_value
-from typing import IO, Protocol, TypeVar, cast
+from typing import IO
 
 import attrs
-from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorFromThreads, IReactorThreads, IReactorTime
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.interfaces import IReactorTime
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from mailproxy.envelope import Envelope, Message, Session
 from mailproxy.filters import BaseFilter, IFilter, IFilterFactory, Stage, Verdict
-from mailproxy.filters.access import Patterns
 from mailproxy.filters.options import Options
+from mailproxy.filters.support import (
+    BLOCK_END,
+    CHUNK_SIZE,
+    DEFAULT_MAX_HEADER_BYTES,
+    HEADER_END,
+    MAX_BOUNDARY,
+    PEEK,
+    Blocking,
+    LineReader,
+    MimeStructureError,
+    Patterns,
+    decodeText,
+    inThisThread,
+    inThreadPool,
+    unfold,
+)
 
-_T = TypeVar("_T")
-
-#: Bytes read from the spool file at a time.
-CHUNK_SIZE = 64 * 1024
-#: Longest boundary taken (RFC 2046 allows 70; lenient writers go further). A multipart
-#: with a longer one, or none, is read as a single part.
-MAX_BOUNDARY = 998
 #: Boundaries kept per multipart (from repeated Content-Type headers).
 _MAX_MARKERS = 8
-#: Bytes of a line looked at to recognise a delimiter or a header line.
-_PEEK = MAX_BOUNDARY + 8
 
 DEFAULT_MAX_DEPTH = 20
 DEFAULT_MAX_PARTS = 1000
-DEFAULT_MAX_HEADER_BYTES = 128 * 1024
 
-# What ends a header block, tried at each line start: an empty line (consumed), or a
-# line that is neither a header field's first line nor a continuation (the stdlib feed
-# parser's rule); with open multiparts, also any of their delimiter lines.
-_BLOCK_END = rb"^(?:(?P<empty>\r?\n|\r?\Z)%s|(?![\041-\071\073-\176]*:|[\t ]))"
-_HEADER_END = re.compile(_BLOCK_END % b"", re.MULTILINE)
-# The start of a line too long to see whole, that may still turn out to be a header.
-_HEADER_NAME_SO_FAR = re.compile(rb"[\041-\071\073-\176]*\Z")
 # The fields that matter to the walk, with their continuation lines.
 _CONTENT_FIELDS = re.compile(
     rb"^(content-(?:type|disposition|transfer-encoding)):(.*(?:\n[\t ].*)*)",
@@ -76,194 +68,9 @@ _CONTENT_FIELDS = re.compile(
 )
 #: The most Content-* fields in one header block (one of each is the norm).
 MAX_CONTENT_FIELDS = 16
-_FOLD = re.compile(r"\r?\n(?=[ \t])")
 _COMMENT = re.compile(r"\([^()]*\)")
 _ENCAPSULATED = frozenset({"message/rfc822", "message/global"})
 _IDENTITY_ENCODINGS = frozenset({"7bit", "8bit", "binary"})
-
-
-class MimeStructureError(Exception):
-    """The structure is over a limit (a MIME bomb); C{text} says which, for the reply."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__(text)
-        self.text = text
-
-
-class LineReader:
-    """
-    Reads a binary file a chunk at a time, by lines, without ever holding more than a
-    chunk and one bounded look-ahead: a line of any length is skipped in chunks.
-    """
-
-    def __init__(self, f: IO[bytes], chunkSize: int = CHUNK_SIZE) -> None:
-        self._f = f
-        self._chunkSize = chunkSize
-        self._buf = bytearray()
-        self._pos = 0
-        self._eof = False
-
-    def _more(self) -> bool:
-        """Append a chunk to the buffer, dropping what was consumed; false at the end."""
-        if self._eof:
-            return False
-        data = self._f.read(self._chunkSize)
-        if not data:
-            self._eof = True
-            return False
-        if self._pos:
-            del self._buf[: self._pos]
-            self._pos = 0
-        self._buf += data
-        return True
-
-    def _fill(self, count: int) -> None:
-        while len(self._buf) - self._pos < count and self._more():
-            pass
-
-    def peekLine(self, limit: int) -> tuple[bytes, bool] | None:
-        """
-        The line at the read position, without its line ending, and whether it is whole:
-        a longer line gives its first C{limit} bytes and false. L{None} at the end.
-        The position does not move.
-        """
-        while True:
-            end = self._buf.find(b"\n", self._pos, self._pos + limit)
-            if end >= 0:
-                return _chomp(bytes(self._buf[self._pos : end])), True
-            if len(self._buf) - self._pos >= limit:
-                return bytes(self._buf[self._pos : self._pos + limit]), False
-            if not self._more():
-                if self._pos >= len(self._buf):
-                    return None
-                return _chomp(bytes(self._buf[self._pos :])), True
-
-    def skipLine(self) -> None:
-        """Move past the end of the current line (in chunks, however long it is)."""
-        while True:
-            end = self._buf.find(b"\n", self._pos)
-            if end >= 0:
-                self._pos = end + 1
-                return
-            self._pos = len(self._buf)
-            if not self._more():
-                return
-
-    def seek(self, atStart: re.Pattern[bytes], anywhere: re.Pattern[bytes], keep: int) -> bool:
-        """
-        Move to the start of the next line matching C{atStart}, from the current line
-        (which must be at a line start) on; false at the end of the file.
-
-        @param anywhere: C{atStart} preceded by C{\\n}, searched for a buffer at a time.
-        @param keep: the longest match, C{\\n} included: as many bytes are kept from the
-            end of a buffer, in case a match straddles two reads.
-        """
-        self._fill(keep)
-        if atStart.match(self._buf, self._pos):
-            return True
-        while True:
-            found = anywhere.search(self._buf, self._pos)
-            if found is not None:
-                self._pos = found.start() + 1
-                return True
-            self._pos = max(self._pos, len(self._buf) - keep)
-            if not self._more():
-                return False
-
-
-    def headerBlock(self, limit: int, end: re.Pattern[bytes] = _HEADER_END) -> bytes:
-        """
-        Read the header block at the position (a line start), scanning a buffer at a
-        time: its bytes, line endings included. It ends at an empty line (consumed), at
-        the end of the file, or at the line C{end} finds (not consumed: it starts the
-        body).
-
-        @param limit: the most bytes the block may take.
-        @raise MimeStructureError: the block is larger than C{limit}.
-        """
-        window = limit + _PEEK
-        self._fill(window)
-        stop = min(len(self._buf), self._pos + window)
-        found = end.search(self._buf, self._pos, stop)
-        atEnd = self._eof and stop == len(self._buf)
-        if found is None:
-            # Header lines all through the window: too many, unless the file ends there.
-            if not atEnd or stop - self._pos > limit:
-                raise _tooLarge(limit)
-            block = bytes(self._buf[self._pos : stop])
-            self._pos = stop
-            return block
-        at = found.start()
-        if at - self._pos > limit:
-            raise _tooLarge(limit)
-        block = bytes(self._buf[self._pos : at])
-        if found.group("empty") is not None:
-            self._pos = found.end()
-        elif (
-            found.groupdict().get("delimiter") is None
-            and not atEnd
-            and self._buf.find(b"\n", at, stop) < 0
-            and _HEADER_NAME_SO_FAR.match(self._buf, at, stop)
-        ):
-            # A line longer than the window that may yet be a header field.
-            raise _tooLarge(limit)
-        else:
-            self._pos = at
-        return block
-
-
-def _tooLarge(limit: int) -> MimeStructureError:
-    return MimeStructureError(f"MIME header block too large (limit {limit} bytes)")
-
-
-def _chomp(line: bytes) -> bytes:
-    return line[:-1] if line.endswith(b"\r") else line
-
-
-def readHeaderBlock(reader: LineReader, limit: int) -> bytes:
-    """
-    Read the header block of a message at C{reader}'s position (see
-    L{LineReader.headerBlock}).
-
-    @raise MimeStructureError: the block is larger than C{limit}.
-    """
-    return reader.headerBlock(limit)
-
-
-def parseHeaders(block: bytes) -> list[tuple[str, str]]:
-    """
-    The fields of a header block: names as written, values unfolded, still encoded
-    (raw 8-bit bytes appear as surrogate escapes).
-    """
-    parsed = BytesHeaderParser(policy=compat32).parsebytes(block + b"\r\n")
-    return [(name, _FOLD.sub("", value)) for name, value in parsed.raw_items()]
-
-
-def decodeText(value: str) -> str:
-    """
-    A header value or parameter as a reader would show it: RFC 2047 encoded words
-    decoded (unknown charsets and bad encodings replaced, never an error), raw 8-bit
-    bytes read as UTF-8.
-    """
-    if "=?" in value:
-        try:
-            pieces = decode_header(value)
-        except (HeaderParseError, ValueError):
-            pieces = [(value, None)]
-        out = []
-        for piece, charset in pieces:
-            if isinstance(piece, str):
-                out.append(piece)
-            elif charset is None:
-                out.append(piece.decode("raw-unicode-escape"))
-            else:
-                try:
-                    # RFC 2231 section 5 allows a language: =?utf-8*en?q?...?=
-                    out.append(piece.decode(charset.split("*", 1)[0], "replace"))
-                except LookupError:
-                    out.append(piece.decode("utf-8", "replace"))
-        value = "".join(out)
-    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 @attrs.frozen
@@ -342,7 +149,7 @@ def describe(block: bytes, depth: int, inDigest: bool) -> tuple[Part, _Frame | N
         )
     for rawName, rawValue in fields:
         field = rawName.decode("ascii").lower()
-        value = _FOLD.sub("", rawValue.decode("ascii", "surrogateescape")).strip()
+        value = unfold(rawValue.decode("ascii", "surrogateescape")).strip()
         if field == "content-type":
             media = _mediaType(value)
             if media is not None:
@@ -381,7 +188,7 @@ class _Delimiters:
         self.atStart = re.compile(body)
         self.anywhere = re.compile(b"\n" + body)
         self.keep = 3 + len(markers[0])
-        self.headerEnd = re.compile(_BLOCK_END % (b"|(?P<delimiter>" + body + b")"), re.MULTILINE)
+        self.headerEnd = re.compile(BLOCK_END % (b"|(?P<delimiter>" + body + b")"), re.MULTILINE)
 
     def match(self, line: bytes) -> tuple[int, bool] | None:
         """The innermost frame C{line} is a delimiter of, and whether it closes it."""
@@ -428,7 +235,7 @@ def walk(
                 if parts > maxParts:
                     raise MimeStructureError(f"Too many MIME parts (limit {maxParts})")
             block = reader.headerBlock(
-                maxHeaderBytes, _HEADER_END if delimiters is None else delimiters.headerEnd
+                maxHeaderBytes, HEADER_END if delimiters is None else delimiters.headerEnd
             )
             part, frame, encapsulated = describe(block, depth, inDigest)
             yield part
@@ -442,7 +249,7 @@ def walk(
             return
         if not reader.seek(delimiters.atStart, delimiters.anywhere, delimiters.keep):
             return
-        peeked = reader.peekLine(_PEEK)
+        peeked = reader.peekLine(PEEK)
         assert peeked is not None  # seek stopped at a line
         found = delimiters.match(peeked[0])
         assert found is not None  # what seek finds is a delimiter
@@ -458,35 +265,6 @@ def walk(
                 raise MimeStructureError(f"Too many MIME parts (limit {maxParts})")
             continue
         entity = (frames[index].depth + 1, frames[index].digest)
-
-
-# --- running blocking work ---------------------------------------------------------------------
-
-
-class Blocking(Protocol):
-    """Runs a blocking function somewhere, firing a Deferred with its result."""
-
-    def __call__(self, f: Callable[[], _T]) -> Deferred[_T]: ...
-
-
-def inThisThread(f: Callable[[], _T]) -> Deferred[_T]:
-    """Run C{f} now, here (for tests: synchronous, deterministic)."""
-    return defer.maybeDeferred(f)
-
-
-def inThreadPool(reactor: IReactorTime) -> Blocking:
-    """
-    Run functions in C{reactor}'s thread pool, or here when it has none (a
-    L{twisted.internet.task.Clock} in tests).
-    """
-    if not IReactorThreads.providedBy(reactor):
-        return inThisThread
-    threads = cast(IReactorThreads, reactor)
-
-    def run(f: Callable[[], _T]) -> Deferred[_T]:
-        return deferToThreadPool(cast(IReactorFromThreads, reactor), threads.getThreadPool(), f)
-
-    return run
 
 
 # --- the filter ----------------------------------------------------------------------------------

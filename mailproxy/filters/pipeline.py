@@ -6,6 +6,7 @@ C{on_error} policy and C{dry_run} switch; gathers the headers accepting filters 
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import attrs
@@ -253,22 +254,31 @@ class Pipeline:
         return verdict
 
 
-def filterFactories() -> dict[str, IFilterFactory]:
-    """The installed filter kinds, built-in and third-party, by name."""
-    return {factory.name: factory for factory in getPlugins(IFilterFactory, plugins)}
+def filterFactories() -> Mapping[str, IFilterFactory]:
+    """
+    Find the installed filter kinds, built-in and third-party, by name (a read-only
+    mapping). Discovery imports every module of L{mailproxy.plugins}: do it once, at
+    start-up, while the code is sure to be readable, and hand the result to
+    L{buildPipeline} for every configuration after.
+    """
+    found = {factory.name: factory for factory in getPlugins(IFilterFactory, plugins)}
+    return types.MappingProxyType(found)
 
 
 def buildPipeline(
-    config: Config, reactor: IReactorTime, observer: Observer | None = None
+    config: Config,
+    reactor: IReactorTime,
+    observer: Observer | None,
+    factories: Mapping[str, IFilterFactory],
 ) -> Pipeline:
     """
-    Build the filters a configuration names.
+    Build the filters a configuration names, from the filter kinds found at start-up.
 
-    @param observer: told of each filter's answer (see L{Pipeline}).
-
+    @param observer: told of each filter's answer (see L{Pipeline}), if not L{None}.
+    @param factories: the installed filter kinds by name (L{filterFactories}); nothing
+        is discovered here.
     @raise ConfigError: a filter is not installed, or its options are wrong.
     """
-    factories = filterFactories()
     configured = []
     for spec in config.filters:
         factory = factories.get(spec.name)

@@ -33,7 +33,15 @@ from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailproxy.dns import ListLookup, Zone, makeResolver, readServer, readZones, reversedName
+from mailproxy.dns import (
+    ListLookup,
+    Zone,
+    lookupAll,
+    makeResolver,
+    readServer,
+    readZones,
+    reversedName,
+)
 from mailproxy.envelope import Envelope, Message, Session
 from mailproxy.filters import (
     BaseFilter,
@@ -44,7 +52,6 @@ from mailproxy.filters import (
     Stage,
     Verdict,
 )
-from mailproxy.filters.dnsbl import lookupAll
 from mailproxy.filters.options import Options
 
 #: Public suffixes of more than one label under which names are commonly registered:

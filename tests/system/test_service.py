@@ -3,8 +3,8 @@ mailproxy run as a service: started as root, it binds a privileged port, drops t
 unprivileged user (twistd's -u/-g), writes a pidfile, still spools, reloads on SIGHUP, and
 stops cleanly on SIGTERM. The upstream is the stand-in MTA, in this process.
 
-L{HandOverTests} only need root (they parse twistd's options in this process), so they also
-run with the unit tests.
+L{HandOverTests} only need root (they parse twistd's options and start the service's
+privileged part in this process), so they also run with the unit tests.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from pathlib import Path
 from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
+from mailproxy import tap
 from mailproxy.localmta import LocalMTA
+from mailproxy.service import ProxyService
 from tests.system import harness
 
 USER, GROUP = "nobody", "nogroup"
@@ -115,36 +117,59 @@ class PrivilegeTests(unittest.TestCase):
 
 
 class HandOverTests(unittest.SynchronousTestCase):
-    """twistd's -u as root: the spool directory is checked (or handed over) before listening."""
+    """
+    twistd's -u as root: whether the directories can be handed over is checked while
+    twistd reads its options; they are made and handed over in privilegedStartService,
+    before twistd drops privileges.
+    """
 
     skip = None if os.getuid() == 0 else "needs root, to own directories as another user"
 
-    def parse(self, spool: Path, extra: str = "") -> None:
+    def parse(self, spool: Path, extra: str = "") -> ProxyService:
+        """Parse twistd's options as C{twistd -n -u nobody mailproxy} does; build the service."""
         from twisted.scripts._twistd_unix import ServerOptions
 
         config = Path(self.mktemp())
         config.write_text(
-            f'[proxy]\nlisten = "tcp:0"\nupstream = "tcp:host=127.0.0.1:port=1"\n'
-            f'spool_dir = "{spool}"\n' + extra
+            f'[proxy]\nlisten = "tcp:0:interface=127.0.0.1"\n'
+            f'upstream = "tcp:host=127.0.0.1:port=1"\nspool_dir = "{spool}"\n' + extra
         )
-        ServerOptions().parseOptions(["-u", USER, "mailproxy", "--config", str(config)])
+        options = ServerOptions()
+        options.parseOptions(["-n", "-u", USER, "mailproxy", "--config", str(config)])
+        service = tap.makeService(options.subOptions)
+        assert isinstance(service, ProxyService)
+        return service
+
+    def start(self, service: ProxyService) -> None:
+        """What twistd does as root: privilegedStartService (it binds the listeners)."""
+        service.privilegedStartService()
+        for listener in service.listeners:
+            self.addCleanup(listener.stopService)
 
     def test_emptyDirectoryHandedOver(self) -> None:
-        """A missing spool directory is created (0700) and given to the -u user."""
+        """
+        A missing spool directory is not created while the options are read; at start
+        it is created (0700) and given to the -u user.
+        """
         spool = Path(self.mktemp()).resolve()
-        self.parse(spool)
+        service = self.parse(spool)
+        self.assertFalse(spool.exists())
+        self.start(service)
         info = spool.stat()
         self.assertEqual((info.st_uid, info.st_mode & 0o777), (pwd.getpwnam(USER).pw_uid, 0o700))
 
     def test_quarantineInsideSpool(self) -> None:
         """A new spool with a new quarantine inside it: both are given to the user."""
         spool = Path(self.mktemp()).resolve()
-        self.parse(spool, f'[quarantine]\ndir = "{spool}/quarantine"\n')
+        self.start(self.parse(spool, f'[quarantine]\ndir = "{spool}/quarantine"\n'))
         nobody = pwd.getpwnam(USER).pw_uid
         self.assertEqual([spool.stat().st_uid, (spool / "quarantine").stat().st_uid], [nobody] * 2)
 
     def test_foreignDirectoryRefused(self) -> None:
-        """A spool directory with files in it that the user does not own stops start-up."""
+        """
+        A spool directory with files in it that the user does not own stops start-up
+        while twistd reads its options (before it daemonises), with one line.
+        """
         spool = Path(self.mktemp()).resolve()
         spool.mkdir(mode=0o700)
         (spool / "something").touch()
@@ -153,4 +178,23 @@ class HandOverTests(unittest.SynchronousTestCase):
         message = str(raised.exception.code)
         self.assertIn("proxy.spool_dir", message)
         self.assertIn(f"must belong to uid {pwd.getpwnam(USER).pw_uid}", message)
+        self.assertNotIn("\n", message)
         self.assertEqual(spool.stat().st_uid, 0)
+
+    def test_foreignDirectoryAtStart(self) -> None:
+        """
+        A directory that became unusable after the options were read stops
+        privilegedStartService with the same one line, before anything is bound.
+        """
+        spool = Path(self.mktemp()).resolve()
+        service = self.parse(spool)
+        spool.mkdir(mode=0o700)
+        (spool / "something").touch()
+        with self.assertRaises(SystemExit) as raised:
+            service.privilegedStartService()
+        message = str(raised.exception.code)
+        self.assertTrue(message.startswith("mailproxy: "), message)
+        self.assertIn("proxy.spool_dir: ", message)
+        self.assertIn(f"must belong to uid {pwd.getpwnam(USER).pw_uid}", message)
+        self.assertEqual(spool.stat().st_uid, 0)
+        self.assertEqual([listener._waitingForPort for listener in service.listeners], [None])

@@ -1,0 +1,293 @@
+"""
+What the built-in filters share, so that no filter module imports another.
+
+  - L{Patterns}: case-insensitive glob patterns, for names and addresses;
+  - reading a spooled message's header blocks a chunk at a time, bounded
+    (L{LineReader}, L{readHeaderBlock}), and their fields (L{parseHeaders},
+    L{decodeText}), for the mime and headers filters;
+  - running blocking work in the reactor's thread pool (L{inThreadPool}).
+
+A built-in filter imports the filter API (L{mailproxy.filters}), this module,
+L{mailproxy.filters.options}, L{mailproxy.filters.daemon} and modules outside the
+filters (L{mailproxy.dns}, L{mailproxy.net}, ...), never another filter module:
+C{tests/test_layering.py} checks it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Callable
+from email.errors import HeaderParseError
+from email.header import decode_header
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+from typing import IO, Protocol, TypeVar, cast
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads, IReactorThreads, IReactorTime
+from twisted.internet.threads import deferToThreadPool
+
+from mailproxy.filters.options import Options
+
+_T = TypeVar("_T")
+
+# --- matching ----------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Patterns:
+    """Case-insensitive glob patterns, each compiled once."""
+
+    patterns: tuple[str, ...]
+
+    def match(self, value: str) -> bool:
+        value = value.lower()
+        return any(fnmatch.fnmatchcase(value, p) for p in self.patterns)
+
+    @classmethod
+    def parse(cls, options: Options, key: str) -> Patterns:
+        return cls(tuple(p.lower() for p in options.strings(key)))
+
+
+# --- reading a spooled message ----------------------------------------------------------------
+
+#: Bytes read from the spool file at a time.
+CHUNK_SIZE = 64 * 1024
+#: Longest MIME boundary taken (RFC 2046 allows 70; lenient writers go further). A
+#: multipart with a longer one, or none, is read as a single part.
+MAX_BOUNDARY = 998
+#: Bytes of a line looked at to recognise a delimiter or a header line.
+PEEK = MAX_BOUNDARY + 8
+#: The largest header block read by default.
+DEFAULT_MAX_HEADER_BYTES = 128 * 1024
+
+#: What ends a header block, tried at each line start: an empty line (consumed), or a
+#: line that is neither a header field's first line nor a continuation (the stdlib feed
+#: parser's rule); a C{%s} for more alternatives (the mime walk adds the delimiter lines
+#: of the open multiparts).
+BLOCK_END = rb"^(?:(?P<empty>\r?\n|\r?\Z)%s|(?![\041-\071\073-\176]*:|[\t ]))"
+#: The end of a message's own header block.
+HEADER_END = re.compile(BLOCK_END % b"", re.MULTILINE)
+# The start of a line too long to see whole, that may still turn out to be a header.
+_HEADER_NAME_SO_FAR = re.compile(rb"[\041-\071\073-\176]*\Z")
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
+
+
+def unfold(value: str) -> str:
+    """A header value on one line: its folding line breaks removed (RFC 5322 2.2.3)."""
+    return _FOLD.sub("", value)
+
+
+class MimeStructureError(Exception):
+    """The structure is over a limit (a MIME bomb); C{text} says which, for the reply."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+
+class LineReader:
+    """
+    Reads a binary file a chunk at a time, by lines, without ever holding more than a
+    chunk and one bounded look-ahead: a line of any length is skipped in chunks.
+    """
+
+    def __init__(self, f: IO[bytes], chunkSize: int = CHUNK_SIZE) -> None:
+        self._f = f
+        self._chunkSize = chunkSize
+        self._buf = bytearray()
+        self._pos = 0
+        self._eof = False
+
+    def _more(self) -> bool:
+        """Append a chunk to the buffer, dropping what was consumed; false at the end."""
+        if self._eof:
+            return False
+        data = self._f.read(self._chunkSize)
+        if not data:
+            self._eof = True
+            return False
+        if self._pos:
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+        return True
+
+    def _fill(self, count: int) -> None:
+        while len(self._buf) - self._pos < count and self._more():
+            pass
+
+    def peekLine(self, limit: int) -> tuple[bytes, bool] | None:
+        """
+        The line at the read position, without its line ending, and whether it is whole:
+        a longer line gives its first C{limit} bytes and false. L{None} at the end.
+        The position does not move.
+        """
+        while True:
+            end = self._buf.find(b"\n", self._pos, self._pos + limit)
+            if end >= 0:
+                return _chomp(bytes(self._buf[self._pos : end])), True
+            if len(self._buf) - self._pos >= limit:
+                return bytes(self._buf[self._pos : self._pos + limit]), False
+            if not self._more():
+                if self._pos >= len(self._buf):
+                    return None
+                return _chomp(bytes(self._buf[self._pos :])), True
+
+    def skipLine(self) -> None:
+        """Move past the end of the current line (in chunks, however long it is)."""
+        while True:
+            end = self._buf.find(b"\n", self._pos)
+            if end >= 0:
+                self._pos = end + 1
+                return
+            self._pos = len(self._buf)
+            if not self._more():
+                return
+
+    def seek(self, atStart: re.Pattern[bytes], anywhere: re.Pattern[bytes], keep: int) -> bool:
+        """
+        Move to the start of the next line matching C{atStart}, from the current line
+        (which must be at a line start) on; false at the end of the file.
+
+        @param anywhere: C{atStart} preceded by C{\\n}, searched for a buffer at a time.
+        @param keep: the longest match, C{\\n} included: as many bytes are kept from the
+            end of a buffer, in case a match straddles two reads.
+        """
+        self._fill(keep)
+        if atStart.match(self._buf, self._pos):
+            return True
+        while True:
+            found = anywhere.search(self._buf, self._pos)
+            if found is not None:
+                self._pos = found.start() + 1
+                return True
+            self._pos = max(self._pos, len(self._buf) - keep)
+            if not self._more():
+                return False
+
+    def headerBlock(self, limit: int, end: re.Pattern[bytes] = HEADER_END) -> bytes:
+        """
+        Read the header block at the position (a line start), scanning a buffer at a
+        time: its bytes, line endings included. It ends at an empty line (consumed), at
+        the end of the file, or at the line C{end} finds (not consumed: it starts the
+        body).
+
+        @param limit: the most bytes the block may take.
+        @raise MimeStructureError: the block is larger than C{limit}.
+        """
+        window = limit + PEEK
+        self._fill(window)
+        stop = min(len(self._buf), self._pos + window)
+        found = end.search(self._buf, self._pos, stop)
+        atEnd = self._eof and stop == len(self._buf)
+        if found is None:
+            # Header lines all through the window: too many, unless the file ends there.
+            if not atEnd or stop - self._pos > limit:
+                raise _tooLarge(limit)
+            block = bytes(self._buf[self._pos : stop])
+            self._pos = stop
+            return block
+        at = found.start()
+        if at - self._pos > limit:
+            raise _tooLarge(limit)
+        block = bytes(self._buf[self._pos : at])
+        if found.group("empty") is not None:
+            self._pos = found.end()
+        elif (
+            found.groupdict().get("delimiter") is None
+            and not atEnd
+            and self._buf.find(b"\n", at, stop) < 0
+            and _HEADER_NAME_SO_FAR.match(self._buf, at, stop)
+        ):
+            # A line longer than the window that may yet be a header field.
+            raise _tooLarge(limit)
+        else:
+            self._pos = at
+        return block
+
+
+def _tooLarge(limit: int) -> MimeStructureError:
+    return MimeStructureError(f"MIME header block too large (limit {limit} bytes)")
+
+
+def _chomp(line: bytes) -> bytes:
+    return line[:-1] if line.endswith(b"\r") else line
+
+
+def readHeaderBlock(reader: LineReader, limit: int) -> bytes:
+    """
+    Read the header block of a message at C{reader}'s position (see
+    L{LineReader.headerBlock}).
+
+    @raise MimeStructureError: the block is larger than C{limit}.
+    """
+    return reader.headerBlock(limit)
+
+
+def parseHeaders(block: bytes) -> list[tuple[str, str]]:
+    """
+    The fields of a header block: names as written, values unfolded, still encoded
+    (raw 8-bit bytes appear as surrogate escapes).
+    """
+    parsed = BytesHeaderParser(policy=compat32).parsebytes(block + b"\r\n")
+    return [(name, unfold(value)) for name, value in parsed.raw_items()]
+
+
+def decodeText(value: str) -> str:
+    """
+    A header value or parameter as a reader would show it: RFC 2047 encoded words
+    decoded (unknown charsets and bad encodings replaced, never an error), raw 8-bit
+    bytes read as UTF-8.
+    """
+    if "=?" in value:
+        try:
+            pieces = decode_header(value)
+        except (HeaderParseError, ValueError):
+            pieces = [(value, None)]
+        out = []
+        for piece, charset in pieces:
+            if isinstance(piece, str):
+                out.append(piece)
+            elif charset is None:
+                out.append(piece.decode("raw-unicode-escape"))
+            else:
+                try:
+                    # RFC 2231 section 5 allows a language: =?utf-8*en?q?...?=
+                    out.append(piece.decode(charset.split("*", 1)[0], "replace"))
+                except LookupError:
+                    out.append(piece.decode("utf-8", "replace"))
+        value = "".join(out)
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+# --- running blocking work ---------------------------------------------------------------------
+
+
+class Blocking(Protocol):
+    """Runs a blocking function somewhere, firing a Deferred with its result."""
+
+    def __call__(self, f: Callable[[], _T]) -> Deferred[_T]: ...
+
+
+def inThisThread(f: Callable[[], _T]) -> Deferred[_T]:
+    """Run C{f} now, here (for tests: synchronous, deterministic)."""
+    return defer.maybeDeferred(f)
+
+
+def inThreadPool(reactor: IReactorTime) -> Blocking:
+    """
+    Run functions in C{reactor}'s thread pool, or here when it has none (a
+    L{twisted.internet.task.Clock} in tests).
+    """
+    if not IReactorThreads.providedBy(reactor):
+        return inThisThread
+    threads = cast(IReactorThreads, reactor)
+
+    def run(f: Callable[[], _T]) -> Deferred[_T]:
+        return deferToThreadPool(cast(IReactorFromThreads, reactor), threads.getThreadPool(), f)
+
+    return run
