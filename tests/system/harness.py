@@ -14,7 +14,7 @@ import socket
 import sys
 import uuid
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -439,12 +439,14 @@ async def converse(reactor: Any, port: int, script: Sequence[bytes]) -> list[Rep
         reader.transport.loseConnection()  # type: ignore[union-attr]
 
 
-def message(token: str, sender: str, recipient: str, body: str = "Hello.") -> bytes:
+def message(
+    token: str, sender: str, recipient: str, body: str = "Hello.", subject: str | None = None
+) -> bytes:
     """A small RFC 5322 message tagged with C{token}, dot-terminated for DATA."""
     lines = [
         f"From: <{sender}>",
         f"To: <{recipient}>",
-        f"Subject: mailproxy system test {token}",
+        f"Subject: {subject if subject is not None else 'mailproxy system test ' + token}",
         f"Message-ID: <{token}@client.example>",
         f"X-Mailproxy-Test: {token}",
         "",
@@ -571,3 +573,173 @@ class PostfixCase(unittest.TestCase):
         )  # fmt: skip
         self.assertEqual(result.status, 0, result.output)
         await self.maildir.waitFor(self.reactor, token)
+
+
+async def waitUntil(
+    reactor: Any, check: Callable[[], bool], timeout: float = DELIVERY_TIMEOUT
+) -> bool:
+    """Poll C{check} every L{POLL_INTERVAL} until it is true or C{timeout} seconds pass;
+    whether it came true."""
+    deadline = reactor.seconds() + timeout
+    while not check():
+        if reactor.seconds() >= deadline:
+            return False
+        await deferLater(reactor, POLL_INTERVAL, lambda: None)
+    return True
+
+
+@attrs.frozen
+class MtaInstance:
+    """
+    An MTA that C{tests/system/components/mtas.sh start COMPONENT BASE} started (Exim or
+    OpenSMTPD, unpacked): where it listens, the domain it delivers into its Maildir, its log.
+    """
+
+    name: str
+    port: int
+    domain: str
+    maildir: Path
+    log: Path
+
+    @classmethod
+    def fromEnvironment(cls, component: str, env: Mapping[str, str] = os.environ) -> MtaInstance:
+        """The instance whose variables start with C{MAILPROXY_<COMPONENT>_}.
+
+        @raise RuntimeError: they are unset (start it with mtas.sh, as .ci/run does).
+        """
+        prefix = "MAILPROXY_" + component.upper().replace("-", "_") + "_"
+        names = [prefix + key for key in ("PORT", "DOMAIN", "MAILDIR", "LOG")]
+        missing = [name for name in names if not env.get(name)]
+        if missing:
+            raise RuntimeError(
+                f"{SYSTEM_ENV}=1 but {', '.join(missing)} unset: start {component} with "
+                f"tests/system/components/mtas.sh start {component} BASE (see .ci/run)"
+            )
+        port, domain, maildir, logPath = (env[name] for name in names)
+        return cls(component, int(port), domain, Path(maildir), Path(logPath))
+
+    @property
+    def endpoint(self) -> str:
+        """The MTA as a Twisted client endpoint string, for the proxy's upstream."""
+        return f"tcp:host=127.0.0.1:port={self.port}"
+
+    def logText(self) -> str:
+        """Its whole log so far (Exim's mainlog, OpenSMTPD's stderr)."""
+        try:
+            return self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def logTail(self, lines: int = 60) -> str:
+        """The end of its log, to put in a failure message."""
+        tail = "\n".join(self.logText().splitlines()[-lines:])
+        return f"--- {self.name} log ({self.log}), last {lines} lines:\n{tail}"
+
+
+class SmtpSession:
+    """
+    A client connection that writes exactly the bytes it is given (several commands in one
+    write, odd separators, bare LF) and reads replies one by one, each within a deadline.
+    Everything sent and received is kept in L{transcript}, for failure messages.
+    """
+
+    def __init__(self, reactor: Any, reader: ReplyReader) -> None:
+        self._reactor = reactor
+        self._reader = reader
+        self._transcript: list[str] = []
+
+    @classmethod
+    async def open(cls, reactor: Any, port: int) -> SmtpSession:
+        """Connect to 127.0.0.1:C{port} (the banner is the first L{reply})."""
+        return cls(reactor, await _connect(reactor, port))
+
+    def write(self, data: bytes) -> None:
+        """Send C{data} as it is, in one write."""
+        self._transcript.append(f"C: {data!r}")
+        self._reader.transport.write(data)  # type: ignore[union-attr]
+
+    async def reply(self, timeout: float = REPLY_TIMEOUT) -> Reply:
+        """The next reply.
+
+        @raise error.TimeoutError: none came within C{timeout} seconds.
+        @raise error.ConnectionDone: the server closed the connection first.
+        """
+        try:
+            r = await self._reader.nextReply(self._reactor, timeout)
+        except Exception as e:
+            self._transcript.append(f"S: ({type(e).__name__})")
+            raise
+        self._transcript.append("S: " + "\nS: ".join(r.lines))
+        return r
+
+    async def command(self, line: bytes, timeout: float = REPLY_TIMEOUT) -> Reply:
+        """Send C{line} and CRLF, and read one reply."""
+        self.write(line + b"\r\n")
+        return await self.reply(timeout)
+
+    @property
+    def connected(self) -> bool:
+        """Whether the server has not closed the connection."""
+        return self._reader._lost is None
+
+    def close(self) -> None:
+        """Hang up (idempotent)."""
+        if self._reader.transport is not None:
+            self._reader.transport.loseConnection()
+
+    def transcript(self) -> str:
+        """What was sent (C:) and received (S:), in order."""
+        return "\n".join(self._transcript)
+
+
+@attrs.frozen
+class ProcessResult:
+    """What a child process wrote on stdout and stderr, and how it ended."""
+
+    out: str
+    err: str
+    status: int | None
+
+
+class _Collect(ProcessProtocol):
+    """Feed a child its stdin, collect its output; C{ended} fires with a L{ProcessResult}."""
+
+    def __init__(self, stdin: bytes) -> None:
+        self._stdin = stdin
+        self._out: list[bytes] = []
+        self._err: list[bytes] = []
+        self.ended: Deferred[ProcessResult] = Deferred()
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(self._stdin)
+        self.transport.closeStdin()
+
+    def outReceived(self, data: bytes) -> None:
+        self._out.append(data)
+
+    def errReceived(self, data: bytes) -> None:
+        self._err.append(data)
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended.callback(
+            ProcessResult(
+                b"".join(self._out).decode("utf-8", "replace"),
+                b"".join(self._err).decode("utf-8", "replace"),
+                getattr(reason.value, "exitCode", None),
+            )
+        )
+
+
+async def runProcess(
+    reactor: Any, argv: Sequence[str], stdin: bytes = b"", timeout: float = 90.0
+) -> ProcessResult:
+    """Run C{argv} with C{stdin}; killed (SIGKILL) if it takes more than C{timeout} seconds."""
+    protocol = _Collect(stdin)
+    process = reactor.spawnProcess(protocol, argv[0], list(argv), env=dict(os.environ))
+    timer = reactor.callLater(timeout, process.signalProcess, "KILL")
+    try:
+        return await protocol.ended
+    finally:
+        if timer.active():
+            timer.cancel()

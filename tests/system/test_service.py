@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
+import shutil
+import signal
 import socket
+import tempfile
 from pathlib import Path
 
 from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
+import mailproxy
+import mailproxy.plugins
 from mailproxy import tap
 from mailproxy.localmta import LocalMTA
 from mailproxy.service import ProxyService
@@ -198,3 +204,83 @@ class HandOverTests(unittest.SynchronousTestCase):
         self.assertIn(f"must belong to uid {pwd.getpwnam(USER).pw_uid}", message)
         self.assertEqual(spool.stat().st_uid, 0)
         self.assertEqual([listener._waitingForPort for listener in service.listeners], [None])
+
+class CodeUnreadableTests(unittest.TestCase):
+    """
+    The service user cannot read the installed code: CI clones into a directory of mode
+    0700, say, and twistd runs with C{-u nobody}. Everything mailproxy needs from the code
+    is loaded before privileges drop, so a reload still works.
+    """
+
+    skip = harness.systemSkipReason("setpriv") or (
+        None if os.getuid() == 0 else "system test: needs root, to run the proxy as nobody"
+    )
+
+    async def test_reloadAppliesWhenCodeUnreadable(self) -> None:
+        """
+        With the directory that holds the code (the checkout, and the virtualenv when it is
+        inside) made 0700 for the length of the test, a proxy started as root with C{-u
+        nobody -g nogroup} relays a message; after its configuration changes and a SIGHUP it
+        logs C{reloaded ...: new sessions run under it}, and a new session runs under the
+        new configuration (a sender it now denies gets 550).
+        """
+        reactor = harness.reactor()
+        code = Path(mailproxy.__file__).resolve().parent.parent
+        plugins = Path(mailproxy.plugins.__file__).resolve().parent
+        mode = code.stat().st_mode & 0o7777
+        code.chmod(0o700)
+        self.addCleanup(code.chmod, mode)
+        unreadable = await harness.runProcess(
+            reactor,
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "ls", str(plugins)],
+        )
+        self.assertNotEqual(unreadable.status, 0, f"nobody can still list {plugins}")
+
+        # The proxy's own directory must stay reachable by nobody: not under the code.
+        workdir = Path(tempfile.mkdtemp(prefix="mailproxy-unreadable.")).resolve()
+        self.addCleanup(shutil.rmtree, workdir, ignore_errors=True)
+        self.assertNotIn(code, workdir.parents, "the temporary directory is inside the code")
+        workdir.chmod(0o755)
+        mta = LocalMTA()
+        mtaPort = reactor.listenTCP(0, mta.buildFactory(), interface="127.0.0.1")
+        self.addCleanup(mtaPort.stopListening)
+        port = harness.freePort()
+        sections = harness.proxyConfig(
+            workdir, port, f"tcp:host=127.0.0.1:port={mtaPort.getHost().port}"
+        )
+        process = harness.spawnProxy(reactor, workdir, sections, port, ["-u", USER, "-g", GROUP])
+        self.addCleanup(self._keepLog, process)
+        self.addCleanup(harness.stopAndLog, process)
+        await process.waitUntilReady()
+        assert process.pid is not None
+        self.assertEqual(uids(process.pid), [pwd.getpwnam(USER).pw_uid] * 4)
+
+        script = [
+            b"EHLO client.example",
+            b"MAIL FROM:<a@example.org>",
+            b"RCPT TO:<b@example.net>",
+            b"DATA",
+            harness.message("unreadable", "a@example.org", "b@example.net"),
+            b"QUIT",
+        ]
+        replies = await harness.converse(reactor, port, script)
+        self.assertEqual([r.code for r in replies], [220, 250, 250, 250, 354, 250, 221])
+
+        sections["filters.access"] = {"deny_senders": ["*@example.org"]}
+        process.configPath.write_text(harness.renderConfig(sections))
+        process.configPath.chmod(0o644)
+        os.kill(process.pid, signal.SIGHUP)
+        outcome = re.compile(r"reloaded \S+: new sessions run under it|reload refused.*")
+        await harness.waitUntil(reactor, lambda: outcome.search(process.log()) is not None)
+        found = outcome.search(process.log())
+        self.assertIsNotNone(found, f"no reload logged:\n{process.log()}")
+        assert found is not None
+        self.assertTrue(found.group(0).startswith("reloaded"), f"{found.group(0)}\n{process.log()}")
+        replies = await harness.converse(reactor, port, [*script[:2], b"QUIT"])
+        self.assertEqual([r.code for r in replies], [220, 250, 550, 221])
+
+    def _keepLog(self, process: harness.ProxyProcess) -> None:
+        """Copy the proxy's log next to the test's (the work directory is removed)."""
+        keep = Path(self.mktemp())
+        keep.mkdir(parents=True)
+        (keep / "proxy.log").write_text(process.log())
