@@ -297,6 +297,11 @@ def parsePath(argument: bytes, keyword: bytes) -> Path:
         path = path.rpartition(b":")[2]
     if any(c in path for c in b" <>\x00"):
         raise PathSyntaxError(argument)
+    local, at, domain = path.rpartition(b"@")
+    if at and domain.endswith(b"."):
+        # Postfix reads x@example.org. as x@example.org: so must the filters, and the MTA
+        # gets the address as they read it.
+        path = local + at + domain.rstrip(b".")
     parameters = []
     for param in params.split(b" "):
         if not param:

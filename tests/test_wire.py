@@ -369,6 +369,11 @@ class PathTests(SynchronousTestCase):
         """An address without angle brackets is taken up to the first space."""
         self.assertEqual(path(b"TO:c@d NOTIFY=NEVER", b"TO:"), ("c@d", b"NOTIFY=NEVER"))
 
+    def test_trailingDot(self) -> None:
+        """A domain's trailing dot is dropped, as Postfix drops it, so filters see what the MTA sees."""
+        self.assertEqual(path(b"FROM:<x@denied.example.>"), ("x@denied.example", b""))
+        self.assertEqual(path(b"TO:<x@denied.example..>", b"TO:"), ("x@denied.example", b""))
+
     def test_sourceRoute(self) -> None:
         """An RFC 5321 source route is dropped; the mailbox is kept."""
         self.assertEqual(path(b"TO:<@relay1,@relay2:c@d>", b"TO:"), ("c@d", b""))
