@@ -32,14 +32,14 @@ from typing import IO, Any
 import attrs
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorThreads, IReactorTime
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailproxy.config import Config
 from mailproxy.envelope import Envelope, Message, Session
 from mailproxy.filters import Action, Verdict
+from mailproxy.filters.support import inThreadPool, requireThreads
 
 __all__ = ["Entry", "Quarantine"]
 
@@ -62,8 +62,9 @@ class Quarantine:
     A quarantine directory, and which filters' refusals go into it.
 
     @param filters: the names of the filters whose refusals are kept.
-    @param reactor: its clock times the entries; its thread pool (if it has one) copies a
-        message across file systems, where a hard link cannot be made.
+    @param reactor: its clock times the entries; its thread pool copies a message across
+        file systems, where a hard link cannot be made.
+    @raise NoThreadPoolError: C{reactor} has no thread pool.
     """
 
     _log = Logger()
@@ -75,6 +76,7 @@ class Quarantine:
         self.retentionDays = retentionDays
         self.filters = frozenset(filters)
         self._reactor = reactor
+        requireThreads(reactor)  # now, rather than at the first copy
 
     @classmethod
     def fromConfig(cls, config: Config, reactor: IReactorTime) -> Quarantine | None:
@@ -146,7 +148,7 @@ class Quarantine:
         return copied.addCallbacks(kept, failed)
 
     def _store(self, source: str, target: str) -> Deferred[None]:
-        """A hard link when it can (no copy); else a copy, in the thread pool if any."""
+        """A hard link when it can (no copy); else a copy, in the thread pool."""
         try:
             os.link(source, target)
             return defer.succeed(None)
@@ -154,11 +156,7 @@ class Quarantine:
             pass  # another file system, or no hard links here: copy
         # Opened now: the spool file is removed as soon as we return.
         src = open(source, "rb")  # closed by _copy
-        if IReactorThreads.providedBy(self._reactor):
-            pool = self._reactor.getThreadPool()
-            d: Deferred[None] = deferToThreadPool(self._reactor, pool, _copy, src, target)
-            return d
-        return defer.execute(_copy, src, target)
+        return inThreadPool(self._reactor, _copy, src, target)
 
     def _writeMeta(self, entryId: str, meta: Mapping[str, Any]) -> None:
         temporary = self._path(entryId, ".json.tmp")

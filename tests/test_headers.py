@@ -18,6 +18,7 @@ from mailproxy.envelope import Envelope, Message, Session
 from mailproxy.filters import BaseFilter, IFilter, OptionError, Stage, Verdict
 from mailproxy.filters.headers import HeadersFilter, HeadersFilterFactory, authservId, resultsValue
 from mailproxy.filters.pipeline import buildPipeline, filterFactories
+from mailproxy.testing_threads import ThreadedClock
 from mailproxy.wire import Reply
 from tests.test_mime import LoopbackProxy, crlf, stuffed
 from tests.test_relay import Harness, envelope
@@ -25,7 +26,7 @@ from tests.test_relay import Harness, envelope
 
 def build(**options: object) -> HeadersFilter:
     options.setdefault("authserv_id", "mx.example.org")
-    built = HeadersFilterFactory().build(options, Clock())
+    built = HeadersFilterFactory().build(options, ThreadedClock())
     assert isinstance(built, HeadersFilter)
     return built
 
@@ -98,7 +99,7 @@ class OptionTests(SynchronousTestCase):
         ]
         for options, key in cases:
             with self.assertRaises(OptionError) as caught:
-                HeadersFilterFactory().build(options, Clock())
+                HeadersFilterFactory().build(options, ThreadedClock())
             self.assertEqual(caught.exception.key, key, options)
 
     def test_configFile(self) -> None:
@@ -117,11 +118,11 @@ class OptionTests(SynchronousTestCase):
         with open(path, "w") as f:
             f.write(section)
         with self.assertRaises(ConfigError) as caught:
-            buildPipeline(load(path, Clock()), Clock(), None, filterFactories())
+            buildPipeline(load(path, Clock()), ThreadedClock(), None, filterFactories())
         self.assertIn("filters.headers.reject[1].pattern", str(caught.exception))
         with open(path, "w") as f:
             f.write(section.replace('pattern = "["', 'pattern = "@spam\\\\.example"'))
-        pipeline = buildPipeline(load(path, Clock()), Clock(), None, filterFactories())
+        pipeline = buildPipeline(load(path, Clock()), ThreadedClock(), None, filterFactories())
         self.assertTrue(pipeline.wants(Stage.MESSAGE))
 
 

@@ -218,6 +218,42 @@ class LayeringTests(SynchronousTestCase):
         }
         self.assertEqual(found, {})
 
+    def test_oneWayToThreads(self) -> None:
+        """
+        Blocking work reaches the thread pool one way only, L{inThreadPool} in
+        C{mailproxy/filters/support.py} (and the test reactor that provides a pool):
+        no other module names Twisted's thread functions.
+        """
+        threaded = {
+            "deferToThread",
+            "deferToThreadPool",
+            "callInThread",
+            "callInThreadWithCallback",
+            "getThreadPool",
+            "twisted.internet.threads",
+        }
+        allowed = {"mailproxy.filters.support", "mailproxy.testing_threads"}
+        found = {}
+        for module, path in moduleFiles().items():
+            if module in allowed:
+                continue
+            with open(path, "rb") as f:
+                tree = ast.parse(f.read(), path)
+            names = set()
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Name):
+                    names.add(node.id)
+                elif isinstance(node, ast.Attribute):
+                    names.add(node.attr)
+                elif isinstance(node, ast.ImportFrom):
+                    names.add(node.module or "")
+                    names.update(alias.name for alias in node.names)
+                elif isinstance(node, ast.Import):
+                    names.update(alias.name for alias in node.names)
+            if names & threaded:
+                found[module] = sorted(names & threaded)
+        self.assertEqual(found, {})
+
     def test_sessionImportsNoTwisted(self) -> None:
         """The sans-IO session core, C{mailproxy/session.py}, imports nothing from Twisted."""
         path = os.path.join(ROOT, "session.py")

@@ -23,7 +23,6 @@ from hypothesis import strategies as st
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
@@ -33,6 +32,7 @@ from mailproxy.filters.mime import MimeFilter, MimeFilterFactory, Part, walk
 from mailproxy.filters.support import LineReader, MimeStructureError, readHeaderBlock
 from mailproxy.localmta import LocalMTA
 from mailproxy.testing import FakeFilter, RawClient, loopbackConfig, startProxy
+from mailproxy.testing_threads import ThreadedClock
 from tests.test_relay import Harness, envelope
 
 
@@ -609,7 +609,7 @@ class PropertyTests(SynchronousTestCase):
 
 
 def build(**options: object) -> MimeFilter:
-    built = MimeFilterFactory().build(options, Clock())
+    built = MimeFilterFactory().build(options, ThreadedClock())
     assert isinstance(built, MimeFilter)
     return built
 

@@ -19,7 +19,6 @@ from typing import Any
 import attrs
 from twisted.internet import reactor
 from twisted.internet.error import ConnectionDone
-from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import formatEvent, globalLogPublisher
@@ -37,6 +36,7 @@ from mailproxy.localmta import LocalMTA
 from mailproxy.quarantine import Quarantine
 from mailproxy.service import ProxyService
 from mailproxy.testing import FakeFilter
+from mailproxy.testing_threads import ThreadedClock
 from tests.test_relay import MESSAGE, STUFFED, Harness, envelope
 
 DAY = 86400.0
@@ -58,10 +58,11 @@ class KeepTests(SynchronousTestCase):
     def harness(self, verdict: Verdict, quarantined: bool = True) -> tuple[Harness, str]:
         spam = FakeFilter(name="spam", verdicts={Stage.MESSAGE: verdict})
         h = Harness(self, spam)
-        h.clock.advance(EPOCH)
+        clock = ThreadedClock()
+        clock.advance(EPOCH)
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
-        q = Quarantine(directory, 30, ["spam"] if quarantined else [], h.clock)
+        q = Quarantine(directory, 30, ["spam"] if quarantined else [], clock)
         factory = h.memory.factory
         factory.settings = attrs.evolve(factory.settings, quarantine=q)
         return h, directory
@@ -179,7 +180,7 @@ class RetentionTests(SynchronousTestCase):
         spool = os.path.abspath(self.mktemp())
         os.makedirs(directory)
         os.makedirs(spool)
-        clock = MemoryReactorClock()
+        clock = ThreadedClock()
         clock.advance(EPOCH)
         q = Quarantine(directory, 30, ["spam"], clock)
         old = keep(q, self)
@@ -209,7 +210,7 @@ class RetentionTests(SynchronousTestCase):
         """A message file whose sidecar was never written (a crash) also expires."""
         directory = self.mktemp()
         os.makedirs(directory)
-        clock = Clock()
+        clock = ThreadedClock()
         clock.advance(EPOCH + 31 * DAY)
         orphan = os.path.join(directory, "20250101T000000Z-429C1EE089-abcdef.eml")
         with open(orphan, "wb") as f:
@@ -231,7 +232,7 @@ class CommandTests(TestCase):
         self.directory = os.path.abspath(self.mktemp())
         os.makedirs(self.directory)
         self.config = self.writeConfig(f"tcp:host=127.0.0.1:port={self.mtaPort.getHost().port}")
-        clock = Clock()
+        clock = ThreadedClock()
         clock.advance(EPOCH)
         q = Quarantine.fromConfig(load(self.config, reactor), clock)
         assert q is not None

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
@@ -32,14 +32,13 @@ from mailproxy.filters import BaseFilter, IFilter, IFilterFactory, OptionError, 
 from mailproxy.filters.options import Options, reKeyed
 from mailproxy.filters.support import (
     DEFAULT_MAX_HEADER_BYTES,
-    Blocking,
     LineReader,
     MimeStructureError,
     decodeText,
-    inThisThread,
     inThreadPool,
     parseHeaders,
     readHeaderBlock,
+    requireThreads,
 )
 
 AUTHENTICATION_RESULTS = "Authentication-Results"
@@ -98,8 +97,8 @@ class HeadersFilter(BaseFilter):
     rejectForged: bool = True
     maxHeaderBytes: int = DEFAULT_MAX_HEADER_BYTES
     always: bool = True
-    #: Where the blocking read runs: the reactor's thread pool, or here in tests.
-    runBlocking: Blocking = inThisThread
+    #: The reactor whose thread pool the blocking read runs in (L{inThreadPool}).
+    threads: IReactorThreads = attrs.field(kw_only=True, eq=False)
     name = "headers"
     stages = frozenset({Stage.MESSAGE})
 
@@ -127,7 +126,7 @@ class HeadersFilter(BaseFilter):
             value = resultsValue(self.authservId, envelope.notes.get("authentication-results"))
             return Verdict.accept(headers=((AUTHENTICATION_RESULTS, value),))
 
-        return self.runBlocking(lambda: self.examine(message)).addCallback(decide)
+        return inThreadPool(self.threads, self.examine, message).addCallback(decide)
 
     def examine(self, message: Message) -> _Findings:
         """Read the header block (blocking); the first rule it breaks, and forged fields."""
@@ -187,7 +186,7 @@ class HeadersFilterFactory:
             rejectForged=o.choice("forged_results", ("reject", "accept"), "reject") == "reject",
             maxHeaderBytes=o.integer("max_header_bytes", DEFAULT_MAX_HEADER_BYTES, minimum=1024),
             always=o.boolean("always", True),
-            runBlocking=inThreadPool(reactor),
+            threads=requireThreads(reactor),
         )
         o.finish()
         return built

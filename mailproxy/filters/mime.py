@@ -31,7 +31,7 @@ from typing import IO
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
@@ -45,13 +45,12 @@ from mailproxy.filters.support import (
     HEADER_END,
     MAX_BOUNDARY,
     PEEK,
-    Blocking,
     LineReader,
     MimeStructureError,
     Patterns,
     decodeText,
-    inThisThread,
     inThreadPool,
+    requireThreads,
     unfold,
 )
 
@@ -312,9 +311,9 @@ class MimeFilter(BaseFilter):
     maxParts: int = DEFAULT_MAX_PARTS
     maxHeaderBytes: int = DEFAULT_MAX_HEADER_BYTES
     always: bool = True
-    #: Where the blocking walk runs: the reactor's thread pool, or here in tests.
-    runBlocking: Blocking = inThisThread
     chunkSize: int = CHUNK_SIZE
+    #: The reactor whose thread pool the blocking walk runs in (L{inThreadPool}).
+    threads: IReactorThreads = attrs.field(kw_only=True, eq=False)
     name = "mime"
     stages = frozenset({Stage.MESSAGE})
 
@@ -327,7 +326,7 @@ class MimeFilter(BaseFilter):
             }
             return scan.verdict
 
-        return self.runBlocking(lambda: self.scan(message)).addCallback(noted)
+        return inThreadPool(self.threads, self.scan, message).addCallback(noted)
 
     def scan(self, message: Message) -> _Scan:
         """Walk the message (blocking); stop at the first blocked part."""
@@ -383,7 +382,7 @@ class MimeFilterFactory:
             maxParts=o.integer("max_parts", DEFAULT_MAX_PARTS, minimum=1),
             maxHeaderBytes=o.integer("max_header_bytes", DEFAULT_MAX_HEADER_BYTES, minimum=1024),
             always=o.boolean("always", True),
-            runBlocking=inThreadPool(reactor),
+            threads=requireThreads(reactor),
         )
         o.finish()
         return built

@@ -28,7 +28,7 @@ import re
 import socket
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any, cast
+from typing import Any
 
 import attrs
 import dns.exception
@@ -36,7 +36,6 @@ import dns.resolver
 import spf
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
@@ -45,6 +44,7 @@ from mailproxy.dns import readServer
 from mailproxy.envelope import Envelope, Message, Session
 from mailproxy.filters import BaseFilter, IFilter, IFilterFactory, OptionError, Stage, Verdict
 from mailproxy.filters.options import Options
+from mailproxy.filters.support import inThreadPool, requireThreads
 from mailproxy.net import Network, clientIP, inNetworks
 
 RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
@@ -339,14 +339,7 @@ class ThreadedCheck:
     queryTime: float
 
     def __call__(self, request: Request) -> Deferred[Answer]:
-        return deferToThreadPool(
-            self.reactor,
-            self.reactor.getThreadPool(),
-            evaluate,
-            request,
-            self.lookup,
-            self.queryTime,
-        )
+        return inThreadPool(self.reactor, evaluate, request, self.lookup, self.queryTime)
 
 
 @implementer(IPlugin, IFilterFactory)
@@ -369,6 +362,6 @@ class SPFFilterFactory:
         o.finish()
         _installDispatch()
         check = ThreadedCheck(
-            cast(IReactorThreads, reactor), DnspythonLookup(server, dnsTimeout), lookupTime
+            requireThreads(reactor), DnspythonLookup(server, dnsTimeout), lookupTime
         )
         return SPFFilter(check=check, receiver=receiver, actions=actions, skipNetworks=skip)

@@ -22,17 +22,17 @@ from email.errors import HeaderParseError
 from email.header import decode_header
 from email.parser import BytesHeaderParser
 from email.policy import compat32
-from typing import IO, Protocol, TypeVar, cast
+from typing import IO, ParamSpec, TypeVar
 
 import attrs
-from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorFromThreads, IReactorThreads, IReactorTime
+from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 
 from mailproxy.filters.options import Options
 
 _T = TypeVar("_T")
+_P = ParamSpec("_P")
 
 # --- matching ----------------------------------------------------------------------------------
 
@@ -267,27 +267,37 @@ def decodeText(value: str) -> str:
 # --- running blocking work ---------------------------------------------------------------------
 
 
-class Blocking(Protocol):
-    """Runs a blocking function somewhere, firing a Deferred with its result."""
-
-    def __call__(self, f: Callable[[], _T]) -> Deferred[_T]: ...
-
-
-def inThisThread(f: Callable[[], _T]) -> Deferred[_T]:
-    """Run C{f} now, here (for tests: synchronous, deterministic)."""
-    return defer.maybeDeferred(f)
-
-
-def inThreadPool(reactor: IReactorTime) -> Blocking:
+class NoThreadPoolError(TypeError):
     """
-    Run functions in C{reactor}'s thread pool, or here when it has none (a
-    L{twisted.internet.task.Clock} in tests).
+    The reactor has no thread pool (it does not provide L{IReactorThreads}), so blocking
+    work has nowhere to run: it is never run in the reactor's thread instead. In tests,
+    give the filter L{mailproxy.testing_threads.ThreadedClock}.
+    """
+
+
+def requireThreads(reactor: object) -> IReactorThreads:
+    """
+    The reactor, as the thread pool that blocking work will run in: check it when the
+    filter is built, so that a reactor without one fails then, not at the first message.
+
+    @raise NoThreadPoolError: C{reactor} does not provide L{IReactorThreads}.
     """
     if not IReactorThreads.providedBy(reactor):
-        return inThisThread
-    threads = cast(IReactorThreads, reactor)
+        raise NoThreadPoolError(
+            f"{reactor!r} has no thread pool (IReactorThreads) to run blocking work in"
+        )
+    return reactor
 
-    def run(f: Callable[[], _T]) -> Deferred[_T]:
-        return deferToThreadPool(cast(IReactorFromThreads, reactor), threads.getThreadPool(), f)
 
-    return run
+def inThreadPool(
+    reactor: object, f: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs
+) -> Deferred[_T]:
+    """
+    Run C{f(*args, **kwargs)} in C{reactor}'s thread pool; the Deferred fires with its
+    result (or its exception) in the reactor's thread. The one way mailproxy runs
+    blocking work (pyspf, the MIME walk, file copies): never in the reactor's thread.
+
+    @raise NoThreadPoolError: C{reactor} has no thread pool; C{f} is not run.
+    """
+    threads = requireThreads(reactor)
+    return deferToThreadPool(threads, threads.getThreadPool(), f, *args, **kwargs)

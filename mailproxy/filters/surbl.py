@@ -27,7 +27,6 @@ from typing import IO
 import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
@@ -53,6 +52,7 @@ from mailproxy.filters import (
     Verdict,
 )
 from mailproxy.filters.options import Options
+from mailproxy.filters.support import inThreadPool, requireThreads
 
 #: Public suffixes of more than one label under which names are commonly registered:
 #: a domain under one of these is reduced to three labels, any other to two.
@@ -458,7 +458,7 @@ class ThreadedScan:
             with message.open() as f:
                 return scanMessage(f, self.maxKeys, self.ignore)
 
-        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), scan)
+        return inThreadPool(self.reactor, scan)
 
 
 @implementer(IPlugin, IFilterFactory)
@@ -477,5 +477,5 @@ class SURBLFilterFactory:
         cacheSize = o.integer("cache_size", 10000)
         o.finish()
         lookup = ListLookup(makeResolver(server, reactor), reactor, timeout, cacheSize)
-        scan = ThreadedScan(reactor, maxURIs, ignore)  # type: ignore[arg-type]
+        scan = ThreadedScan(requireThreads(reactor), maxURIs, ignore)
         return SURBLFilter(lookup=lookup, zones=zones, scan=scan)
