@@ -5,13 +5,15 @@ the discovery of filters as C{twisted.plugin} dropins.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import textwrap
 
 from twisted.internet.task import Clock
-from twisted.plugin import IPlugin, getPlugins, pluginPackagePaths
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.plugin import IPlugin, getPlugins
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 import mailproxy.plugins
@@ -254,10 +256,17 @@ class DiscoveryTests(SynchronousTestCase):
         found = {f.name for f in getPlugins(IFilterFactory, mailproxy.plugins)}
         self.assertTrue({"access", "size"} <= found)
 
-    def test_thirdParty(self) -> None:
+
+class ThirdPartyTests(TestCase):
+    """A third-party filter, discovered by a fresh interpreter as the service would."""
+
+    async def test_thirdParty(self) -> None:
         """
         A third party adds a filter by shipping one module in a C{mailproxy/plugins}
-        directory (without C{__init__.py}) on C{sys.path}.
+        directory (without C{__init__.py}) anywhere on C{sys.path}: a new interpreter
+        with that directory's root on its path finds the factory through
+        C{getPlugins(IFilterFactory, mailproxy.plugins)}, and so does filterFactories(),
+        with nothing but the path set up for it.
         """
         root = os.path.abspath(self.mktemp())
         directory = os.path.join(root, "mailproxy", "plugins")
@@ -282,13 +291,40 @@ class DiscoveryTests(SynchronousTestCase):
                     """
                 )
             )
-        sys.path.append(root)
-        self.addCleanup(sys.path.remove, root)
-        self.assertIn(directory, pluginPackagePaths("mailproxy.plugins"))
-        # mailproxy.plugins computed its path when first imported; extend it as it would.
-        mailproxy.plugins.__path__.append(directory)
-        self.addCleanup(mailproxy.plugins.__path__.remove, directory)
-        self.addCleanup(sys.modules.pop, "mailproxy.plugins.mailproxy_greylist_test", None)
-        factories = filterFactories()
-        self.assertIn("greylist_test", factories)
-        self.assertTrue(verifyObject(IFilterFactory, factories["greylist_test"]))
+        discover = textwrap.dedent(
+            """
+            import json
+
+            from twisted.plugin import getPlugins
+            from zope.interface.verify import verifyObject
+
+            import mailproxy
+            import mailproxy.plugins
+            from mailproxy.filters import IFilterFactory
+            from mailproxy.filters.pipeline import filterFactories
+
+            found = {f.name: f for f in getPlugins(IFilterFactory, mailproxy.plugins)}
+            greylist = found["greylist_test"]
+            assert verifyObject(IFilterFactory, greylist)
+            print(json.dumps({
+                "found": sorted(found),
+                "module": type(greylist).__module__,
+                "mailproxy": mailproxy.__file__,
+                "registry": sorted(filterFactories()),
+            }))
+            """
+        )
+        ours = os.path.dirname(os.path.dirname(os.path.abspath(mailproxy.__file__)))
+        out, err, status = await getProcessOutputAndValue(
+            sys.executable,
+            ["-c", discover],
+            env={**os.environ, "PYTHONPATH": os.pathsep.join([root, ours])},
+        )
+        self.assertEqual((status, err), (0, b""), err.decode(errors="replace"))
+        result = json.loads(out)
+        # The code under test, not an installed copy of mailproxy.
+        self.assertEqual(result["mailproxy"], os.path.join(ours, "mailproxy", "__init__.py"))
+        self.assertIn("greylist_test", result["found"])
+        self.assertIn("access", result["found"])
+        self.assertEqual(result["module"], "mailproxy.plugins.mailproxy_greylist_test")
+        self.assertEqual(result["registry"], result["found"])
