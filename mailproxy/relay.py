@@ -55,10 +55,10 @@ class Settings:
 
     config: Config
     pipeline: Pipeline
+    #: The MTA (C{config.upstream}, made an endpoint by the service).
+    upstream: IStreamClientEndpoint
     #: Where refused messages of C{quarantine = true} filters are kept, if anywhere.
     quarantine: Quarantine | None = None
-    #: The MTA; None: connect to C{config.upstream}... which the service always resolves.
-    upstream: IStreamClientEndpoint | None = None
 
 
 class RelayFactory(Factory):
@@ -209,7 +209,6 @@ class InboundProtocol(Protocol):
     def __init__(self, factory: RelayFactory, settings: Settings) -> None:
         self.factory = factory
         self.settings = settings
-        self.hostname = settings.config.hostname
         self._clock = factory.clock
         self._stats = factory.stats
         self.session = SessionInfo(_sessionId(), "unknown", 0)
@@ -338,9 +337,7 @@ class InboundProtocol(Protocol):
             self.transport.resumeProducing()  # type: ignore[attr-defined]
 
     def _connectMta(self, effect: core.ConnectMta) -> None:
-        upstream = self.settings.upstream
-        assert upstream is not None, "Settings.upstream is set by the service"
-        d = upstream.connect(_UpstreamFactory(self))
+        d = self.settings.upstream.connect(_UpstreamFactory(self))
         d.addTimeout(self.settings.config.timeouts.mtaConnect, self._clock)
         self._connecting = d
 

@@ -135,8 +135,8 @@ class ProxyService(MultiService):
         return Settings(
             config,
             buildPipeline(config, self._reactor, self.stats.filterChecked, self._factories),
-            Quarantine.fromConfig(config, self._reactor),
             clientFromString(self._reactor, config.upstream),
+            Quarantine.fromConfig(config, self._reactor),
         )
 
     def privilegedStartService(self) -> None:

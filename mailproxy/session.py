@@ -336,6 +336,8 @@ class _Transaction:
     spoolOpen: bool = False
     spoolError: str | None = None
     size: int = 0
+    #: The slot of the MTA's reply to the final dot: it takes no reply until the dot is sent.
+    final: _Slot | None = None
 
 
 @attrs.define
@@ -586,7 +588,7 @@ class Session:
             return self._take()
         self._log("error", "spool failed: {why}", why=why)
         if self.state is S.SYNCING:  # it could not even be created
-            self._txn = None
+            # The transaction stays open, at the MTA as here: the client may RSET or QUIT.
             self._local(replies.SPOOL_FAILED)
             self._enter(S.COMMAND)
             self._advance()
@@ -613,7 +615,8 @@ class Session:
         return self._take()
 
     def releaseSent(self) -> list[Effect]:
-        if self.state is S.RELEASING:
+        if self.state is S.RELEASING and self._txn is not None and self._txn.final is not None:
+            self._txn.final.expects = _ANY
             self._enter(S.RELEASED)
             self._emit(Report(Counted.RELEASED))
             self._armMtaTimer()
@@ -676,10 +679,14 @@ class Session:
         self._emit(Refused(Stage.CONNECT, self._render(answer), None, _by(verdict)))
         self._closeWith(answer)
 
-    def _connectMta(self) -> None:
-        """Open an MTA leg; its banner is the first reply it owes."""
+    def _connectMta(
+        self,
+        onBanner: Callable[[Reply], Reply | None] | None = None,
+        expects: frozenset[int] = _ANY,
+    ) -> None:
+        """Open an MTA leg; its banner is the first reply it owes (C{onBanner} takes it)."""
         self._emit(ConnectMta())
-        slot = _Slot(expects=_ANY, onReply=self._banner, command=b"(banner)")
+        slot = _Slot(expects=expects, onReply=onBanner or self._banner, command=b"(banner)")
         self._replies.append(slot)
         self._mtaSlots.append(slot)
         self._inFlight = 1
@@ -757,11 +764,11 @@ class Session:
         if not command.argument or b" " in command.argument:
             self._local(replies.SYNTAX_HELO)
             return
-        self._txn = None  # EHLO resets the transaction, at the MTA as here
         self.info.helo = command.argument.decode("utf-8", "replace")
         self.info.esmtp = command.verb == "EHLO"
 
         def accepted(verdict: Verdict) -> None:
+            self._txn = None  # EHLO resets the transaction, at the MTA as here
             self._sessionHeaders[Stage.HELO] = verdict.headers
             self._helo = command
             self._relay(command.toLine(), answered, barrier=True)
@@ -1025,14 +1032,16 @@ class Session:
                 self._enter(S.COMMAND)
                 self._resetMta()
                 return reply
-            slot = _Slot(expects=_ANY, onReply=finalReply, command=b".")
-            self._replies.append(slot)
-            self._mtaSlots.append(slot)
+            # No reply is right before the dot is sent (L{releaseSent} opens the slot): an
+            # MTA that answers the message early is confused, and its 250 is not relayed.
+            txn.final = _Slot(expects=frozenset(), onReply=finalReply, command=b".")
+            self._replies.append(txn.final)
+            self._mtaSlots.append(txn.final)
             self._inFlight += 1
             self._emit(Release(headers))
             return None
 
-        self._relay(b"DATA", dataReply, expects=_MORE, barrier=True, hidden=True)
+        self._relay(b"DATA", dataReply, expects=_MORE, barrier=True)
 
     def _endTransaction(self) -> None:
         """Forget the transaction; remove its spool file, on every path."""
@@ -1049,7 +1058,7 @@ class Session:
         as many commands other than mail as it may count against us — a fresh MTA leg.
         """
         if self._junk < self._junkLimit:
-            self._relay(b"RSET", self._ownReply(b"RSET"), hidden=True)
+            self._relay(b"RSET", self._ownReply(b"RSET"))
             return
         self._log(
             "info",
@@ -1060,18 +1069,8 @@ class Session:
         self._enter(S.RECONNECTING)
         self._emit(CloseMta(quit=True))
         self._mtaConnected = False
-        for slot in self._mtaSlots:  # only our own NOOPs can be outstanding here
-            slot.ready = True
-        self._mtaSlots.clear()
-        self._unsent.clear()
-        self._inFlight = 0
-        self._barrierInFlight = False
-        self._emit(ConnectMta())
-        slot = _Slot(expects=_OK, onReply=self._rebanner, command=b"(banner)")
-        self._replies.append(slot)
-        self._mtaSlots.append(slot)
-        self._inFlight = 1
-        self._pipelining, self._junk, self._ehlos = False, 0, 0
+        self._dropUnready()  # only our own NOOPs can be outstanding here
+        self._connectMta(self._rebanner, _OK)
 
     def _rebanner(self, reply: Reply) -> None:
         helo = self._helo
@@ -1084,7 +1083,7 @@ class Session:
                 self._pipelining = wire.capabilities(r).pipelining
             self._enter(S.COMMAND)
 
-        self._relay(helo.toLine(), greeted, expects=_OK, barrier=True, hidden=True)
+        self._relay(helo.toLine(), greeted, expects=_OK, barrier=True)
 
     def _keepalive(self) -> None:
         """
@@ -1102,7 +1101,7 @@ class Session:
             )
             return
         if not self._inFlight:
-            self._relay(b"NOOP", self._ownReply(b"NOOP"), hidden=True)
+            self._relay(b"NOOP", self._ownReply(b"NOOP"))
         self._emit(StartTimer(Timer.KEEPALIVE, self._config.timeouts.mtaKeepalive))
 
     def _ownReply(self, command: bytes) -> Callable[[Reply], None]:
@@ -1125,9 +1124,11 @@ class Session:
         onReply: Callable[[Reply], Reply | None],
         expects: frozenset[int] = _ANY,
         barrier: bool = False,
-        hidden: bool = False,
     ) -> None:
-        """Queue a command for the MTA; its reply takes the next slot of the client's queue."""
+        """
+        Queue a command for the MTA; its reply takes the next slot of the client's queue
+        (C{onReply} returning C{None} keeps it from the client: our own commands).
+        """
         verb = line.split(b" ", 1)[0].decode("ascii")
         if verb in ("EHLO", "HELO"):
             self._ehlos += 1
@@ -1223,6 +1224,7 @@ class Session:
         self._mtaSlots.clear()
         self._unsent.clear()
         self._inFlight = 0
+        self._barrierInFlight = False
 
     def _closeWith(self, answer: Answer) -> None:
         """Answer C{answer} after whatever replies are ready, then close both connections."""

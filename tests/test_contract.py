@@ -128,6 +128,21 @@ class ReplyClassTests(SynchronousTestCase):
         self.assertEqual(mta.messages, [])
         self.assertNotIn(b"Hello, world", bytes(mta.received))
 
+    def test_answerBeforeTheDot(self) -> None:
+        """
+        An MTA that answers the message before it has been sent (a 250 right after its
+        354): the client gets 451 4.3.0, never that 250, and the MTA leg is aborted.
+        """
+        mta = ScriptedMTA()
+        mta.answer = lambda line: b"354 go\r\n250 2.0.0 early\r\n" if line == b"DATA" else None
+        h = Scripted(self, mta=mta)
+        client = h.greeted()
+        h.send(client, envelope() + b"DATA\r\n" + STUFFED)
+        self.assertEqual(client.codes, [220, 250, 250, 250, 354, 451])
+        self.assertEqual(client.replies[-1].lines[0][:5], b"4.3.0")
+        self.assertFalse(client.connected)
+        self.assertEqual(mta.lost, 1)
+
     def test_rcptAnswered354(self) -> None:
         """A 3xx to RCPT: 451 4.3.0 in its place, nothing after it relayed."""
         mta = ScriptedMTA()
@@ -197,6 +212,42 @@ class PeerTests(SynchronousTestCase):
         self.assertEqual(h.mta.messages, [])
         self.assertEqual(h.spooled(), [])
         self.assertFalse(client.connected)
+
+    def test_refusedHeloKeepsTheTransaction(self) -> None:
+        """
+        An EHLO a filter refuses never reaches the MTA, so the transaction it would have
+        reset goes on, here as at the MTA: the message after it is delivered.
+        """
+        answers = iter([Verdict.accept(), Verdict.reject("Not that name")])
+        h = Harness(self, FakeFilter(verdicts={Stage.HELO: lambda: next(answers)}))
+        client = h.greeted()
+        h.send(client, envelope() + b"EHLO bad.example\r\nDATA\r\n" + STUFFED)
+        self.assertEqual(client.codes, [220, 250, 250, 250, 550, 354, 250])
+        self.assertEqual([m.content for m in h.mta.messages], [MESSAGE])
+
+    def test_spoolNotCreatedKeepsTheTransaction(self) -> None:
+        """
+        A spool file that cannot be created answers DATA with 452 4.3.1; the transaction
+        stays open, at the MTA as here, so the client's next DATA goes through.
+        """
+        h = Harness(self)
+        real = relay.Spool
+        failures = [OSError(28, "No space left on device")]
+
+        def spool(directory: str, maxSize: int) -> relay.Spool:
+            if failures:
+                raise failures.pop()
+            return real(directory, maxSize)
+
+        self.patch(relay, "Spool", spool)
+        client = h.greeted()
+        h.send(client, envelope() + b"DATA\r\n")
+        self.assertEqual(client.codes[-1], 452)
+        self.assertEqual(client.replies[-1].lines[0][:5], b"4.3.1")
+        h.send(client, b"DATA\r\n" + STUFFED)
+        self.assertEqual(client.codes[-2:], [354, 250])
+        self.assertEqual([m.content for m in h.mta.messages], [MESSAGE])
+        self.assertEqual(h.spooled(), [])
 
     def test_noPipeliningMta(self) -> None:
         """
