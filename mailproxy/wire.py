@@ -313,12 +313,20 @@ def parsePath(argument: bytes, keyword: bytes) -> Path:
     return Path(path.decode("utf-8", "surrogateescape"), tuple(parameters))
 
 
+def number(value: bytes) -> int | None:
+    """
+    A SIZE value: ASCII digits, at most 20 of them (beyond any real size; Python refuses
+    to convert a string of more than 4300), or C{None}.
+    """
+    return int(value) if value.isdigit() and len(value) <= 20 else None
+
+
 def sizeParameter(params: bytes) -> int | None:
     """The value of MAIL's C{SIZE=} parameter, or C{None} when absent or malformed."""
     for param in params.split():
         key, _, value = param.partition(b"=")
-        if key.upper() == b"SIZE" and value.isdigit():
-            return int(value)
+        if key.upper() == b"SIZE" and number(value) is not None:
+            return number(value)
     return None
 
 
@@ -356,7 +364,7 @@ def parametersAllowed(path: Path, verb: str, offered: frozenset[bytes]) -> bool:
         if known is None or known[0] not in offered:
             return False
         values = known[1]
-        if key == b"SIZE" and (value is None or not value.isdigit()):
+        if key == b"SIZE" and (value is None or number(value) is None):
             return False
         if key == b"SMTPUTF8" and value is not None:
             return False
@@ -403,8 +411,9 @@ def editCapabilities(reply: Reply, maxSize: int, startTLS: bool = False) -> Repl
         words = line.split()
         keyword = words[0].upper() if words else b""
         if keyword == b"SIZE":
-            if len(words) > 1 and words[1].isdigit() and int(words[1]):
-                size = min(size, int(words[1]))
+            mtaSize = number(words[1]) if len(words) > 1 else None
+            if mtaSize:
+                size = min(size, mtaSize)
         elif keyword in EXTENSIONS:
             lines.append(line)
     lines.append(b"SIZE %d" % (size,))

@@ -403,6 +403,7 @@ class PathTests(SynchronousTestCase):
         self.assertIsNone(sizeParameter(b"SIZE=big"))
         self.assertIsNone(sizeParameter(b"SIZE="))
         self.assertIsNone(sizeParameter(b"SIZE=-5"))
+        self.assertIsNone(sizeParameter(b"SIZE=" + b"9" * 5000))  # int() would raise
 
 
 class CapabilityTests(SynchronousTestCase):
@@ -437,8 +438,8 @@ class CapabilityTests(SynchronousTestCase):
         self.assertNotIn(b"SIZE 10240000", edited.lines)
 
     def test_sizeZeroOrBare(self) -> None:
-        """An MTA with no limit (C{SIZE 0} or bare C{SIZE}) advertises ours."""
-        for line in (b"SIZE 0", b"SIZE"):
+        """An MTA with no limit (C{SIZE 0}, bare C{SIZE}, or an absurd number) advertises ours."""
+        for line in (b"SIZE 0", b"SIZE", b"SIZE " + b"9" * 5000):  # the last: int() would raise
             edited = editCapabilities(Reply(250, (b"mx", line)), 5000)
             self.assertEqual(edited.lines, (b"mx", b"SIZE 5000"))
 
