@@ -8,7 +8,6 @@ the MTA received, the spool directory afterwards.
 
 from __future__ import annotations
 
-import os
 import re
 
 from hypothesis import given, settings
@@ -18,15 +17,12 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailproxy import relay, wire
-from mailproxy.config import Config, Limits
 from mailproxy.filters import Action, IFilter, InvalidVerdictError, Stage, Verdict
 from mailproxy.filters.access import AccessFilterFactory
 from mailproxy.filters.size import SizeFilter
 from mailproxy.testing import (
     FakeFilter,
     MemoryEndpoint,
-    MemoryProxy,
-    RawClient,
     ScriptedMTA,
     pipelineOf,
 )
@@ -36,40 +32,11 @@ from tests.test_relay import MESSAGE, STUFFED, Harness, envelope
 LENIENT_END = re.compile(rb"(?:\r\n|\r|\n)\.(?:\r\n|\r|\n)")
 
 
-class Scripted:
-    """A proxy with the given filters in front of a L{ScriptedMTA}, in memory."""
-
-    def __init__(
-        self,
-        case: SynchronousTestCase,
-        *filters: IFilter,
-        mta: ScriptedMTA | None = None,
-        **limits: int,
-    ) -> None:
-        spool = case.mktemp()
-        os.makedirs(spool)
-        self.spoolDir = spool
-        self.config = Config(
-            path="test.toml",
-            listen=("tcp:0",),
-            upstream="tcp:host=127.0.0.1:port=1",
-            hostname="proxy.test",
-            spoolDir=spool,
-            limits=Limits(**limits),  # type: ignore[arg-type]
-        )
-        self.clock = Clock()
-        self.mta = mta or ScriptedMTA()
-        self.memory = MemoryProxy(
-            self.config, pipelineOf(filters, self.clock), self.mta.buildFactory(), self.clock
-        )
-
-    def greeted(self) -> RawClient:
-        client, _ = self.memory.connect()
-        self.memory.send(client, b"EHLO client.example\r\n")
-        return client
-
-    def send(self, client: RawClient, data: bytes) -> None:
-        self.memory.send(client, data)
+def scripted(
+    case: SynchronousTestCase, *filters: IFilter, mta: ScriptedMTA | None = None, **limits: int
+) -> Harness:
+    """A L{Harness} in front of a hostile L{ScriptedMTA}."""
+    return Harness(case, *filters, mta=mta or ScriptedMTA(), limits=limits)
 
 
 def refusingMessages(text: str = "Refused by policy") -> FakeFilter:
@@ -118,7 +85,7 @@ class ReplyClassTests(SynchronousTestCase):
         """An MTA answering DATA with 250: 451 4.3.0 to the client, the MTA leg aborted."""
         mta = ScriptedMTA()
         mta.answer = lambda line: b"250 2.0.0 sure\r\n" if line == b"DATA" else None
-        h = Scripted(self, mta=mta)
+        h = scripted(self, mta=mta)
         client = h.greeted()
         h.send(client, envelope() + b"DATA\r\n" + STUFFED)
         self.assertEqual(client.codes, [220, 250, 250, 250, 354, 451])
@@ -135,7 +102,7 @@ class ReplyClassTests(SynchronousTestCase):
         """
         mta = ScriptedMTA()
         mta.answer = lambda line: b"354 go\r\n250 2.0.0 early\r\n" if line == b"DATA" else None
-        h = Scripted(self, mta=mta)
+        h = scripted(self, mta=mta)
         client = h.greeted()
         h.send(client, envelope() + b"DATA\r\n" + STUFFED)
         self.assertEqual(client.codes, [220, 250, 250, 250, 354, 451])
@@ -147,7 +114,7 @@ class ReplyClassTests(SynchronousTestCase):
         """A 3xx to RCPT: 451 4.3.0 in its place, nothing after it relayed."""
         mta = ScriptedMTA()
         mta.answer = lambda line: b"354 what\r\n" if line.startswith(b"RCPT") else None
-        h = Scripted(self, mta=mta)
+        h = scripted(self, mta=mta)
         client = h.greeted()
         h.send(client, envelope() + b"DATA\r\n")
         self.assertEqual(client.codes, [220, 250, 250, 451])
@@ -160,7 +127,7 @@ class ReplyClassTests(SynchronousTestCase):
         mta.answer = lambda line: (
             b"250 2.0.0 ok\r\n250 2.0.0 and more\r\n" if line == b"NOOP" else None
         )
-        h = Scripted(self, mta=mta)
+        h = scripted(self, mta=mta)
         client = h.greeted()
         h.send(client, b"NOOP\r\n")
         self.assertEqual(client.codes, [220, 250, 250, 451])
@@ -173,7 +140,7 @@ class ReplyClassTests(SynchronousTestCase):
         mta.answer = lambda line: (
             b"250 ok\r\n421 4.4.2 mta.test timeout\r\n" if line == b"NOOP" else None
         )
-        h = Scripted(self, mta=mta)
+        h = scripted(self, mta=mta)
         client = h.greeted()
         h.send(client, b"NOOP\r\n")
         self.assertEqual(client.codes[-1], 421)
@@ -256,7 +223,7 @@ class PeerTests(SynchronousTestCase):
         """
         mta = ScriptedMTA(extensions=[b"ENHANCEDSTATUSCODES"])
         answers = iter([Verdict.reject("No"), Verdict.accept()])
-        h = Scripted(self, FakeFilter(verdicts={Stage.MESSAGE: lambda: next(answers)}), mta=mta)
+        h = scripted(self, FakeFilter(verdicts={Stage.MESSAGE: lambda: next(answers)}), mta=mta)
         client = h.greeted()
         h.send(client, envelope(b"a@x", b"b@y", b"c@y") + b"DATA\r\n")
         h.send(client, STUFFED + envelope() + b"DATA\r\n")
@@ -272,7 +239,7 @@ class PeerTests(SynchronousTestCase):
         the client's EHLO again) instead of one more RSET; the session goes on.
         """
         policy = refusingMessages()
-        h = Scripted(self, policy, mtaJunkCommands=3)
+        h = scripted(self, policy, mtaJunkCommands=3)
         client = h.greeted()
         for _ in range(8):  # RSET three times, reconnect, three RSETs, reconnect
             h.send(client, envelope() + b"DATA\r\n")

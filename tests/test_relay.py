@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+from typing import Any
 
 import attrs
 from hypothesis import given, settings
@@ -35,9 +36,15 @@ def envelope(sender: bytes = b"a@example.org", *rcpts: bytes) -> bytes:
 
 
 class Harness:
-    """A proxy with the given filters in front of a LocalMTA, all in memory."""
+    """
+    A proxy with the given filters in front of an MTA (a LocalMTA unless C{mta} is given:
+    anything with C{buildFactory()}, such as a L{mailproxy.testing.ScriptedMTA}), all in
+    memory.
+    """
 
-    def __init__(self, case: SynchronousTestCase, *filters: IFilter, **config: object) -> None:
+    def __init__(
+        self, case: SynchronousTestCase, *filters: IFilter, mta: Any = None, **config: object
+    ) -> None:
         spool = case.mktemp()
         os.makedirs(spool)
         self.spoolDir = spool
@@ -54,7 +61,7 @@ class Harness:
             **config,  # type: ignore[arg-type]
         )
         self.clock = Clock()
-        self.mta = LocalMTA()
+        self.mta = LocalMTA() if mta is None else mta
         pipeline = pipelineOf(filters, clock=self.clock)
         self.memory = MemoryProxy(self.config, pipeline, self.mta.buildFactory(), self.clock)
 
