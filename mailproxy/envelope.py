@@ -24,6 +24,11 @@ class Session:
     clientPort: int
     helo: str | None = None
     esmtp: bool = False
+    #: The client's TLS, once established: its protocol version and cipher
+    #: (C{("TLSv1.3", "TLS_AES_256_GCM_SHA384")}); None in cleartext.
+    tls: tuple[str, str] | None = None
+    #: The login name the client authenticated as (SMTP AUTH, accepted by the MTA).
+    login: str | None = None
     #: The filter that allowed (allow-listed) this session; later filters are skipped.
     allowedBy: str | None = None
     #: Facts that filters attach for each other: C{notes["p0f"]}, the OS guess; ...

@@ -11,8 +11,10 @@ of sessions, and stops them gracefully.
 from __future__ import annotations
 
 import os
+import typing
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
+from email.utils import formatdate
 from typing import Any
 
 import attrs
@@ -21,8 +23,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHalfCloseableProtocol,
+    IHandshakeListener,
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
     IProtocol,
     IReactorTime,
+    ISSLTransport,
     IStreamClientEndpoint,
     ITCPTransport,
     ITransport,
@@ -59,6 +65,25 @@ class Settings:
     upstream: IStreamClientEndpoint
     #: Where refused messages of C{quarantine = true} filters are kept, if anywhere.
     quarantine: Quarantine | None = None
+    #: TLS towards clients (STARTTLS, implicit-TLS listeners), if a certificate is loaded.
+    serverTls: IOpenSSLServerConnectionCreator | None = None
+    #: TLS towards the MTA (C{upstream_tls}), unless its mode is "none".
+    clientTls: IOpenSSLClientConnectionCreator | None = None
+    #: Looks up the client's name for XCLIENT and XFORWARD; None: never looked up.
+    names: NameLookup | None = None
+    #: What sessions offer and require: TLS, AUTH, XCLIENT.
+    policy: core.Policy = attrs.Factory(core.Policy)
+
+
+class ClientName(typing.Protocol):
+    name: str
+    reverseName: str
+
+
+class NameLookup(typing.Protocol):
+    """Finds a client's name (L{mailproxy.clientname.ClientNames}); never fails."""
+
+    def lookup(self, address: str) -> Deferred[Any]: ...
 
 
 class RelayFactory(Factory):
@@ -142,6 +167,7 @@ class RelayFactory(Factory):
             method(session)
 
 
+@implementer(IHandshakeListener)
 class UpstreamProtocol(Protocol):
     """
     A connection to the MTA: parses its replies and hands them to its session while the
@@ -170,6 +196,20 @@ class UpstreamProtocol(Protocol):
                 return
             self._owner.mtaReplied(self, reply)
 
+    def startTls(self, creator: IOpenSSLClientConnectionCreator) -> bool:
+        """
+        Start TLS after the MTA's 220 to STARTTLS; False when the MTA sent anything after
+        that 220, which would be read as if it came over TLS.
+        """
+        if not self._parser.idle or self.transport is None:
+            return False
+        self.transport.startTLS(creator)  # type: ignore[attr-defined]
+        return True
+
+    def handshakeCompleted(self) -> None:
+        if self.listening:
+            self._owner.mtaTlsStarted(self)
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._owner.mtaLost(self, reason)
 
@@ -190,11 +230,20 @@ def _noDelay(transport: ITransport | None) -> None:
         transport.setTcpNoDelay(True)
 
 
+def _describeTls(transport: object) -> tuple[str, str]:
+    """The protocol version and cipher of an established TLS connection."""
+    getHandle = getattr(transport, "getHandle", None)
+    connection = getHandle() if getHandle is not None else None
+    version = getattr(connection, "get_protocol_version_name", lambda: "TLS")()
+    cipher = getattr(connection, "get_cipher_name", lambda: None)() or "unknown"
+    return str(version), str(cipher)
+
+
 def _sessionId() -> str:
     return os.urandom(5).hex().upper()
 
 
-@implementer(IHalfCloseableProtocol)
+@implementer(IHalfCloseableProtocol, IHandshakeListener)
 class InboundProtocol(Protocol):
     """
     One client connection and its MTA legs: carries out what its L{core.Session} decides.
@@ -212,7 +261,9 @@ class InboundProtocol(Protocol):
         self._clock = factory.clock
         self._stats = factory.stats
         self.session = SessionInfo(_sessionId(), "unknown", 0)
-        self.machine = core.Session(settings.config, self.session, settings.pipeline.sizeLimit)
+        self.machine = core.Session(
+            settings.config, self.session, settings.pipeline.sizeLimit, settings.policy
+        )
         self._client = "unknown"
         self._effects: deque[core.Effect] = deque()
         self._running = False
@@ -237,7 +288,13 @@ class InboundProtocol(Protocol):
         self._client = str(getattr(peer, "host", "unknown"))
         self.session.clientAddress = self._client
         self.session.clientPort = int(getattr(peer, "port", 0))
-        self._feed(self.machine.start(self.factory.admit(self, self._client)))
+        implicitTls = ISSLTransport.providedBy(self.transport)  # a listen_tls listener
+        self._feed(self.machine.start(self.factory.admit(self, self._client), implicitTls))
+
+    def handshakeCompleted(self) -> None:
+        """The client's TLS is up (after STARTTLS, or on an implicit-TLS listener)."""
+        version, cipher = _describeTls(self.transport)
+        self._feed(self.machine.tlsStarted(version, cipher))
 
     def dataReceived(self, data: bytes) -> None:
         self._feed(self.machine.clientData(data))
@@ -293,6 +350,11 @@ class InboundProtocol(Protocol):
 
     def mtaReplied(self, mta: UpstreamProtocol, reply: wire.Reply) -> None:
         self._feed(self.machine.mtaReply(reply))
+
+    def mtaTlsStarted(self, mta: UpstreamProtocol) -> None:
+        if mta is self._mta:
+            version, cipher = _describeTls(mta.transport)
+            self._feed(self.machine.mtaTlsStarted(version, cipher))
 
     def mtaProtocolError(self, mta: UpstreamProtocol, why: str) -> None:
         self._feed(self.machine.mtaProtocolError(why))
@@ -353,6 +415,37 @@ class InboundProtocol(Protocol):
             self._checkClosed()
 
         d.addCallbacks(connected, failed)
+
+    def _startTls(self, effect: core.StartTls) -> None:
+        creator = self.settings.serverTls
+        if self.transport is None or self._clientGone:
+            return
+        if creator is None:  # the session offers STARTTLS only with a certificate
+            self.transport.loseConnection()
+            return
+        self.transport.startTLS(creator)  # type: ignore[attr-defined]
+
+    def _startMtaTls(self, effect: core.StartMtaTls) -> None:
+        mta, creator = self._mta, self.settings.clientTls
+        if mta is None:
+            return
+        if creator is None or not mta.startTls(creator):
+            self._feed(self.machine.mtaProtocolError("bytes after the 220 to STARTTLS"))
+
+    def _tlsEstablished(self, effect: core.TlsEstablished) -> None:
+        self._stats.tlsEstablished(effect.side, effect.version)
+
+    def _resolveClient(self, effect: core.ResolveClient) -> None:
+        names = self.settings.names
+        if names is None:
+            self._feed(self.machine.clientNamed("[UNAVAILABLE]", "[UNAVAILABLE]"))
+            return
+
+        def named(result: ClientName) -> None:
+            if not self._clientGone:
+                self._feed(self.machine.clientNamed(result.name, result.reverseName))
+
+        names.lookup(effect.address).addCallback(named)
 
     def _cancelConnect(self, effect: core.CancelConnect) -> None:
         connecting, self._connecting = self._connecting, None
@@ -466,7 +559,13 @@ class InboundProtocol(Protocol):
             self._feed(self.machine.releaseFailed("the MTA or the spool is gone"))
             return
         transport = mta.transport
-        transport.write(wire.headerBytes(effect.headers))
+        headers = effect.headers
+        if effect.trace is not None:
+            headers = (
+                effect.trace.header(formatdate(self._clock.seconds(), localtime=True)),
+                *headers,
+            )
+        transport.write(wire.headerBytes(headers))
         f = open(spool.path, "rb")  # closed when the transfer ends
         d = FileSender().beginFileTransfer(f, transport, wire.Stuffer())
 
@@ -519,6 +618,10 @@ class InboundProtocol(Protocol):
             self._stats.recipientAccepted()
         elif what is core.Counted.RELEASED:
             self._stats.released(self.session)
+        elif what is core.Counted.AUTH_SUCCEEDED:
+            self._stats.authenticated(True)
+        elif what is core.Counted.AUTH_FAILED:
+            self._stats.authenticated(False)
 
     def _refused(self, effect: core.Refused) -> None:
         self._stats.refused(self.session, effect.stage, effect.reply, effect.sender, effect.by)
@@ -546,6 +649,10 @@ _HANDLERS: dict[type[Any], Callable[[InboundProtocol, Any], None]] = {
     core.ResumeClient: InboundProtocol._resumeClient,
     core.ConnectMta: InboundProtocol._connectMta,
     core.CancelConnect: InboundProtocol._cancelConnect,
+    core.StartTls: InboundProtocol._startTls,
+    core.StartMtaTls: InboundProtocol._startMtaTls,
+    core.TlsEstablished: InboundProtocol._tlsEstablished,
+    core.ResolveClient: InboundProtocol._resolveClient,
     core.SendMta: InboundProtocol._sendMta,
     core.CloseMta: InboundProtocol._closeMta,
     core.AbortMta: InboundProtocol._abortMta,

@@ -63,6 +63,24 @@ TOO_BIG: Final = Answer(552, "5.3.4", "Error: message size exceeds fixed limit")
 BARE_LINE_ENDING: Final = Answer(554, "5.6.0", "Error: bare CR or LF in message content")
 SPOOL_FAILED: Final = Answer(452, "4.3.1", "Error: insufficient system storage")
 # The session.
+NEED_HELO: Final = Answer(503, "5.5.1", "Error: send HELO/EHLO first")
+IN_TRANSACTION: Final = Answer(503, "5.5.1", "Error: MAIL transaction in progress")
+READY_FOR_TLS: Final = Answer(220, "2.0.0", "Ready to start TLS")
+TLS_ACTIVE: Final = Answer(503, "5.5.1", "Error: TLS already active")
+TLS_REQUIRED: Final = Answer(530, "5.7.0", "Must issue a STARTTLS command first")
+AUTH_NOT_ENABLED: Final = Answer(503, "5.5.1", "Error: authentication not enabled")
+AUTH_NEEDS_TLS: Final = Answer(
+    538, "5.7.11", "Encryption required for requested authentication mechanism"
+)
+AUTH_ALREADY: Final = Answer(503, "5.5.1", "Error: already authenticated")
+SYNTAX_AUTH: Final = Answer(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+AUTH_MECHANISM: Final = Answer(504, "5.5.4", "Error: unsupported authentication mechanism")
+AUTH_BASE64: Final = Answer(501, "5.5.2", "Error: invalid base64 data")
+AUTH_FAILURES: Final = closing("4.7.0", "Error: too many failed authentication attempts")
+MTA_TLS_FAILED: Final = closing("4.7.0", "Error: no secure connection to the MTA, try again later")
+MTA_INTRODUCTION: Final = closing(
+    "4.3.0", "Error: the MTA refused to hear the client, try again later"
+)
 MTA_UNREACHABLE: Final = closing("4.3.2", "Service not available, try again later")
 MTA_LOST: Final = closing("4.4.2", "Error: lost connection to the MTA")
 MTA_SILENT: Final = closing("4.4.2", "Error: the MTA did not answer")
@@ -84,6 +102,12 @@ class Reason(enum.Enum):
     MTA = "mta"
     RECIPIENT_LIMIT = "recipient limit"
     SIZE_LIMIT = "size limit"
+    TLS_REQUIRED = "tls required"
+    AUTH_FAILURES = "auth failures"
+    #: No TLS to the MTA where upstream_tls requires it.
+    MTA_TLS = "mta tls"
+    #: The MTA offered XCLIENT and then refused it.
+    XCLIENT = "xclient"
     BARE_LINE_ENDING = "bare line ending"
     SPOOL = "spool"
     SYNTAX = "syntax"

@@ -47,6 +47,7 @@ Where the next capabilities go, as states and events rather than flags:
 from __future__ import annotations
 
 import enum
+import functools
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -74,10 +75,12 @@ class State(enum.Enum):
     """Where a session is; each state decides what client bytes and MTA replies mean."""
 
     CHECKING_CONNECT = "connect"  # connect filters deciding; client bytes buffered
+    TLS_HANDSHAKE = "tls handshake"  # STARTTLS answered, or implicit TLS: client bytes dropped
     CONNECTING = "connecting"  # the MTA leg being made
     GREETING = "greeting"  # waiting for the MTA's banner
     COMMAND = "command"  # reading and relaying commands
     CHECKING = "checking"  # a command's filters deciding; later commands wait
+    AUTHENTICATING = "authenticating"  # AUTH relayed: client lines are SASL responses
     HELLO = "hello"  # EHLO/HELO relayed; later commands wait for the extensions it offers
     SYNCING = "syncing"  # DATA: waiting for the replies before it, then the spool
     DATA = "data"  # receiving the message into the spool
@@ -93,10 +96,22 @@ class State(enum.Enum):
 S = State
 #: Every move a session may make; L{Session._enter} refuses any other.
 TRANSITIONS: dict[State, frozenset[State]] = {
-    S.CHECKING_CONNECT: frozenset({S.CONNECTING}),
+    S.CHECKING_CONNECT: frozenset({S.CONNECTING, S.TLS_HANDSHAKE}),
+    S.TLS_HANDSHAKE: frozenset({S.CHECKING_CONNECT, S.COMMAND}),
     S.CONNECTING: frozenset({S.GREETING}),
     S.GREETING: frozenset({S.COMMAND}),
-    S.COMMAND: frozenset({S.CHECKING, S.HELLO, S.SYNCING, S.QUITTING, S.RECONNECTING}),
+    S.COMMAND: frozenset(
+        {
+            S.CHECKING,
+            S.HELLO,
+            S.SYNCING,
+            S.QUITTING,
+            S.RECONNECTING,
+            S.TLS_HANDSHAKE,
+            S.AUTHENTICATING,
+        }
+    ),
+    S.AUTHENTICATING: frozenset({S.COMMAND}),
     S.HELLO: frozenset({S.COMMAND}),
     S.CHECKING: frozenset({S.COMMAND}),
     S.SYNCING: frozenset({S.COMMAND, S.DATA}),
@@ -131,6 +146,8 @@ class Counted(enum.Enum):
     MESSAGE_ATTEMPTED = "message attempted"  # MAIL FROM
     RECIPIENT_ACCEPTED = "recipient accepted"
     RELEASED = "released"  # the final dot went to the MTA; its answer is awaited
+    AUTH_SUCCEEDED = "auth succeeded"
+    AUTH_FAILED = "auth failed"
 
 
 # -- effects -----------------------------------------------------------------------------
@@ -164,6 +181,34 @@ class ConnectMta:
 @attrs.frozen
 class CancelConnect:
     pass
+
+
+@attrs.frozen
+class StartTls:
+    """Start TLS on the client's connection (our 220 to STARTTLS is written); answer with
+    L{Session.tlsStarted} once the handshake is done (a failed one closes the connection)."""
+
+
+@attrs.frozen
+class StartMtaTls:
+    """Start TLS on the MTA leg (it answered STARTTLS with 220); answer with
+    L{Session.mtaTlsStarted}; a failed handshake or verification loses the leg."""
+
+
+@attrs.frozen
+class TlsEstablished:
+    """A TLS handshake completed, with the client (C{side="client"}) or the MTA, for the counters."""
+
+    side: str
+    version: str
+    cipher: str
+
+
+@attrs.frozen
+class ResolveClient:
+    """Look up the client's name; answer with L{Session.clientNamed} (it never fails)."""
+
+    address: str
 
 
 @attrs.frozen
@@ -231,13 +276,36 @@ class Quarantine:
 
 
 @attrs.frozen
+class Trace:
+    """What our own C{Received:} header records of a session the MTA cannot see (TLS)."""
+
+    helo: str
+    address: str
+    hostname: str
+    protocol: str
+    tls: tuple[str, str]
+    session: str
+
+    def header(self, date: str) -> tuple[str, str]:
+        """The header field, with C{date} (RFC 5322) the time the message was received."""
+        version, cipher = self.tls
+        return (
+            "Received",
+            f"from {self.helo} ([{self.address}]) by {self.hostname} (mailproxy) with "
+            f"{self.protocol} ({version}:{cipher}) id {self.session}; {date}",
+        )
+
+
+@attrs.frozen
 class Release:
     """
     Stream C{headers} and the spooled message, dot-stuffed, then the final dot, to the
-    MTA; answer with L{Session.releaseSent} or L{Session.releaseFailed}.
+    MTA; answer with L{Session.releaseSent} or L{Session.releaseFailed}. C{trace}, if
+    set, is the first header (the driver dates it).
     """
 
     headers: Headers
+    trace: Trace | None = None
 
 
 @attrs.frozen
@@ -297,7 +365,7 @@ class MtaError:
 
 Effect = (
     SendClient | CloseClient | PauseClient | ResumeClient | ConnectMta | CancelConnect
-    | SendMta | CloseMta | AbortMta | RunCheck | CancelCheck | SpoolOpen | SpoolWrite
+    | StartTls | StartMtaTls | TlsEstablished | ResolveClient | SendMta | CloseMta | AbortMta | RunCheck | CancelCheck | SpoolOpen | SpoolWrite
     | SpoolClose | SpoolRemove | Quarantine | Release | StartTimer | CancelTimer | Log
     | Report | Refused | Delivered | MtaError
 )  # fmt: skip
@@ -308,6 +376,29 @@ Effect = (
 _ANY = frozenset({2, 4, 5})
 _MORE = frozenset({3, 4, 5})
 _OK = frozenset({2})
+_SASL = frozenset({2, 3, 4, 5})
+
+
+@attrs.frozen
+class Policy:
+    """
+    What a session offers and requires besides the configuration's limits: TLS each way,
+    AUTH, telling the MTA who the client is. The driver builds it from the configuration
+    and what it loaded (a certificate); tests give it directly.
+    """
+
+    #: A certificate is loaded: offer STARTTLS.
+    startTls: bool = False
+    #: MAIL before STARTTLS gets 530 5.7.0 (C{[tls] require}).
+    requireTls: bool = False
+    #: C{"tls"}: AUTH only over TLS (else 538 5.7.11); C{"always"}; C{"never"}.
+    auth: str = "tls"
+    #: Failed AUTH per session before 421.
+    authFailures: int = 3
+    #: STARTTLS to the MTA: C{"none"}, C{"opportunistic"} or C{"required"}.
+    mtaTls: str = "none"
+    #: Tell the MTA the client's address: XCLIENT when it offers it, else XFORWARD.
+    introduce: bool = True
 
 
 @attrs.define
@@ -322,6 +413,8 @@ class _Slot:
     expects: frozenset[int] = _ANY
     onReply: Callable[[Reply], Reply | None] | None = None
     command: bytes = b""
+    #: An effect to emit once this reply is written (L{StartTls} after our 220).
+    after: Effect | None = None
 
 
 @attrs.define
@@ -338,6 +431,16 @@ class _Transaction:
     size: int = 0
     #: The slot of the MTA's reply to the final dot: it takes no reply until the dot is sent.
     final: _Slot | None = None
+
+
+@attrs.define
+class _Auth:
+    """An AUTH exchange in progress: the MTA's 334 awaits the client's response when C{awaiting}."""
+
+    mechanism: bytes
+    login: str | None = None
+    responses: int = 0
+    awaiting: bool = False
 
 
 @attrs.define
@@ -368,8 +471,15 @@ class Session:
     @param sizeLimit: the smallest message size limit of the filters, if any declares one.
     """
 
-    def __init__(self, config: Config, info: SessionInfo, sizeLimit: int | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        info: SessionInfo,
+        sizeLimit: int | None = None,
+        policy: Policy = Policy(),
+    ) -> None:
         self._config = config
+        self._policy = policy
         self.info = info
         limit = config.limits.messageSize
         self._sizeLimit = min(limit, sizeLimit) if sizeLimit is not None else limit
@@ -396,6 +506,25 @@ class Session:
         #: The EHLO keywords the client was offered.
         self._offered: frozenset[bytes] = frozenset()
         self._helo: wire.Command | None = None
+        #: The MTA accepted the client's HELO or EHLO (since the last STARTTLS).
+        self._greeted = False
+        self._connectChecked = False
+        # The MTA leg's introduction (L{_introduce}), redone for each new leg.
+        self._introduced = False
+        self._mtaTls = False
+        self._mtaTlsDeclined = False
+        self._mtaTlsWaiting: Callable[[], None] | None = None
+        self._xclientSent = False
+        self._xforward: tuple[bytes, ...] = ()
+        self._anonymousLogged = False
+        #: The client's name and reverse name, once looked up; who waits for them.
+        self._clientName: tuple[str, str] | None = None
+        self._naming: list[Callable[[], None]] = []
+        #: SASL mechanisms the MTA offers that mailproxy relays, and those the client was offered.
+        self._mtaAuth: tuple[bytes, ...] = ()
+        self._authOffered: tuple[bytes, ...] = ()
+        self._auth: _Auth | None = None
+        self._authFailures = 0
         self._sessionHeaders: dict[Stage, Headers] = {}
         self._txn: _Transaction | None = None
         self._check: _Check | None = None
@@ -417,8 +546,14 @@ class Session:
 
     # -- events: the client --------------------------------------------------------------
 
-    def start(self, refusal: tuple[Answer, Reason | None] | None = None) -> list[Effect]:
-        """The client connected; C{refusal}: the admission refused it (and why)."""
+    def start(
+        self, refusal: tuple[Answer, Reason | None] | None = None, implicitTls: bool = False
+    ) -> list[Effect]:
+        """
+        The client connected; C{refusal}: the admission refused it (and why).
+        C{implicitTls}: it came to a TLS listener (RFC 8314); nothing happens before
+        L{tlsStarted}.
+        """
         if refusal is not None:
             answer, reason = refusal
             reply = self._render(answer)
@@ -433,14 +568,46 @@ class Session:
             port=self.info.clientPort,
         )
         self._touch()
+        if implicitTls:
+            self._enter(S.TLS_HANDSHAKE)
+        else:
+            self._checkConnect()
+        return self._take()
+
+    def _checkConnect(self) -> None:
+        self._connectChecked = True
         self._ask(
             _Check(Stage.CONNECT, self._connectAccepted, self._connectRefused),
             RunCheck(Stage.CONNECT, self.info),
         )
+
+    def tlsStarted(self, version: str, cipher: str) -> list[Effect]:
+        """
+        The client's TLS handshake is done. After STARTTLS the session starts over as
+        RFC 3207 says: nothing the client said before counts, and it must EHLO again.
+        """
+        if self.state is not S.TLS_HANDSHAKE:
+            return self._take()
+        self.info.tls = (version, cipher)
+        self._emit(TlsEstablished("client", version, cipher))
+        self._log("info", "TLS with the client: {version} {cipher}", version=version, cipher=cipher)
+        self._touch()
+        if not self._connectChecked:
+            self._enter(S.CHECKING_CONNECT)
+            self._checkConnect()
+            return self._take()
+        self._helo, self._greeted = None, False
+        self.info.helo, self.info.esmtp = None, False
+        self._enhanced, self._offered, self._authOffered = None, frozenset(), ()
+        self._enter(S.COMMAND)
+        self._advance()
         return self._take()
 
     def clientData(self, data: bytes) -> list[Effect]:
         if self.state in (S.CLOSING, S.CLOSED, S.QUITTING):
+            return self._take()
+        if self.state is S.TLS_HANDSHAKE:
+            self._discardInjected(len(data))
             return self._take()
         self._touch()
         if self.state is S.DATA:
@@ -525,6 +692,28 @@ class Session:
         self._advance()
         return self._take()
 
+    def mtaTlsStarted(self, version: str, cipher: str) -> list[Effect]:
+        """The MTA leg's TLS handshake (and its verification) succeeded."""
+        then, self._mtaTlsWaiting = self._mtaTlsWaiting, None
+        if then is None or self.state in (S.CLOSING, S.CLOSED):
+            return self._take()
+        self._mtaTls = True
+        self._emit(TlsEstablished("mta", version, cipher))
+        self._log("info", "TLS with the MTA: {version} {cipher}", version=version, cipher=cipher)
+        self._armMtaTimer()
+        then()
+        return self._take()
+
+    def clientNamed(self, name: str, reverseName: str) -> list[Effect]:
+        """The client's name (forward-confirmed) and its reverse name, or Postfix's placeholders."""
+        if self._clientName is None:
+            self._clientName = (name, reverseName)
+            waiting, self._naming = self._naming, []
+            if self.state not in (S.CLOSING, S.CLOSED):
+                for then in waiting:
+                    then()
+        return self._take()
+
     def mtaProtocolError(self, why: str) -> list[Effect]:
         """The MTA sent something that is not an SMTP reply."""
         if self.state in (S.CLOSING, S.CLOSED):
@@ -537,6 +726,12 @@ class Session:
     def mtaLost(self, why: str) -> list[Effect]:
         self._mtaConnected = False
         if self.state in (S.CLOSING, S.CLOSED):
+            return self._take()
+        if self._mtaTlsWaiting is not None:
+            self._mtaTlsWaiting = None
+            self._log("error", "TLS with the MTA failed: {why}", why=why)
+            self._emit(MtaError("tls"))
+            self._refuseSession(replies.MTA_TLS_FAILED, Reason.MTA_TLS)
             return self._take()
         self._log("error", "lost the MTA in state {state}: {why}", state=self.state.value, why=why)
         self._emit(MtaError("lost"))
@@ -640,7 +835,8 @@ class Session:
                 self._log("info", "idle timeout")
                 self._closeWith(replies.IDLE)
         elif timer is Timer.MTA_REPLY:
-            if self._inFlight:
+            if self._inFlight or self._mtaTlsWaiting is not None:
+                self._mtaTlsWaiting = None
                 self._log("error", "MTA did not answer in time")
                 self._emit(MtaError("timeout"))
                 self._mtaConnected = False
@@ -691,6 +887,8 @@ class Session:
         self._mtaSlots.append(slot)
         self._inFlight = 1
         self._pipelining, self._junk, self._ehlos = False, 0, 0
+        self._introduced, self._mtaTls, self._mtaTlsDeclined = False, False, False
+        self._xclientSent, self._xforward = False, ()
 
     def _banner(self, reply: Reply) -> Reply:
         if reply.code == 220:
@@ -705,7 +903,15 @@ class Session:
 
     def _advance(self) -> None:
         """Handle buffered command lines until one has to wait."""
-        while self.state is S.COMMAND:
+        while self.state in (S.COMMAND, S.AUTHENTICATING):
+            if self.state is S.AUTHENTICATING:
+                if self._auth is None or not self._auth.awaiting:
+                    break
+                response = self._commands.nextLine()
+                if response is None:
+                    break
+                self._saslResponse(response)
+                continue
             if self._draining and self._txn is None:
                 if not self._mtaSlots:  # between transactions, every reply in
                     self._log("info", "closed: shutting down")
@@ -732,6 +938,8 @@ class Session:
             self._closeNow()
 
     def _syntaxError(self, line: bytes, answer: Answer) -> None:
+        if line[:4].upper() == b"AUTH":
+            line = b"AUTH ..."  # never a SASL payload in the log
         self._log(
             "info",
             "syntax error: {line}: {reply}",
@@ -750,6 +958,8 @@ class Session:
             "DATA": self._data,
             "RSET": self._rset,
             "QUIT": self._quit,
+            "STARTTLS": self._starttls,
+            "AUTH": self._authenticate,
         }.get(verb)
         if handler is not None:
             handler(command)
@@ -771,28 +981,298 @@ class Session:
             self._txn = None  # EHLO resets the transaction, at the MTA as here
             self._sessionHeaders[Stage.HELO] = verdict.headers
             self._helo = command
-            self._relay(command.toLine(), answered, barrier=True)
             self._enter(S.HELLO)
+            self._hello(command, answered)
 
         def answered(reply: Reply) -> Reply:
             self._enter(S.COMMAND)
             self._logEvent(f"{command.verb} {self.info.helo}", reply)
+            self._greeted = reply.code // 100 == 2
             if command.verb == "HELO":
                 if reply.code // 100 == 2:
                     self._pipelining, self._enhanced, self._offered = False, False, frozenset()
+                    self._authOffered = ()
                 return reply
-            edited = wire.editCapabilities(reply, self._sizeLimit)
+            offered = wire.capabilities(reply)
+            self._mtaAuth = tuple(
+                m for m in wire.SASL_MECHANISMS if m in offered.params.get(b"AUTH", ())
+            )
+            auth = self._mtaAuth if self._authAllowed() else ()
+            startTls = self._policy.startTls and self.info.tls is None
+            edited = wire.editCapabilities(reply, self._sizeLimit, startTls, auth)
             if reply.code // 100 == 2:
-                offered = wire.capabilities(reply)
                 self._pipelining = offered.pipelining
                 self._enhanced = offered.enhancedStatusCodes
                 self._offered = wire.capabilities(edited).keywords
+                self._authOffered = auth
             return edited
 
         self._ask(
             _Check(Stage.HELO, accepted, self._refusedAt(Stage.HELO, None)),
             RunCheck(Stage.HELO, self.info),
         )
+
+    # -- the MTA leg's introduction: STARTTLS to it, XCLIENT, XFORWARD ----------------
+
+    def _hello(self, command: wire.Command, onAnswer: Callable[[Reply], Reply | None]) -> None:
+        """
+        Relay the client's EHLO or HELO. On an MTA leg not yet introduced, an EHLO with
+        the client's name goes first, hidden, to learn what the MTA offers: STARTTLS (see
+        L{_introduce}), XCLIENT, XFORWARD. For an EHLO that needs nothing more, that
+        probe is the client's own EHLO, and its reply is the client's.
+        """
+        if self._introduced:
+            self._relay(command.toLine(), onAnswer, barrier=True)
+            return
+
+        def probed(reply: Reply) -> None:
+            self._introduce(command, onAnswer, reply)
+
+        self._relay(b"EHLO " + command.argument, probed, barrier=True)
+
+    def _introduce(
+        self, command: wire.Command, onAnswer: Callable[[Reply], Reply | None], reply: Reply
+    ) -> None:
+        """
+        The next step of the introduction, from the MTA's EHLO C{reply}: STARTTLS (then
+        EHLO again), XCLIENT with the client's address (the MTA answers with a new
+        banner: EHLO again), the name lookup XFORWARD needs; then the client's own
+        command is answered. Every step is hidden from the client.
+        """
+        again = functools.partial(self._hello, command, onAnswer)
+        proceed = functools.partial(self._introduce, command, onAnswer, reply)
+        if reply.code // 100 != 2:
+            if command.verb == "EHLO":  # the MTA refused the client's EHLO: it hears so
+                self._show(onAnswer(reply))
+            else:
+                self._relay(command.toLine(), onAnswer, barrier=True)
+            return
+        offered = wire.capabilities(reply)
+        mode = self._policy.mtaTls
+        if mode != "none" and not self._mtaTls and not self._mtaTlsDeclined:
+            if offered.offers(b"STARTTLS"):
+                self._relay(b"STARTTLS", functools.partial(self._mtaStartTls, again, proceed))
+                return
+            if mode == "required":
+                self._mtaTlsFailed("it does not offer STARTTLS")
+                return
+            self._mtaTlsDeclined = True
+            self._log("info", "the MTA does not offer STARTTLS: its leg stays in cleartext")
+        if self._policy.introduce and offered.offers(b"XCLIENT") and not self._xclientSent:
+            self._named(functools.partial(self._xclient, offered.params[b"XCLIENT"], again))
+            return
+        if self._policy.introduce and offered.offers(b"XFORWARD") and not self._xclientSent:
+            if self._clientName is None:
+                self._named(proceed)
+                return
+            self._xforward = offered.params[b"XFORWARD"]
+        if not self._xclientSent and not self._xforward and not self._anonymousLogged:
+            self._anonymousLogged = True
+            self._log(
+                "info",
+                "the MTA offers neither XCLIENT nor XFORWARD: it sees the client as mailproxy",
+            )
+        self._introduced = True
+        if command.verb == "EHLO":
+            self._show(onAnswer(reply))
+        else:
+            self._relay(command.toLine(), onAnswer, barrier=True)
+
+    def _show(self, reply: Reply | None) -> None:
+        self._replies.append(_Slot(reply=reply, ready=True))
+
+    def _mtaStartTls(
+        self, again: Callable[[], None], proceed: Callable[[], None], reply: Reply
+    ) -> None:
+        if reply.code == 220:
+            self._mtaTlsWaiting = again
+            self._emit(StartMtaTls())
+        elif self._policy.mtaTls == "required":
+            self._mtaTlsFailed(f"it answered STARTTLS with {reply.code} {reply.text}")
+        else:
+            self._mtaTlsDeclined = True
+            self._log(
+                "warn",
+                "the MTA answered STARTTLS with {reply}: its leg stays in cleartext",
+                reply=f"{reply.code} {reply.text}",
+            )
+            proceed()
+
+    def _mtaTlsFailed(self, why: str) -> None:
+        self._log("error", "no TLS with the MTA, which upstream_tls.mode requires: {why}", why=why)
+        self._emit(MtaError("tls"))
+        self._refuseSession(replies.MTA_TLS_FAILED, Reason.MTA_TLS)
+
+    def _refuseSession(self, answer: Answer, reason: Reason) -> None:
+        """Close the session with C{answer}, after the replies before it, counted as refused."""
+        self._emit(Refused(Stage.HELO, self._render(answer), None, reason.value))
+        self._mtaConnected = False
+        self._emit(CloseMta(quit=True))
+        self._closeWith(answer)
+
+    def _named(self, then: Callable[[], None]) -> None:
+        """Run C{then} once the client's name is known (looked up at the first need)."""
+        if self._clientName is not None:
+            then()
+            return
+        self._naming.append(then)
+        if len(self._naming) == 1:
+            self._emit(ResolveClient(self.info.clientAddress))
+
+    def _xclient(self, offered: tuple[bytes, ...], again: Callable[[], None]) -> None:
+        """Tell the MTA the client's address and name (Postfix's XCLIENT_README)."""
+        assert self._clientName is not None
+        name, reverseName = self._clientName
+        attributes = [
+            (b"ADDR", wire.xclientAddress(self.info.clientAddress)),
+            (b"PORT", str(self.info.clientPort)),
+            (b"NAME", name),
+            (b"REVERSE_NAME", reverseName),
+        ]
+        if self.info.login is not None:
+            attributes.append((b"LOGIN", self.info.login))
+        line = wire.attributeCommand(b"XCLIENT", attributes, offered)
+        self._xclientSent = True
+        if line is None:
+            self._log("warn", "the MTA offers XCLIENT without any attribute mailproxy sends")
+            again()
+            return
+
+        def introduced(reply: Reply) -> None:
+            if reply.code // 100 == 2:
+                again()  # a fresh session at the MTA, which wants EHLO again
+                return
+            self._log(
+                "error",
+                "the MTA refused XCLIENT: {reply}; is mailproxy in its "
+                "smtpd_authorized_xclient_hosts?",
+                reply=f"{reply.code} {reply.text}",
+            )
+            self._refuseSession(replies.MTA_INTRODUCTION, Reason.XCLIENT)
+
+        self._relay(line, introduced, barrier=True, label=b"XCLIENT")
+
+    def _forward(self) -> None:
+        """XFORWARD the client before a transaction, when the MTA takes it and not XCLIENT."""
+        if not self._xforward or self._clientName is None:
+            return
+        name, _ = self._clientName
+        for attributes in (
+            [
+                (b"NAME", name),
+                (b"ADDR", wire.xclientAddress(self.info.clientAddress)),
+                (b"PORT", str(self.info.clientPort)),
+            ],
+            [
+                (b"PROTO", "ESMTP" if self.info.esmtp else "SMTP"),
+                (b"HELO", self.info.helo or "[UNAVAILABLE]"),
+                (b"SOURCE", "REMOTE"),
+            ],
+        ):
+            line = wire.attributeCommand(b"XFORWARD", attributes, self._xforward)
+            if line is not None:
+                self._relay(line, self._ownReply(b"XFORWARD"), label=b"XFORWARD")
+
+    # -- STARTTLS and AUTH from the client ----------------------------------------------
+
+    def _starttls(self, command: wire.Command) -> None:
+        if not self._policy.startTls:
+            self._local(replies.NOT_IMPLEMENTED)
+        elif self.info.tls is not None:
+            self._local(replies.TLS_ACTIVE)
+        elif command.argument:
+            self._local(replies.NO_ARGUMENTS)
+        elif self._txn is not None:
+            self._local(replies.IN_TRANSACTION)
+        else:
+            # Whatever the client sent after STARTTLS came in cleartext and must not be
+            # read as if it came over TLS (CVE-2011-0411).
+            self._discardInjected(len(self._commands.takeRest()))
+            self._log("info", "STARTTLS")
+            self._replies.append(
+                _Slot(reply=self._render(replies.READY_FOR_TLS), ready=True, after=StartTls())
+            )
+            self._enter(S.TLS_HANDSHAKE)
+
+    def _discardInjected(self, count: int) -> None:
+        if count:
+            self._log(
+                "warn",
+                "discarded {count} bytes sent after STARTTLS, before TLS (command injection)",
+                count=count,
+            )
+
+    def _authAllowed(self) -> bool:
+        policy = self._policy.auth
+        return policy == "always" or (policy == "tls" and self.info.tls is not None)
+
+    def _authenticate(self, command: wire.Command) -> None:
+        mechanism, _, initial = command.argument.partition(b" ")
+        mechanism = mechanism.upper()
+        if self._policy.auth == "never":
+            self._local(replies.AUTH_NOT_ENABLED)
+        elif self._policy.auth == "tls" and self.info.tls is None:
+            self._local(replies.AUTH_NEEDS_TLS)
+        elif not self._authOffered:
+            self._local(replies.AUTH_NOT_ENABLED)
+        elif self.info.login is not None:
+            self._local(replies.AUTH_ALREADY)
+        elif self._txn is not None:
+            self._local(replies.IN_TRANSACTION)
+        elif not mechanism or b" " in initial:
+            self._local(replies.SYNTAX_AUTH)
+        elif mechanism not in self._authOffered:
+            self._local(replies.AUTH_MECHANISM)
+        elif initial and not wire.isBase64(initial):
+            self._local(replies.AUTH_BASE64)
+        else:
+            auth = self._auth = _Auth(mechanism)
+            if initial:
+                auth.login = wire.saslLogin(mechanism, initial, first=True)
+                auth.responses = 1
+            line = b"AUTH " + mechanism + (b" " + initial if initial else b"")
+            self._relay(line, self._authReply, expects=_SASL, barrier=True, label=b"AUTH")
+            self._enter(S.AUTHENTICATING)
+
+    def _saslResponse(self, line: bytes | wire._TooLong) -> None:
+        """A client's line in an AUTH exchange: relayed if it is base64, else it cancels."""
+        auth = self._auth
+        assert auth is not None
+        auth.awaiting = False
+        if not isinstance(line, bytes) or not (line == b"*" or wire.isBase64(line)):
+            line = b"*"  # cancels the exchange: the MTA's 501 is the client's answer
+        elif auth.login is None:
+            auth.login = wire.saslLogin(auth.mechanism, line, first=auth.responses == 0)
+        auth.responses += 1
+        self._relay(line, self._authReply, expects=_SASL, barrier=True, label=b"(SASL response)")
+
+    def _authReply(self, reply: Reply) -> Reply:
+        auth = self._auth
+        assert auth is not None
+        if reply.code == 334:
+            auth.awaiting = True
+            return reply
+        self._auth = None
+        self._enter(S.COMMAND)
+        mechanism = auth.mechanism.decode()
+        if reply.code // 100 == 2:
+            self.info.login = auth.login or ""
+            self._emit(Report(Counted.AUTH_SUCCEEDED))
+            self._logEvent(f"AUTH {mechanism} login={self.info.login}", reply)
+            return reply
+        self._emit(Report(Counted.AUTH_FAILED))
+        self._logEvent(f"AUTH {mechanism} failed login={auth.login or '-'}", reply)
+        self._authFailures += 1
+        if self._authFailures >= self._policy.authFailures:
+            self._log("warn", "closed after {count} failed AUTH", count=self._authFailures)
+            self._emit(
+                Refused(
+                    Stage.HELO, self._render(replies.AUTH_FAILURES), None,
+                    Reason.AUTH_FAILURES.value,
+                )
+            )  # fmt: skip
+            self._closeWith(replies.AUTH_FAILURES)
+        return reply
 
     def _mail(self, command: wire.Command) -> None:
         try:
@@ -805,6 +1285,19 @@ class Session:
             return
         if self._txn is not None:
             self._local(replies.NESTED_MAIL)
+            return
+        if not self._greeted or not self._introduced:
+            # The MTA must know who the client is before any mail (XCLIENT at EHLO).
+            self._local(replies.NEED_HELO)
+            return
+        if self._policy.requireTls and self.info.tls is None:
+            self._emit(
+                Refused(
+                    Stage.MAIL, self._render(replies.TLS_REQUIRED), path.address,
+                    Reason.TLS_REQUIRED.value,
+                )
+            )  # fmt: skip
+            self._local(replies.TLS_REQUIRED)
             return
         self._emit(Report(Counted.MESSAGE_ATTEMPTED))
         sender = path.address
@@ -824,6 +1317,7 @@ class Session:
         def accepted(verdict: Verdict) -> None:
             self._txn = txn
             txn.headers.extend(verdict.headers)
+            self._forward()
             self._relay(b"MAIL " + path.toArgument(b"FROM:"), answered)
 
         def answered(reply: Reply) -> Reply:
@@ -972,7 +1466,7 @@ class Session:
         early = [
             h for stage in (Stage.CONNECT, Stage.HELO) for h in self._sessionHeaders.get(stage, ())
         ]
-        self._release((*early, *txn.headers, *verdict.headers))
+        self._release((*early, *txn.headers, *verdict.headers), self._trace())
 
     def _messageRefused(self, verdict: Verdict) -> None:
         txn = self._txn
@@ -1001,7 +1495,19 @@ class Session:
         self._enter(S.COMMAND)
         self._resetMta()
 
-    def _release(self, headers: Headers) -> None:
+    def _trace(self) -> Trace | None:
+        """Our C{Received:} for a client over TLS, which the MTA (even with XCLIENT) cannot tell."""
+        if self.info.tls is None:
+            return None
+        protocol = "ESMTPS" if self.info.esmtp else "SMTPS"
+        if self.info.login is not None:
+            protocol += "A"  # RFC 3848
+        return Trace(
+            self.info.helo or "unknown", self.info.clientAddress, self._hostname, protocol,
+            self.info.tls, self.info.id,
+        )  # fmt: skip
+
+    def _release(self, headers: Headers, trace: Trace | None = None) -> None:
         """Send DATA and then the spooled message to the MTA; relay its final reply."""
         txn = self._txn
         assert txn is not None
@@ -1038,7 +1544,7 @@ class Session:
             self._replies.append(txn.final)
             self._mtaSlots.append(txn.final)
             self._inFlight += 1
-            self._emit(Release(headers))
+            self._emit(Release(headers, trace))
             return None
 
         self._relay(b"DATA", dataReply, expects=_MORE, barrier=True)
@@ -1057,7 +1563,8 @@ class Session:
         Reset the MTA's transaction after a refusal: RSET, or — once the MTA has heard
         as many commands other than mail as it may count against us — a fresh MTA leg.
         """
-        if self._junk < self._junkLimit:
+        keepLeg = self.info.login is not None and not self._xclientSent
+        if self._junk < self._junkLimit or keepLeg:  # a new leg would lose the AUTH
             self._relay(b"RSET", self._ownReply(b"RSET"))
             return
         self._log(
@@ -1079,11 +1586,17 @@ class Session:
             return
 
         def greeted(r: Reply) -> None:
+            if r.code // 100 != 2:
+                self._log("error", "the MTA refused the client's {verb} again: {reply}",
+                          verb=helo.verb, reply=f"{r.code} {r.text}")  # fmt: skip
+                self._emit(MtaError("protocol"))
+                self._mtaBroken(self._render(replies.MTA_CONFUSED))
+                return
             if helo.verb == "EHLO":
                 self._pipelining = wire.capabilities(r).pipelining
             self._enter(S.COMMAND)
 
-        self._relay(helo.toLine(), greeted, expects=_OK, barrier=True)
+        self._hello(helo, greeted)
 
     def _keepalive(self) -> None:
         """
@@ -1124,19 +1637,21 @@ class Session:
         onReply: Callable[[Reply], Reply | None],
         expects: frozenset[int] = _ANY,
         barrier: bool = False,
+        label: bytes | None = None,
     ) -> None:
         """
         Queue a command for the MTA; its reply takes the next slot of the client's queue
         (C{onReply} returning C{None} keeps it from the client: our own commands).
+        C{label} names the command in the log instead of its verb (a SASL response).
         """
-        verb = line.split(b" ", 1)[0].decode("ascii")
+        verb = line.split(b" ", 1)[0].decode("ascii", "replace")
         if verb in ("EHLO", "HELO"):
             self._ehlos += 1
             if self._ehlos > 1:
                 self._junk += 1
         elif verb in _NONMAIL:
             self._junk += 1
-        slot = _Slot(expects=expects, onReply=onReply, command=line.split(b" ", 1)[0])
+        slot = _Slot(expects=expects, onReply=onReply, command=label or line.split(b" ", 1)[0])
         self._replies.append(slot)
         self._mtaSlots.append(slot)
         self._unsent.append((line, barrier))
@@ -1167,9 +1682,14 @@ class Session:
     def _flushClient(self) -> None:
         out = []
         while self._replies and self._replies[0].ready:
-            reply = self._replies.popleft().reply
-            if reply is not None:
-                out.append(reply.toBytes())
+            slot = self._replies.popleft()
+            if slot.reply is not None:
+                out.append(slot.reply.toBytes())
+            if slot.after is not None:
+                if out:
+                    self._emit(SendClient(b"".join(out)))
+                    out = []
+                self._emit(slot.after)
         if out:
             self._emit(SendClient(b"".join(out)))
         if self.state is S.CLOSING and not self._replies and not self._closeSent:
@@ -1177,7 +1697,8 @@ class Session:
             self._emit(CloseClient())
 
     def _armMtaTimer(self) -> None:
-        if self._inFlight and self._mtaConnected and self.state is not S.RELEASING:
+        waiting = self._inFlight or self._mtaTlsWaiting is not None
+        if waiting and self._mtaConnected and self.state is not S.RELEASING:
             self._emit(StartTimer(Timer.MTA_REPLY, self._config.timeouts.mtaReply))
         else:
             self._emit(CancelTimer(Timer.MTA_REPLY))

@@ -53,7 +53,7 @@ RECIPIENT_LIMIT = "recipient limit"
 FILTERS = "filters"
 
 #: Kinds of MTA errors, counted once per session (the first one).
-MTA_ERRORS = ("unreachable", "lost", "timeout", "protocol")
+MTA_ERRORS = ("unreachable", "lost", "timeout", "protocol", "tls")
 
 
 @attrs.frozen
@@ -87,6 +87,9 @@ class Counts:
     recipients: Counter[str] = attrs.Factory(Counter)  # accepted
     recipientsRefused: Counter[str] = attrs.Factory(Counter)
     mtaErrors: Counter[str] = attrs.Factory(Counter)
+    #: TLS handshakes done, by C{"client TLSv1.3"} / C{"mta TLSv1.2"} (side and version).
+    tls: Counter[str] = attrs.Factory(Counter)
+    auth: Counter[str] = attrs.Factory(Counter)  # succeeded, failed
 
     def toJSON(self) -> dict[str, Any]:
         return {
@@ -109,6 +112,8 @@ class Counts:
                 "refused": dict(self.recipientsRefused),
             },
             "mta_errors": {kind: self.mtaErrors[kind] for kind in MTA_ERRORS},
+            "tls": dict(self.tls),
+            "auth": {"succeeded": self.auth["succeeded"], "failed": self.auth["failed"]},
         }
 
 
@@ -374,10 +379,18 @@ class Stats:
         else:
             self.refused(session, Stage.MESSAGE, reply, sender, MTA)
 
+    def tlsEstablished(self, side: str, version: str) -> None:
+        """A TLS handshake with the client or the MTA (C{side}) completed."""
+        self._add("tls", f"{side} {version}")
+
+    def authenticated(self, succeeded: bool) -> None:
+        """A client's AUTH ended: the MTA accepted it, or refused it."""
+        self._add("auth", "succeeded" if succeeded else "failed")
+
     def mtaError(self, session: Session, kind: str) -> None:
         """
-        The MTA failed this session: C{"unreachable"}, C{"lost"}, C{"timeout"} or
-        C{"protocol"}. Only the first error of a session counts (a protocol error is
+        The MTA failed this session: C{"unreachable"}, C{"lost"}, C{"timeout"},
+        C{"protocol"} or C{"tls"} (no TLS where upstream_tls requires it). Only the first error of a session counts (a protocol error is
         followed by the loss of the connection it caused).
         """
         if session.id not in self._mtaFailed:

@@ -106,6 +106,19 @@ class StatsCollector:
         for kind in MTA_ERRORS:
             mta.add_metric([kind], total.mtaErrors[kind])
         yield mta
+        tls = CounterMetricFamily(
+            "mailproxy_tls_handshakes", "TLS handshakes completed.", labels=["side", "version"]
+        )
+        for key, n in sorted(total.tls.items()):
+            side, _, version = key.partition(" ")
+            tls.add_metric([side, version], n)
+        yield tls
+        auth = CounterMetricFamily(
+            "mailproxy_auth", "Client AUTH exchanges by outcome.", labels=["outcome"]
+        )
+        for outcome in ("succeeded", "failed"):
+            auth.add_metric([outcome], total.auth[outcome])
+        yield auth
         checks = CounterMetricFamily(
             "mailproxy_filter_checks", "Filter answers by verdict.", labels=["filter", "verdict"]
         )

@@ -8,6 +8,8 @@ received buffers with C-level byte operations, never a Python loop per line.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from typing import Final
 
@@ -118,6 +120,11 @@ class ReplyParser:
                 replies.append(Reply(int(code), tuple(self._lines)))
                 self._lines = []
                 self._code = None
+
+    @property
+    def idle(self) -> bool:
+        """Nothing is buffered: no partial line, no unfinished multi-line reply."""
+        return not self._buffer and not self._lines
 
 
 class _TooLong:
@@ -378,6 +385,12 @@ class Capabilities:
     """What the MTA's EHLO reply offered, as far as mailproxy uses it."""
 
     keywords: frozenset[bytes] = frozenset()
+    #: The words after each keyword, upper-cased: C{params[b"XCLIENT"]} are the
+    #: attributes the MTA takes, C{params[b"AUTH"]} its SASL mechanisms.
+    params: dict[bytes, tuple[bytes, ...]] = attrs.field(factory=dict, eq=False)
+
+    def offers(self, keyword: bytes) -> bool:
+        return keyword in self.keywords
 
     @property
     def pipelining(self) -> bool:
@@ -392,16 +405,21 @@ def capabilities(reply: Reply) -> Capabilities:
     """The keywords of an EHLO reply (upper-cased), for L{Capabilities}."""
     if reply.code // 100 != 2:
         return Capabilities()
-    return Capabilities(
-        frozenset(line.split(b" ", 1)[0].upper() for line in reply.lines[1:] if line)
-    )
+    params: dict[bytes, tuple[bytes, ...]] = {}
+    for line in reply.lines[1:]:
+        words = line.upper().split()
+        if words and words[0] not in params:
+            params[words[0]] = tuple(words[1:])
+    return Capabilities(frozenset(params), params)
 
 
-def editCapabilities(reply: Reply, maxSize: int, startTLS: bool = False) -> Reply:
+def editCapabilities(
+    reply: Reply, maxSize: int, startTLS: bool = False, auth: tuple[bytes, ...] = ()
+) -> Reply:
     """
     The MTA's EHLO reply as the client may see it: only the L{EXTENSIONS} mailproxy
     implements, SIZE set to the smaller of the MTA's and C{maxSize}, STARTTLS offered only
-    when mailproxy terminates TLS.
+    when mailproxy terminates TLS, AUTH with the mechanisms C{auth} (none: no AUTH).
     """
     if reply.code // 100 != 2 or not reply.lines:
         return reply
@@ -419,7 +437,65 @@ def editCapabilities(reply: Reply, maxSize: int, startTLS: bool = False) -> Repl
     lines.append(b"SIZE %d" % (size,))
     if startTLS:
         lines.append(b"STARTTLS")
+    if auth:
+        lines.append(b"AUTH " + b" ".join(auth))
     return Reply(reply.code, tuple(lines))
+
+
+# -- XCLIENT, XFORWARD, AUTH ---------------------------------------------------------------
+
+_XTEXT_PLAIN: Final = frozenset(range(0x21, 0x7F)) - {ord("+"), ord("=")}
+
+
+def xtext(value: str) -> bytes:
+    """RFC 3461 xtext: printable ASCII but C{+} and C{=} as is, every other byte C{+XX}."""
+    return b"".join(
+        bytes((b,)) if b in _XTEXT_PLAIN else b"+%02X" % (b,) for b in value.encode("utf-8")
+    )
+
+
+def xclientAddress(address: str) -> str:
+    """An address as XCLIENT and XFORWARD take it: IPv6 with Postfix's C{IPV6:} prefix."""
+    return f"IPV6:{address}" if ":" in address else address
+
+
+def attributeCommand(
+    verb: bytes, attributes: list[tuple[bytes, str]], offered: tuple[bytes, ...]
+) -> bytes | None:
+    """
+    C{XCLIENT} or C{XFORWARD} with the C{attributes} the MTA listed in its EHLO keyword
+    line (C{offered}), values xtext-encoded; C{None} when it takes none of them.
+    """
+    taken = [name + b"=" + xtext(value) for name, value in attributes if name in offered]
+    return verb + b" " + b" ".join(taken) if taken else None
+
+
+#: SASL mechanisms mailproxy relays: those whose login name it can read (for the filters,
+#: the log and XCLIENT LOGIN). Others in the MTA's AUTH line are not offered.
+SASL_MECHANISMS: Final = (b"PLAIN", b"LOGIN")
+_BASE64: Final = re.compile(rb"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
+
+
+def isBase64(data: bytes) -> bool:
+    """A SASL response or initial response: canonical base64 (RFC 4954), C{=} for empty."""
+    return data == b"=" or _BASE64.fullmatch(data) is not None
+
+
+def saslLogin(mechanism: bytes, response: bytes, first: bool) -> str | None:
+    """
+    The login name in a client's SASL response, if C{mechanism} carries it there:
+    PLAIN's authentication identity, LOGIN's first response (C{first}).
+    """
+    try:
+        decoded = base64.b64decode(b"" if response == b"=" else response, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if mechanism == b"PLAIN":
+        parts = decoded.split(b"\0")
+        return parts[1].decode("utf-8", "replace") if len(parts) == 3 else None
+    if mechanism == b"LOGIN" and first:
+        return decoded.decode("utf-8", "replace")
+    return None
 
 
 _END_OF_DATA: Final = b"\r\n.\r\n"

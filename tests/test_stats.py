@@ -464,7 +464,8 @@ class RelayCountsTests(SynchronousTestCase):
         today = proxy.stats.snapshot()["today"]
         self.assertEqual(today["messages"]["ambiguous"], 1)
         self.assertEqual(
-            today["mta_errors"], {"unreachable": 0, "lost": 0, "timeout": 1, "protocol": 0}
+            today["mta_errors"],
+            {"unreachable": 0, "lost": 0, "timeout": 1, "protocol": 0, "tls": 0},
         )
         self.assertEqual(today["messages"]["accepted"], 0)
 
