@@ -30,6 +30,7 @@ Run it alone with C{python -m mailproxy.localmta --listen tcp:10025:interface=12
 from __future__ import annotations
 
 import argparse
+import base64
 import io
 import os
 import re
@@ -48,6 +49,7 @@ from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
     IListeningPort,
+    IOpenSSLServerConnectionCreator,
     IReactorTime,
     IStreamServerEndpoint,
     ITCPTransport,
@@ -109,6 +111,10 @@ class ReceivedMessage:
     helo: str = ""
     xclient: dict[str, str] = attrs.Factory(dict)
     xforward: dict[str, str] = attrs.Factory(dict)
+    #: The connection's TLS was started (STARTTLS) before this message.
+    tls: bool = False
+    #: The login the connection authenticated as (AUTH), if any.
+    login: str | None = None
 
 
 class LocalMTA:
@@ -124,7 +130,10 @@ class LocalMTA:
     @ivar extensions: the EHLO keywords announced, in order (an empty list announces the
         bare keyword). Edit it to announce more or fewer. Announcing a keyword does not
         implement it: only XCLIENT and XFORWARD are understood (and only when announced);
-        STARTTLS then answers 454, BDAT 502.
+        STARTTLS answers 454 unless L{tls} is set, AUTH 504 unless L{logins} are, BDAT 502.
+    @ivar tls: the server side of STARTTLS (announce C{STARTTLS} too); L{None}: 454.
+    @ivar logins: the users AUTH PLAIN and LOGIN accept (announce C{AUTH PLAIN LOGIN}),
+        by name, with their passwords.
     @ivar refuseSenders: MAIL FROM for which it returns true gets C{553 5.7.1}.
     @ivar refuseRecipients: RCPT TO for which it returns true gets C{550 5.1.1}.
     @ivar refuseMessage: called at end-of-data with the message about to be accepted;
@@ -179,6 +188,8 @@ class LocalMTA:
         self.refuseMessage: Callable[[ReceivedMessage], tuple[int, str] | None] | None = None
         self.dropAfterDataBytes: int | None = None
         self.silentAfterData = False
+        self.tls: IOpenSSLServerConnectionCreator | None = None
+        self.logins: dict[str, str] = {}
         self.record = record
         self.keepContent = record
         self.keepTranscripts = record
@@ -269,6 +280,8 @@ class _Message:
         xforward: dict[str, str] | None = None,
     ) -> None:
         self._mta = mta
+        self.tls = False
+        self.login: str | None = None
         self.queueId = mta._newQueueId()
         self._envelope = (mailFrom, recipients, helo, dict(xclient or {}), dict(xforward or {}))
         self._size = 0
@@ -317,6 +330,8 @@ class _Message:
             helo=helo,
             xclient=xclient,
             xforward=xforward,
+            tls=self.tls,
+            login=self.login,
         )
         self._content = None
         refuse = self._mta.refuseMessage
@@ -445,6 +460,10 @@ class _LocalSMTP(ESMTP):
         self._dataCount = 0  # DATA-stream bytes of this message (for dropAfterDataBytes)
         self._xclient: dict[str, str] = {}
         self._xforward: dict[str, str] = {}
+        self._tlsStarted = self._tlsJustStarted = False
+        self._login: str | None = None
+        #: An AUTH exchange waiting for the client's next line: its mechanism and step.
+        self._sasl: tuple[bytes, int, str] | None = None
 
     # -- connection
 
@@ -512,7 +531,10 @@ class _LocalSMTP(ESMTP):
             if len(line) > self.MAX_LENGTH:
                 self.lineLengthExceeded(line)
                 return b""
-            self.lineReceived(line)  # type: ignore[no-untyped-call]
+            self.lineReceived(line)
+            if self._tlsJustStarted:
+                self._tlsJustStarted = False
+                return b""  # sent before the handshake: not to be read as if over TLS
             if self.mode == DATA or self._silent or self._closing:
                 return buf[start:]
         if len(buf) - start > self.MAX_LENGTH:
@@ -667,6 +689,7 @@ class _LocalSMTP(ESMTP):
             self._xclient,
             self._xforward,
         )
+        self._message.tls, self._message.login = self._tlsStarted, self._login
         self._from = None
         self._to = []
         self.mode = DATA
@@ -724,19 +747,74 @@ class _LocalSMTP(ESMTP):
         """Any command not implemented (VRFY, BDAT, ...), as Postfix answers it."""
         self.sendCode(502, b"5.5.2 Error: command not recognized")
 
+    def lineReceived(self, line: bytes) -> None:
+        """A command, or the client's response in an AUTH exchange."""
+        if self._sasl is not None:
+            self._saslStep(line)
+            return
+        super().lineReceived(line)  # type: ignore[no-untyped-call]
+
     def ext_AUTH(self, rest: bytes) -> None:
-        """AUTH only when announced (and then, with no mechanisms, always 504)."""
+        """AUTH PLAIN and LOGIN against L{LocalMTA.logins}, when announced (else 504)."""
         if b"AUTH" not in self._mta.extensions:
             self.do_UNKNOWN(rest)
             return
-        super().ext_AUTH(rest)  # type: ignore[no-untyped-call]
+        mechanism, _, initial = rest.partition(b" ")
+        mechanism = mechanism.upper()
+        if self._login is not None:
+            self.sendCode(503, b"5.5.1 Error: already authenticated")
+        elif not self._mta.logins or mechanism not in (b"PLAIN", b"LOGIN"):
+            self.sendCode(504, b"5.5.4 Unrecognized authentication type")
+        elif initial:
+            self._sasl = (mechanism, 0, "")
+            self._saslStep(initial)
+        else:
+            self._sasl = (mechanism, 0, "")
+            self.sendCode(334, b"VXNlcm5hbWU6" if mechanism == b"LOGIN" else b"")
+
+    def _saslStep(self, line: bytes) -> None:
+        assert self._sasl is not None
+        mechanism, step, user = self._sasl
+        self._sasl = None
+        if line == b"*":
+            self.sendCode(501, b"5.7.0 Authentication aborted")
+            return
+        try:
+            decoded = base64.b64decode(line, validate=True).decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            self.sendCode(501, b"5.5.2 Cannot decode response")
+            return
+        if mechanism == b"LOGIN" and step == 0:
+            self._sasl = (mechanism, 1, decoded)
+            self.sendCode(334, b"UGFzc3dvcmQ6")
+            return
+        if mechanism == b"LOGIN":
+            password = decoded
+        else:
+            parts = decoded.split("\0")
+            if len(parts) != 3:
+                self.sendCode(501, b"5.5.2 Invalid PLAIN response")
+                return
+            user, password = parts[1], parts[2]
+        if self._mta.logins.get(user) == password:
+            self._login = user
+            self.sendCode(235, b"2.7.0 Authentication successful")
+        else:
+            self.sendCode(535, b"5.7.8 Error: authentication failed")
 
     def ext_STARTTLS(self, rest: bytes) -> None:
-        """STARTTLS, when announced, is never available: the stand-in has no certificate."""
+        """STARTTLS, when announced: with L{LocalMTA.tls}, else 454 (no certificate)."""
         if b"STARTTLS" not in self._mta.extensions:
             self.do_UNKNOWN(rest)
             return
-        self.sendCode(454, b"4.7.0 TLS not available due to local problem")
+        if self._mta.tls is None or self._tlsStarted:
+            self.sendCode(454, b"4.7.0 TLS not available due to local problem")
+            return
+        self.sendCode(220, b"2.0.0 Ready to start TLS")
+        self._tlsStarted = self._tlsJustStarted = True
+        self._helo = None
+        assert self.transport is not None
+        self.transport.startTLS(self._mta.tls)  # type: ignore[attr-defined]
 
     def ext_XCLIENT(self, rest: bytes) -> None:
         """
