@@ -13,7 +13,11 @@ States (L{State}) and the transitions between them (L{TRANSITIONS}, checked on e
 move)::
 
     CHECKING_CONNECT --accept--> CONNECTING --connected--> GREETING --220--> COMMAND
+    (implicit TLS: CHECKING_CONNECT --> TLS_HANDSHAKE --handshake--> CHECKING_CONNECT)
     COMMAND --EHLO/MAIL/RCPT--> CHECKING --verdict--> COMMAND (EHLO: HELLO --250--> COMMAND)
+    COMMAND --STARTTLS--> TLS_HANDSHAKE --handshake--> COMMAND, as before EHLO
+    COMMAND --AUTH--> AUTHENTICATING (334: the client's lines are SASL responses)
+        --235 or a refusal--> COMMAND
     COMMAND --DATA--> SYNCING --earlier replies in, spool open--> DATA --CRLF.CRLF-->
         FILTERING --accept--> RELEASING (DATA, 354, the message) --dot sent--> RELEASED
         --final reply--> COMMAND
@@ -29,19 +33,21 @@ asked for, ends the MTA leg with 451 4.3.0: it is never relayed. Commands reach 
 only as mailproxy parsed them (L{wire.Command.toLine}), and one at a time when the MTA
 did not offer PIPELINING.
 
-Where the next capabilities go, as states and events rather than flags:
-  - STARTTLS: a verb handler that answers 220 and moves to a C{TLS_HANDSHAKE} state in
-    which client bytes are discarded (CVE-2011-0411), with an effect C{StartTLS}; the
-    event C{tlsStarted(version, cipher)} resets the session to before EHLO (RFC 3207).
-  - XCLIENT/XFORWARD: after GREETING, when the MTA's EHLO offers XCLIENT, a state
-    C{INTRODUCING}: hidden EHLO, XCLIENT (expects 220), the MTA's new banner and a hidden
-    EHLO with the client's HELO, all before the client's own EHLO is relayed; XFORWARD is
-    one more hidden command per transaction, before MAIL.
+Each MTA leg is introduced at the client's first EHLO or HELO (in HELLO, hidden from
+the client): an EHLO with the client's name learns what the MTA offers; STARTTLS to it
+when C{upstream_tls} wants it (then EHLO again); XCLIENT with the client's address and
+name when offered (the MTA greets anew: EHLO again), else XFORWARD before each MAIL.
+MAIL is refused until then, so that the MTA never takes mail from a client it believes
+to be mailproxy. After the client's STARTTLS, whatever it pipelined behind the command
+is dropped unread (CVE-2011-0411) and the session starts over before EHLO (RFC 3207).
+
+Where the next capabilities go:
   - BDAT: a verb handler moving COMMAND to a C{CHUNK} state that counts the chunk's bytes
     into the spool (the same scanner-free path, the same limits), back to SYNCING/DATA
     semantics at C{BDAT n LAST}.
-  - PROXY protocol: an event before L{start} that sets the client address; nothing here
-    reads the transport.
+  - PROXY protocol: the listener holds the session back until the header is read, so
+    L{SessionInfo} has the client's address from the start; nothing here reads the
+    transport.
 """
 
 from __future__ import annotations
