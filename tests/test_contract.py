@@ -274,8 +274,9 @@ class PeerTests(SynchronousTestCase):
 
     def test_unimplementedExtensionsRemoved(self) -> None:
         """
-        EHLO passes only the extensions mailproxy implements: PRDR, PIPECONNECT, CHUNKING,
-        AUTH and unknown ones are removed, and their MAIL parameters refused with 555.
+        EHLO passes only the extensions mailproxy implements: PRDR, PIPECONNECT, AUTH and
+        unknown ones are removed, and their MAIL parameters refused with 555; CHUNKING is
+        ours.
         """
         h = Harness(self)
         h.mta.extensions.update(
@@ -291,7 +292,8 @@ class PeerTests(SynchronousTestCase):
         client = h.greeted()
         keywords = {line.split(b" ")[0] for line in client.replies[1].lines[1:]}
         self.assertEqual(
-            keywords, {b"PIPELINING", b"8BITMIME", b"SIZE", b"ENHANCEDSTATUSCODES", b"DSN"}
+            keywords,
+            {b"PIPELINING", b"8BITMIME", b"SIZE", b"ENHANCEDSTATUSCODES", b"DSN", b"CHUNKING"},
         )
         h.send(
             client,
