@@ -129,8 +129,9 @@ class LocalMTA:
         server received on it (empty if C{keepTranscripts} was false).
     @ivar extensions: the EHLO keywords announced, in order (an empty list announces the
         bare keyword). Edit it to announce more or fewer. Announcing a keyword does not
-        implement it: only XCLIENT and XFORWARD are understood (and only when announced);
-        STARTTLS answers 454 unless L{tls} is set, AUTH 504 unless L{logins} are, BDAT 502.
+        implement it: only XCLIENT, XFORWARD and CHUNKING (BDAT, RFC 3030; the content
+        kept as it came) are understood, and only when announced; STARTTLS answers 454
+        unless L{tls} is set, AUTH 504 unless L{logins} are. Unannounced, BDAT gets 502.
     @ivar tls: the server side of STARTTLS (announce C{STARTTLS} too); L{None}: 454.
     @ivar logins: the users AUTH PLAIN and LOGIN accept (announce C{AUTH PLAIN LOGIN}),
         by name, with their passwords.
@@ -143,7 +144,7 @@ class LocalMTA:
         bytes after the DATA command line, the final C{.CRLF} included) have been
         received without its end among them, the connection is aborted: no reply, no
         message. C{0} dies right after the 354. A message that ends within the count is
-        accepted.
+        accepted. (DATA only: BDAT chunks are not counted.)
     @ivar silentAfterData: never answer end-of-data, nor anything after it on that
         connection (a hung MTA); the message is discarded and the connection stays open
         until the peer closes it.
@@ -458,6 +459,10 @@ class _LocalSMTP(ESMTP):
         self._dataTail = b""  # DATA bytes held back until the next chunk says what they are
         self._dataFirst = True  # the next content written still has the seeded CRLF
         self._dataCount = 0  # DATA-stream bytes of this message (for dropAfterDataBytes)
+        self._chunkLeft = 0  # bytes of the BDAT chunk being read still to come
+        self._chunkSize = 0
+        self._chunkLast = False
+        self._chunkRefusal: bytes | None = None  # the reply to a refused chunk, once read
         self._xclient: dict[str, str] = {}
         self._xforward: dict[str, str] = {}
         self._tlsStarted = self._tlsJustStarted = False
@@ -507,7 +512,9 @@ class _LocalSMTP(ESMTP):
         if self._mta.keepTranscripts:
             self._transcript += data
         while data and not self._silent and not self._closing:
-            if self.mode == DATA:
+            if self._chunkLeft:
+                data = self._receiveChunk(data)
+            elif self.mode == DATA:
                 data = self._receiveData(data)
             else:
                 data = self._receiveCommands(data)
@@ -535,7 +542,7 @@ class _LocalSMTP(ESMTP):
             if self._tlsJustStarted:
                 self._tlsJustStarted = False
                 return b""  # sent before the handshake: not to be read as if over TLS
-            if self.mode == DATA or self._silent or self._closing:
+            if self.mode == DATA or self._silent or self._closing or self._chunkLeft:
                 return buf[start:]
         if len(buf) - start > self.MAX_LENGTH:
             self.lineLengthExceeded(buf[start:])
@@ -562,6 +569,30 @@ class _LocalSMTP(ESMTP):
         if limit is not None and self._dataCount >= limit:
             self._dropMidData()
         return b""
+
+    def _receiveChunk(self, data: bytes) -> bytes:
+        """
+        Take a BDAT chunk's bytes, as they are.
+
+        @return: the bytes after the chunk (commands), or C{b""}.
+        """
+        self.resetTimeout()  # type: ignore[no-untyped-call]
+        content, rest = data[: self._chunkLeft], data[self._chunkLeft :]
+        self._chunkLeft -= len(content)
+        if self._message is not None and self._chunkRefusal is None:
+            self._message.write(content)
+        if not self._chunkLeft:
+            self._chunkEnd()
+        return rest
+
+    def _chunkEnd(self) -> None:
+        refusal, self._chunkRefusal = self._chunkRefusal, None
+        if refusal is not None:
+            self.sendCode(503, refusal)
+        elif self._chunkLast:
+            self._endOfData()
+        else:
+            self.sendCode(250, b"2.0.0 Ok: %d octets received" % (self._chunkSize,))
 
     def _scanData(self, data: bytes) -> bytes | None:
         """
@@ -675,13 +706,29 @@ class _LocalSMTP(ESMTP):
         Replaces the stock method, which makes a message per recipient, adds a
         C{Received:} header and hands the content over line by line.
         """
+        if self._message is not None:
+            self.sendCode(503, b"5.5.1 Error: DATA after BDAT")
+            return
         if self._from is None:
             self.sendCode(503, b"5.5.1 Error: need MAIL command")
             return
         if not self._to:
             self.sendCode(503, b"5.5.1 Error: need RCPT command")
             return
+        self._startMessage()
+        self.mode = DATA
+        self._dataTail = _LINE_START
+        self._dataFirst = True
+        self._dataCount = 0
+        self.sendCode(354, b"End data with <CR><LF>.<CR><LF>")
+        limit = self._mta.dropAfterDataBytes
+        if limit is not None and limit <= 0:
+            self._dropMidData()
+
+    def _startMessage(self) -> None:
+        """One message for the whole transaction (DATA, or the first BDAT)."""
         helo = cast("tuple[bytes | None, bytes]", self._helo)[0] or b""
+        assert self._from is not None
         self._message = self._delivery.newMessage(
             _text(self._from),
             [_text(user.dest) for user, _ in self._to],
@@ -692,14 +739,31 @@ class _LocalSMTP(ESMTP):
         self._message.tls, self._message.login = self._tlsStarted, self._login
         self._from = None
         self._to = []
-        self.mode = DATA
-        self._dataTail = _LINE_START
-        self._dataFirst = True
-        self._dataCount = 0
-        self.sendCode(354, b"End data with <CR><LF>.<CR><LF>")
-        limit = self._mta.dropAfterDataBytes
-        if limit is not None and limit <= 0:
-            self._dropMidData()
+
+    def ext_BDAT(self, rest: bytes) -> None:
+        """
+        RFC 3030's BDAT, when CHUNKING is announced: the chunk's bytes are content as
+        they are; the reply to BDAT LAST is the end-of-data reply. A refused BDAT's
+        bytes are read and dropped.
+        """
+        if b"CHUNKING" not in self._mta.extensions:
+            self.do_UNKNOWN(rest)
+            return
+        parsed = re.fullmatch(rb"([0-9]{1,20})(?: +(LAST))?", rest.strip(), re.I)
+        if parsed is None:
+            self.sendCode(501, b"5.5.4 Syntax: BDAT count [LAST]")
+            return
+        self._chunkSize = self._chunkLeft = int(parsed.group(1))
+        self._chunkLast = parsed.group(2) is not None
+        if self._message is None:
+            if self._from is None:
+                self._chunkRefusal = b"5.5.1 Error: need MAIL command"
+            elif not self._to:
+                self._chunkRefusal = b"5.5.1 Error: need RCPT command"
+            else:
+                self._startMessage()
+        if not self._chunkLeft:
+            self._chunkEnd()
 
     def _endOfData(self) -> None:
         message, self._message = self._message, None
@@ -729,9 +793,12 @@ class _LocalSMTP(ESMTP):
         self.sendCode(451, b"4.3.0 Error: queue file write error")
 
     def do_RSET(self, rest: bytes) -> None:
-        """Forget the transaction in progress."""
+        """Forget the transaction in progress, BDAT chunks included."""
         self._from = None
         self._to = []
+        message, self._message = self._message, None
+        if message is not None:
+            message.connectionLost()
         self.sendCode(250, b"2.0.0 Ok")
 
     def do_NOOP(self, rest: bytes) -> None:

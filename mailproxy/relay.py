@@ -553,26 +553,42 @@ class InboundProtocol(Protocol):
             quarantine.keep(self._spool.message(), effect.session, effect.envelope, effect.verdict)
 
     def _release(self, effect: core.Release) -> None:
-        """Stream the added headers and the spooled message, dot-stuffed, then the dot."""
+        """
+        Stream the added headers and the spooled message, dot-stuffed, then the dot; or,
+        for C{bdat}, its BDAT command, the headers and the spooled bytes as they are.
+        """
         spool, mta = self._spool, self._mta
         if spool is None or mta is None or mta.transport is None:
             self._feed(self.machine.releaseFailed("the MTA or the spool is gone"))
             return
         transport = mta.transport
-        headers = effect.headers
+        trace = b""
         if effect.trace is not None:
-            headers = (
-                effect.trace.header(formatdate(self._clock.seconds(), localtime=True)),
-                *headers,
-            )
-        transport.write(wire.headerBytes(headers))
+            date = formatdate(self._clock.seconds(), localtime=True)
+            trace = wire.headerBytes((effect.trace.header(date),))
+        headers = trace + wire.headerBytes(effect.headers)
         f = open(spool.path, "rb")  # closed when the transfer ends
-        d = FileSender().beginFileTransfer(f, transport, wire.Stuffer())
+        if effect.bdat is not None:
+            # The MTA reads exactly this many bytes as the message: a spool of another
+            # size would end it early or late, so it is never sent.
+            size = effect.bdat + len(trace)  # the session counts all but the dated trace
+            if len(headers) + os.fstat(f.fileno()).st_size != size:
+                f.close()
+                self._feed(self.machine.releaseFailed("the spool is not the message's size"))
+                return
+            transport.write(wire.bdatLine(size) + headers)
+            d = FileSender().beginFileTransfer(f, transport)
+            end = b""
+        else:
+            transport.write(headers)
+            d = FileSender().beginFileTransfer(f, transport, wire.Stuffer())
+            end = b".\r\n"
 
         def sent(_: object) -> None:
             f.close()
             if self._mta is mta and mta.transport is not None:
-                mta.transport.write(b".\r\n")
+                if end:
+                    mta.transport.write(end)
                 self._feed(self.machine.releaseSent())
 
         def failed(failure: Failure) -> None:

@@ -58,6 +58,19 @@ NEED_MAIL: Final = Answer(503, "5.5.1", "Error: need MAIL command")
 NESTED_MAIL: Final = Answer(503, "5.5.1", "Error: nested MAIL command")
 NO_RECIPIENTS: Final = Answer(554, "5.5.1", "Error: no valid recipients")
 TOO_MANY_RECIPIENTS: Final = Answer(452, "4.5.3", "Error: too many recipients")
+# BDAT (RFC 3030).
+SYNTAX_BDAT: Final = Answer(501, "5.5.4", "Syntax: BDAT count [LAST]")
+CHUNKS_IN_PROGRESS: Final = Answer(503, "5.5.1", "Error: BDAT transaction in progress")
+CHUNKS_FAILED: Final = Answer(503, "5.5.1", "Error: the BDAT transaction failed, send RSET")
+BINARY_NEEDS_BDAT: Final = Answer(503, "5.5.1", "Error: BODY=BINARYMIME requires BDAT")
+BINARY_UNAVAILABLE: Final = Answer(554, "5.6.3", "Error: BODY=BINARYMIME cannot be relayed now")
+
+
+def chunkReceived(size: int) -> Answer:
+    """Our reply to a BDAT chunk that is not the last."""
+    return Answer(250, "2.0.0", f"Ok: {size} octets received")
+
+
 # The message.
 TOO_BIG: Final = Answer(552, "5.3.4", "Error: message size exceeds fixed limit")
 BARE_LINE_ENDING: Final = Answer(554, "5.6.0", "Error: bare CR or LF in message content")

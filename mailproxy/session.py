@@ -23,6 +23,9 @@ move)::
         --final reply--> COMMAND
     FILTERING --refuse--> COMMAND (RSET to the MTA), or RECONNECTING (a fresh MTA leg
         once the MTA has heard mta_junk_commands commands other than mail) --> COMMAND
+    COMMAND --BDAT--> SYNCING (the first chunk: earlier replies in, spool open) --> CHUNK
+        --its bytes in--> COMMAND (250, ours) --BDAT--> CHUNK ... --BDAT LAST's bytes in-->
+        FILTERING --accept--> RELEASING (BDAT n LAST, or DATA and the message dot-stuffed)
     COMMAND --QUIT--> QUITTING --221--> CLOSING --flushed--> CLOSED
     any --failure, timeout, shutdown--> CLOSING; any --client gone--> CLOSED
 
@@ -41,13 +44,16 @@ MAIL is refused until then, so that the MTA never takes mail from a client it be
 to be mailproxy. After the client's STARTTLS, whatever it pipelined behind the command
 is dropped unread (CVE-2011-0411) and the session starts over before EHLO (RFC 3207).
 
-Where the next capabilities go:
-  - BDAT: a verb handler moving COMMAND to a C{CHUNK} state that counts the chunk's bytes
-    into the spool (the same scanner-free path, the same limits), back to SYNCING/DATA
-    semantics at C{BDAT n LAST}.
-  - PROXY protocol: the listener holds the session back until the header is read, so
-    L{SessionInfo} has the client's address from the start; nothing here reads the
-    transport.
+BDAT (RFC 3030): C{_bdat} moves COMMAND to CHUNK (through SYNCING for the first chunk,
+as DATA), where exactly the chunk's bytes go to the spool through a
+L{wire.ChunkScanner} (the same limits, the same bare CR/LF policy); a refused BDAT's
+bytes are read and discarded all the same. Our 250 answers each chunk but the last;
+BDAT LAST joins DATA's path at FILTERING, and the release is one C{BDAT n LAST} when the
+MTA offered CHUNKING, else DATA dot-stuffed.
+
+The PROXY protocol is the listener's: it holds the session back until the header is
+read, so L{SessionInfo} has the client's address from the start; nothing here reads the
+transport.
 """
 
 from __future__ import annotations
@@ -90,6 +96,7 @@ class State(enum.Enum):
     HELLO = "hello"  # EHLO/HELO relayed; later commands wait for the extensions it offers
     SYNCING = "syncing"  # DATA: waiting for the replies before it, then the spool
     DATA = "data"  # receiving the message into the spool
+    CHUNK = "chunk"  # reading a BDAT chunk's bytes: into the spool, or discarded
     FILTERING = "filtering"  # the message filters deciding
     RELEASING = "releasing"  # DATA sent to the MTA, the message streaming to it
     RELEASED = "released"  # the final dot sent, the MTA's reply awaited
@@ -115,13 +122,15 @@ TRANSITIONS: dict[State, frozenset[State]] = {
             S.RECONNECTING,
             S.TLS_HANDSHAKE,
             S.AUTHENTICATING,
+            S.CHUNK,
         }
     ),
     S.AUTHENTICATING: frozenset({S.COMMAND}),
     S.HELLO: frozenset({S.COMMAND}),
     S.CHECKING: frozenset({S.COMMAND}),
-    S.SYNCING: frozenset({S.COMMAND, S.DATA}),
+    S.SYNCING: frozenset({S.COMMAND, S.DATA, S.CHUNK}),
     S.DATA: frozenset({S.FILTERING}),
+    S.CHUNK: frozenset({S.COMMAND, S.FILTERING}),
     S.FILTERING: frozenset({S.COMMAND, S.RELEASING}),
     S.RELEASING: frozenset({S.COMMAND, S.RELEASED}),
     S.RELEASED: frozenset({S.COMMAND}),
@@ -308,10 +317,15 @@ class Release:
     Stream C{headers} and the spooled message, dot-stuffed, then the final dot, to the
     MTA; answer with L{Session.releaseSent} or L{Session.releaseFailed}. C{trace}, if
     set, is the first header (the driver dates it).
+
+    With C{bdat} (the size of the headers and the spooled message together, the trace
+    header not counted), send L{wire.bdatLine} of it instead, then the headers and the
+    spooled bytes as they are.
     """
 
     headers: Headers
     trace: Trace | None = None
+    bdat: int | None = None
 
 
 @attrs.frozen
@@ -431,12 +445,37 @@ class _Transaction:
     mailAccepted: bool = False
     recipientsAsked: int = 0
     headers: list[tuple[str, str]] = attrs.Factory(list)
-    scanner: wire.DataScanner | None = None
+    scanner: wire.DataScanner | wire.ChunkScanner | None = None
     spoolOpen: bool = False
     spoolError: str | None = None
     size: int = 0
     #: The slot of the MTA's reply to the final dot: it takes no reply until the dot is sent.
     final: _Slot | None = None
+    #: BDAT commands in this transaction (then DATA is out of sequence), and whether one
+    #: failed (then every later BDAT is refused, its bytes discarded, until RSET).
+    chunks: int = 0
+    chunksFailed: bool = False
+    #: Release with BDAT: decided at BDAT LAST, from what the MTA offers.
+    bdat: bool = False
+    #: The release waits for the MTA's replies to our keepalives before its BDAT.
+    pendingRelease: Callable[[], None] | None = None
+
+
+@attrs.define
+class _Chunk:
+    """
+    The BDAT chunk being read: C{left} of its C{size} bytes still to come; kept (spooled)
+    or discarded, when C{reply} is our refusal, queued once its bytes are in.
+    """
+
+    size: int
+    last: bool
+    keep: bool = True
+    reply: Answer | None = None
+    left: int = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.left = self.size
 
 
 @attrs.define
@@ -459,9 +498,11 @@ class _Check:
 #: Verbs mailproxy knows and never relays: it implements them not (yet), or they are the
 #: MTA's trust in mailproxy, not the client's.
 NOT_FOR_CLIENTS = frozenset(
-    {"AUTH", "BDAT", "STARTTLS", "XCLIENT", "XFORWARD", "ATRN", "ETRN", "TURN", "EXPN", "VERB"}
+    {"AUTH", "STARTTLS", "XCLIENT", "XFORWARD", "ATRN", "ETRN", "TURN", "EXPN", "VERB"}
 )
 RELAYABLE = wire.RELAYABLE
+#: What a client may send between BDAT chunks (anything else: 503 5.5.1).
+_BETWEEN_CHUNKS = frozenset({"BDAT", "RSET", "QUIT", "NOOP"})
 #: Commands MTAs count against their junk or non-mail limits (Exim's
 #: C{smtp_accept_max_nonmail}, Postfix's C{smtpd_junk_command_limit}).
 _NONMAIL = frozenset({"NOOP", "RSET", "HELP", "VRFY", "EXPN", "ETRN", "EHLO", "HELO"})
@@ -539,6 +580,9 @@ class Session:
         self._draining = False
         self._paused = False
         self._closeSent = False
+        # BDAT: the chunk being read, and whether the MTA's EHLO offered CHUNKING.
+        self._chunk: _Chunk | None = None
+        self._mtaChunking = False
 
     # -- reading the session -------------------------------------------------------------
 
@@ -618,6 +662,8 @@ class Session:
         self._touch()
         if self.state is S.DATA:
             self._messageData(data)
+        elif self.state is S.CHUNK:
+            self._chunkData(data)
         else:
             self._commands.feed(data)
         self._advance()
@@ -628,7 +674,7 @@ class Session:
         if self.state in (S.CLOSING, S.CLOSED):
             return self._take()
         self._inputEnded = True
-        if self.state is S.DATA:
+        if self.state in (S.DATA, S.CHUNK):
             self._log("info", "client ended its input in the middle of a message")
             self._closeNow()
         else:
@@ -695,6 +741,7 @@ class Session:
         self._armMtaTimer()
         if self.state is S.SYNCING and not self._mtaSlots:
             self._dataReady()
+        self._releaseWhenSynced()
         self._advance()
         return self._take()
 
@@ -771,6 +818,9 @@ class Session:
         txn = self._txn
         if self.state is not S.SYNCING or txn is None:
             return self._take()
+        if self._chunk is not None:
+            self._chunksOpened(txn, self._chunk)
+            return self._take()
         txn.spoolOpen = True
         txn.scanner = wire.DataScanner(self._normalise)
         self._enter(S.DATA)
@@ -788,7 +838,10 @@ class Session:
         if txn is None or self.state is S.CLOSED:
             return self._take()
         self._log("error", "spool failed: {why}", why=why)
-        if self.state is S.SYNCING:  # it could not even be created
+        if self.state is S.SYNCING and self._chunk is not None:
+            self._refuseChunk(self._chunk, replies.SPOOL_FAILED)
+            self._advance()
+        elif self.state is S.SYNCING:  # it could not even be created
             # The transaction stays open, at the MTA as here: the client may RSET or QUIT.
             self._local(replies.SPOOL_FAILED)
             self._enter(S.COMMAND)
@@ -956,12 +1009,15 @@ class Session:
 
     def _command(self, command: wire.Command) -> None:
         verb = command.verb
+        if self._outOfSequence(verb):
+            return
         handler = {
             "EHLO": self._ehlo,
             "HELO": self._ehlo,
             "MAIL": self._mail,
             "RCPT": self._rcpt,
             "DATA": self._data,
+            "BDAT": self._bdat,
             "RSET": self._rset,
             "QUIT": self._quit,
             "STARTTLS": self._starttls,
@@ -998,6 +1054,7 @@ class Session:
                 if reply.code // 100 == 2:
                     self._pipelining, self._enhanced, self._offered = False, False, frozenset()
                     self._authOffered = ()
+                    self._mtaChunking = False
                 return reply
             offered = wire.capabilities(reply)
             self._mtaAuth = tuple(
@@ -1008,6 +1065,7 @@ class Session:
             edited = wire.editCapabilities(reply, self._sizeLimit, startTls, auth)
             if reply.code // 100 == 2:
                 self._pipelining = offered.pipelining
+                self._mtaChunking = offered.chunking
                 self._enhanced = offered.enhancedStatusCodes
                 self._offered = wire.capabilities(edited).keywords
                 self._authOffered = auth
@@ -1399,7 +1457,7 @@ class Session:
         if command.argument:
             self._local(replies.NO_ARGUMENTS)
             return
-        self._txn = None
+        self._endTransaction()  # a BDAT transaction's spool file goes with it
         self._relay(b"RSET", _relayed)
 
     def _quit(self, command: wire.Command) -> None:
@@ -1441,6 +1499,9 @@ class Session:
             self._dataReady()
 
     def _dataReady(self) -> None:
+        if self._chunk is not None:
+            self._chunksReady(self._chunk)
+            return
         txn = self._txn
         if txn is None or not txn.mailAccepted:
             self._txn = None
@@ -1454,7 +1515,7 @@ class Session:
 
     def _messageData(self, data: bytes) -> None:
         txn = self._txn
-        assert txn is not None and txn.scanner is not None
+        assert txn is not None and isinstance(txn.scanner, wire.DataScanner)
         content, rest = txn.scanner.feed(data)
         if content:
             txn.size += len(content)
@@ -1536,6 +1597,10 @@ class Session:
             self._enter(S.COMMAND)
             return reply
 
+        if txn.bdat:
+            self._releaseChunked(headers, finalReply, trace)
+            return
+
         def dataReply(reply: Reply) -> Reply | None:
             if reply.code // 100 != 3:
                 self._log("warn", "MTA refused DATA: {reply}", reply=reply.text)
@@ -1561,6 +1626,186 @@ class Session:
         if txn is not None and txn.spoolOpen:
             self._emit(CancelTimer(Timer.KEEPALIVE))
             self._emit(SpoolRemove())
+
+    # -- BDAT (RFC 3030) -----------------------------------------------------------------
+
+    def _bdat(self, command: wire.Command) -> None:
+        """
+        A chunk follows the command line: exactly its size in bytes, whatever they hold.
+        The first chunk of a transaction is a synchronisation point, as DATA is.
+        """
+        try:
+            size, last = wire.parseBdat(command.argument)
+        except wire.BdatSyntaxError as e:
+            if e.size is None:
+                self._failChunks()
+                self._local(replies.SYNTAX_BDAT)  # no size: what follows is commands
+            else:
+                self._refuseChunk(_Chunk(e.size, False), replies.SYNTAX_BDAT)
+            return
+        chunk = _Chunk(size, last)
+        txn = self._txn
+        if txn is None:
+            self._refuseChunk(chunk, replies.NEED_MAIL)
+            return
+        txn.chunks += 1
+        if txn.chunksFailed:
+            self._refuseChunk(chunk, replies.CHUNKS_FAILED)
+        elif txn.spoolOpen:
+            self._readChunk(chunk)
+        else:
+            self._chunk = chunk
+            self._enter(S.SYNCING)
+            if not self._mtaSlots:
+                self._chunksReady(chunk)
+
+    def _chunksReady(self, chunk: _Chunk) -> None:
+        """Every reply before the first BDAT is in: refuse it, or open the spool."""
+        txn = self._txn
+        if txn is None or not txn.mailAccepted:
+            self._txn = None
+            self._refuseChunk(chunk, replies.NEED_MAIL)
+        elif not txn.envelope.recipients:
+            self._refuseChunk(chunk, replies.NO_RECIPIENTS)
+        else:
+            self._emit(SpoolOpen())
+
+    def _chunksOpened(self, txn: _Transaction, chunk: _Chunk) -> None:
+        txn.spoolOpen = True
+        raw = wire.binaryBody(txn.envelope.mailParameters)
+        txn.scanner = wire.ChunkScanner(self._normalise, raw=raw)
+        self._log("info", "BDAT")
+        self._emit(StartTimer(Timer.KEEPALIVE, self._config.timeouts.mtaKeepalive))
+        self._readChunk(chunk)
+        self._advance()
+
+    def _refuseChunk(self, chunk: _Chunk, answer: Answer) -> None:
+        """Answer C{answer} once the chunk's bytes are in, and discard them."""
+        self._failChunks()
+        chunk.keep, chunk.reply = False, answer
+        self._readChunk(chunk)
+
+    def _failChunks(self) -> None:
+        """A BDAT failed: so does its transaction; later BDATs are refused until RSET."""
+        txn = self._txn
+        if txn is None:
+            return
+        txn.chunksFailed = True
+        if txn.spoolOpen:
+            txn.spoolOpen = False
+            self._emit(CancelTimer(Timer.KEEPALIVE))
+            self._emit(SpoolRemove())
+
+    def _readChunk(self, chunk: _Chunk) -> None:
+        """Read the chunk: first what the client already sent after the command line."""
+        self._chunk = chunk
+        self._enter(S.CHUNK)
+        self._chunkData(self._commands.take(chunk.left))
+        if self._inputEnded and self.state is S.CHUNK:
+            self._log("info", "client ended its input in the middle of a message")
+            self._closeNow()
+
+    def _chunkData(self, data: bytes) -> None:
+        """Bytes of the chunk being read; those after its end are commands again."""
+        chunk = self._chunk
+        assert chunk is not None
+        content, rest = data[: chunk.left], data[chunk.left :]
+        chunk.left -= len(content)
+        txn = self._txn
+        if chunk.keep and content:
+            assert txn is not None and isinstance(txn.scanner, wire.ChunkScanner)
+            self._spoolChunk(txn, txn.scanner.feed(content))
+        if chunk.left:
+            return
+        self._chunk = None
+        if rest:
+            self._commands.feed(rest)
+        if not chunk.keep:
+            assert chunk.reply is not None
+            self._local(chunk.reply)
+            self._enter(S.COMMAND)
+        elif not chunk.last:
+            self._local(replies.chunkReceived(chunk.size))
+            self._enter(S.COMMAND)
+        else:
+            assert txn is not None
+            self._lastChunk(txn)
+
+    def _spoolChunk(self, txn: _Transaction, content: bytes) -> None:
+        if content:
+            txn.size += len(content)
+            if txn.size <= self._config.limits.messageSize and txn.spoolError is None:
+                self._emit(SpoolWrite(content))
+
+    def _lastChunk(self, txn: _Transaction) -> None:
+        """
+        BDAT LAST is in: decide how the message will be released, and make the spooled
+        copy exactly what the MTA will read (DATA needs a last line that ends in CRLF).
+        """
+        assert isinstance(txn.scanner, wire.ChunkScanner)
+        self._spoolChunk(txn, txn.scanner.end())
+        binary = wire.binaryBody(txn.envelope.mailParameters)
+        txn.bdat = self._mtaChunking
+        if binary and not txn.bdat:
+            self._refuseMessage(replies.BINARY_UNAVAILABLE, Reason.MTA.value)
+            return
+        if not txn.bdat and not txn.scanner.endsLine:
+            self._spoolChunk(txn, wire.CRLF)
+        self._enter(S.FILTERING)
+        self._emit(SpoolClose())
+
+    def _chunking(self) -> bool:
+        """Whether a BDAT transaction is receiving: in a chunk, or between two."""
+        txn = self._txn
+        return txn is not None and txn.spoolOpen and self.state in (S.CHUNK, S.COMMAND)
+
+    def _outOfSequence(self, verb: str) -> bool:
+        """
+        Refuse (503 5.5.1) what may not come now: between BDATs anything but BDAT, RSET,
+        QUIT and NOOP (DATA included: RFC 3030 never mixes them); DATA for BINARYMIME.
+        """
+        txn = self._txn
+        if txn is None:
+            return False
+        if txn.chunks and verb not in _BETWEEN_CHUNKS:
+            self._local(replies.CHUNKS_IN_PROGRESS)
+            return True
+        if verb == "DATA" and wire.binaryBody(txn.envelope.mailParameters):
+            self._local(replies.BINARY_NEEDS_BDAT)
+            return True
+        return False
+
+    def _releaseChunked(
+        self, headers: Headers, finalReply: Callable[[Reply], Reply], trace: Trace | None
+    ) -> None:
+        """
+        Release with one C{BDAT n LAST}: its reply is the MTA's reply to the message, and
+        none is right before the last byte is sent. It goes once our keepalives are answered.
+        """
+        txn = self._txn
+        assert txn is not None
+        final = txn.final = _Slot(expects=frozenset(), onReply=finalReply, command=b"BDAT")
+        self._replies.append(final)
+        size = len(wire.headerBytes(headers)) + txn.size
+
+        def send() -> None:
+            txn.pendingRelease = None
+            self._mtaSlots.append(final)
+            self._inFlight += 1
+            self._emit(Release(headers, trace, bdat=size))
+
+        txn.pendingRelease = send
+        self._releaseWhenSynced()
+
+    def _releaseWhenSynced(self) -> None:
+        txn = self._txn
+        if (
+            self.state is S.RELEASING
+            and txn is not None
+            and txn.pendingRelease is not None
+            and not self._mtaSlots
+        ):
+            txn.pendingRelease()
 
     # -- our own commands to the MTA -----------------------------------------------------
 
@@ -1600,6 +1845,7 @@ class Session:
                 return
             if helo.verb == "EHLO":
                 self._pipelining = wire.capabilities(r).pipelining
+                self._mtaChunking = wire.capabilities(r).chunking
             self._enter(S.COMMAND)
 
         self._hello(helo, greeted)
@@ -1610,7 +1856,8 @@ class Session:
         then, so that its idle timeout does not end the session under a slow client, as
         long as that stays within what it counts against us (C{mta_junk_commands}).
         """
-        if self.state not in (S.DATA, S.FILTERING) or not self._mtaConnected:
+        receiving = self.state in (S.DATA, S.FILTERING) or self._chunking()
+        if not receiving or not self._mtaConnected:
             return
         if self._junk >= self._junkLimit - 1:  # keep one for the RSET after a refusal
             self._log(

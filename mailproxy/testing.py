@@ -97,6 +97,10 @@ class ScriptedMTA:
     like OpenSMTPD, when it did not offer PIPELINING, it notes in L{collisions} every
     command that arrived while an earlier one was still unanswered.
 
+    When it offers CHUNKING it reads C{BDAT n [LAST]} and the n bytes after it; C{answer}
+    sees the BDAT line as it arrives, and what it returns is written at once, before the
+    chunk is read (an MTA answering early); else each chunk is answered once it is in.
+
     @ivar received: every byte of every connection, in order.
     @ivar messages: the content of each message it accepted.
     @ivar lost: how many of its connections have closed; C{aborted} those that were aborted.
@@ -140,6 +144,10 @@ class _ScriptedProtocol(Protocol):
         self._mta = mta
         self._buffer = b""
         self._message: bytearray | None = None
+        self._chunks = bytearray()
+        self._chunkLeft = 0
+        self._chunkLast = False
+        self._chunkAnswered = False
 
     def connectionMade(self) -> None:
         self._mta.connections += 1
@@ -150,7 +158,12 @@ class _ScriptedProtocol(Protocol):
         self._mta.received += data
         self._buffer += data
         assert self.transport is not None
-        while b"\n" in self._buffer:
+        while self._buffer:
+            if self._chunkLeft:
+                self._readChunk()
+                continue
+            if b"\n" not in self._buffer:
+                break
             line, self._buffer = self._buffer.split(b"\n", 1)
             line = line.removesuffix(b"\r")
             if self._message is not None:
@@ -162,12 +175,44 @@ class _ScriptedProtocol(Protocol):
                 else:
                     self._message += line.removeprefix(b".") + b"\r\n"
                 continue
+            scripted = self._mta.answer(line)
+            if self._bdat(line, scripted):
+                continue
             if self._buffer and b"PIPELINING" not in self._mta.extensions:
                 self._mta.collisions.append(line)
-            scripted = self._mta.answer(line)
             reply = self._mta.usual(line) if scripted is None else scripted
             if line.upper() == b"DATA" and reply.startswith(b"354"):
                 self._message = bytearray()
+            self._write(reply)
+
+    def _bdat(self, line: bytes, scripted: bytes | None) -> bool:
+        words = line.split(b" ")
+        if b"CHUNKING" not in self._mta.extensions or words[0].upper() != b"BDAT":
+            return False
+        self._chunkLeft = int(words[1])
+        self._chunkLast = len(words) > 2 and words[2].upper() == b"LAST"
+        self._chunkAnswered = scripted is not None
+        if scripted is not None:
+            self._write(scripted)
+        if not self._chunkLeft:
+            self._chunkEnd()
+        return True
+
+    def _readChunk(self) -> None:
+        taken = self._buffer[: self._chunkLeft]
+        self._buffer = self._buffer[len(taken) :]
+        self._chunks += taken
+        self._chunkLeft -= len(taken)
+        if not self._chunkLeft:
+            self._chunkEnd()
+
+    def _chunkEnd(self) -> None:
+        reply = b"250 2.0.0 ok\r\n"
+        if self._chunkLast:
+            self._mta.messages.append(bytes(self._chunks))
+            self._chunks = bytearray()
+            reply = b"250 2.0.0 Ok: queued as SCRIPTED1\r\n"
+        if not self._chunkAnswered:
             self._write(reply)
 
     def _write(self, reply: bytes) -> None:

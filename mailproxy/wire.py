@@ -186,6 +186,16 @@ class CommandBuffer:
         self._buffer.clear()
         return rest
 
+    def take(self, count: int) -> bytes:
+        """
+        Up to C{count} buffered bytes, taken from the front: the start of a BDAT chunk.
+        (Deleting from a C{bytearray}'s front is cheap, so many small chunks in one
+        buffer cost no copy of the rest each.)
+        """
+        taken = bytes(self._buffer[:count])
+        del self._buffer[:count]
+        return taken
+
 
 class CommandSyntaxError(ValueError):
     """A command line outside RFC 5321's grammar; C{kind} says how (for the reply)."""
@@ -328,6 +338,39 @@ def number(value: bytes) -> int | None:
     return int(value) if value.isdigit() and len(value) <= 20 else None
 
 
+class BdatSyntaxError(ValueError):
+    """
+    A BDAT argument outside RFC 3030's grammar. C{size} is the chunk size when it could
+    still be read (C{BDAT 10 LASTX}): those bytes follow all the same, and are no commands.
+    """
+
+    def __init__(self, size: int | None) -> None:
+        super().__init__(size)
+        self.size = size
+
+
+def parseBdat(argument: bytes) -> tuple[int, bool]:
+    """
+    Parse BDAT's argument, C{<size> [LAST]} (RFC 3030): the size in ASCII digits as
+    L{number} bounds them, then optionally one SP and C{LAST} in any case.
+
+    @return: the chunk size and whether it is the last chunk.
+    @raise BdatSyntaxError: anything else.
+    """
+    sizeText, sep, rest = argument.partition(b" ")
+    size = number(sizeText)
+    if size is None:
+        raise BdatSyntaxError(None)
+    if sep and rest.upper() != b"LAST":
+        raise BdatSyntaxError(size)
+    return size, bool(sep)
+
+
+def bdatLine(size: int) -> bytes:
+    """The command that sends a whole message of C{size} bytes in one chunk."""
+    return b"BDAT %d LAST\r\n" % (size,)
+
+
 def sizeParameter(params: bytes) -> int | None:
     """The value of MAIL's C{SIZE=} parameter, or C{None} when absent or malformed."""
     for param in params.split():
@@ -341,9 +384,11 @@ def sizeParameter(params: bytes) -> int | None:
 RELAYABLE: Final = frozenset({"NOOP", "HELP", "VRFY", "EXPN", "ETRN"})
 
 #: The EHLO extensions mailproxy implements, and so passes on to the client when the MTA
-#: offers them. Everything else (PRDR, PIPECONNECT, CHUNKING, XCLIENT, the MTA's STARTTLS
-#: and AUTH, whatever comes next) is removed: the client must not use what mailproxy would
-#: relay without understanding.
+#: offers them. CHUNKING mailproxy implements itself, whatever the MTA offers; BINARYMIME
+#: it passes on only when the MTA offers CHUNKING too (such a message can only be released
+#: with BDAT). Everything else (PRDR, PIPECONNECT, XCLIENT, the MTA's STARTTLS and AUTH,
+#: whatever comes next) is removed: the client must not use what mailproxy would relay
+#: without understanding.
 EXTENSIONS: Final = frozenset(
     {b"PIPELINING", b"SIZE", b"8BITMIME", b"SMTPUTF8", b"ENHANCEDSTATUSCODES", b"DSN"}
 )
@@ -352,11 +397,13 @@ EXTENSIONS: Final = frozenset(
 #: (None: any value, or none).
 _MAIL_PARAMETERS: Final[dict[bytes, tuple[bytes, frozenset[bytes] | None]]] = {
     b"SIZE": (b"SIZE", None),
-    b"BODY": (b"8BITMIME", frozenset({b"7BIT", b"8BITMIME"})),
+    b"BODY": (b"8BITMIME", frozenset({b"7BIT", b"8BITMIME", b"BINARYMIME"})),
     b"SMTPUTF8": (b"SMTPUTF8", None),
     b"RET": (b"DSN", frozenset({b"FULL", b"HDRS"})),
     b"ENVID": (b"DSN", None),
 }
+#: Parameter values that need an extension of their own besides their parameter's.
+_VALUE_EXTENSIONS: Final = {(b"BODY", b"BINARYMIME"): b"BINARYMIME"}
 _RCPT_PARAMETERS: Final[dict[bytes, tuple[bytes, frozenset[bytes] | None]]] = {
     b"NOTIFY": (b"DSN", None),
     b"ORCPT": (b"DSN", None),
@@ -377,7 +424,15 @@ def parametersAllowed(path: Path, verb: str, offered: frozenset[bytes]) -> bool:
             return False
         if values is not None and (value is None or value.upper() not in values):
             return False
+        needs = _VALUE_EXTENSIONS.get((key, value.upper() if value is not None else b""))
+        if needs is not None and needs not in offered:
+            return False
     return True
+
+
+def binaryBody(parameters: str) -> bool:
+    """Whether MAIL's parameters (as an L{Envelope} keeps them) declare BODY=BINARYMIME."""
+    return any(p.upper() == "BODY=BINARYMIME" for p in parameters.split())
 
 
 @attrs.frozen
@@ -400,6 +455,10 @@ class Capabilities:
     def enhancedStatusCodes(self) -> bool:
         return b"ENHANCEDSTATUSCODES" in self.keywords
 
+    @property
+    def chunking(self) -> bool:
+        return b"CHUNKING" in self.keywords
+
 
 def capabilities(reply: Reply) -> Capabilities:
     """The keywords of an EHLO reply (upper-cased), for L{Capabilities}."""
@@ -418,11 +477,13 @@ def editCapabilities(
 ) -> Reply:
     """
     The MTA's EHLO reply as the client may see it: only the L{EXTENSIONS} mailproxy
-    implements, SIZE set to the smaller of the MTA's and C{maxSize}, STARTTLS offered only
-    when mailproxy terminates TLS, AUTH with the mechanisms C{auth} (none: no AUTH).
+    implements, SIZE set to the smaller of the MTA's and C{maxSize}, CHUNKING always
+    (BINARYMIME only when the MTA offers it and CHUNKING), STARTTLS offered only when
+    mailproxy terminates TLS, AUTH with the mechanisms C{auth} (none: no AUTH).
     """
     if reply.code // 100 != 2 or not reply.lines:
         return reply
+    mtaChunking = capabilities(reply).chunking
     lines = [reply.lines[0]]
     size = maxSize
     for line in reply.lines[1:]:
@@ -432,9 +493,10 @@ def editCapabilities(
             mtaSize = number(words[1]) if len(words) > 1 else None
             if mtaSize:
                 size = min(size, mtaSize)
-        elif keyword in EXTENSIONS:
+        elif keyword in EXTENSIONS or (keyword == b"BINARYMIME" and mtaChunking):
             lines.append(line)
     lines.append(b"SIZE %d" % (size,))
+    lines.append(b"CHUNKING")
     if startTLS:
         lines.append(b"STARTTLS")
     if auth:
@@ -565,6 +627,59 @@ class DataScanner:
         if startsLine and text.startswith(b"."):
             text = text[1:]
         return text.replace(b"\r\n.", CRLF)
+
+
+class ChunkScanner:
+    """
+    Reads the content of BDAT chunks (RFC 3030): no end marker and no dot-stuffing, but
+    bare CR and LF found or normalised to CRLF as L{DataScanner} does, so that a copy
+    released with DATA is read by the MTA as the filters read it. A CR that ends one
+    buffer (or chunk) waits for the next, since its LF may start it.
+
+    @param normalise: turn every bare CR or LF into CRLF; otherwise note them in L{bare}.
+    @param raw: leave the content as it is (BODY=BINARYMIME: released with BDAT only).
+    """
+
+    def __init__(self, normalise: bool, raw: bool = False) -> None:
+        self._normalise = normalise
+        self._raw = raw
+        self._carry = b""
+        self.bare = False
+        self._last = CRLF  # the last two bytes of the content; none yet: a line's end
+
+    def feed(self, data: bytes) -> bytes:
+        """@return: the content to spool from this piece of a chunk."""
+        if self._raw:
+            return self._seen(data)
+        text, self._carry = self._carry + data, b""
+        if text.endswith(b"\r"):
+            text, self._carry = text[:-1], b"\r"
+        return self._check(text)
+
+    def end(self) -> bytes:
+        """The last chunk is complete: @return: the content still held back."""
+        text, self._carry = self._carry, b""
+        return self._check(text)
+
+    def _check(self, text: bytes) -> bytes:
+        if not text:
+            return text
+        if self._normalise:
+            text = _ANY_LINE_ENDING.sub(CRLF, text)
+        elif not self.bare:
+            crlf = text.count(CRLF)
+            self.bare = text.count(b"\r") != crlf or text.count(b"\n") != crlf
+        return self._seen(text)
+
+    def _seen(self, text: bytes) -> bytes:
+        if text:
+            self._last = (self._last + text[-2:])[-2:]
+        return text
+
+    @property
+    def endsLine(self) -> bool:
+        """Whether the content so far is empty or ends with CRLF."""
+        return self._last == CRLF
 
 
 class Stuffer:

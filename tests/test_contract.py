@@ -274,8 +274,9 @@ class PeerTests(SynchronousTestCase):
 
     def test_unimplementedExtensionsRemoved(self) -> None:
         """
-        EHLO passes only the extensions mailproxy implements: PRDR, PIPECONNECT, CHUNKING,
-        AUTH and unknown ones are removed, and their MAIL parameters refused with 555.
+        EHLO passes only the extensions mailproxy implements: PRDR, PIPECONNECT, AUTH and
+        unknown ones are removed, and their MAIL parameters refused with 555; CHUNKING is
+        ours.
         """
         h = Harness(self)
         h.mta.extensions.update(
@@ -291,7 +292,8 @@ class PeerTests(SynchronousTestCase):
         client = h.greeted()
         keywords = {line.split(b" ")[0] for line in client.replies[1].lines[1:]}
         self.assertEqual(
-            keywords, {b"PIPELINING", b"8BITMIME", b"SIZE", b"ENHANCEDSTATUSCODES", b"DSN"}
+            keywords,
+            {b"PIPELINING", b"8BITMIME", b"SIZE", b"ENHANCEDSTATUSCODES", b"DSN", b"CHUNKING"},
         )
         h.send(
             client,
@@ -426,3 +428,92 @@ class QueueIdTests(SynchronousTestCase):
             (b"Ok", None),
         ]:
             self.assertEqual(wire.queueId(wire.Reply(250, (line,))), expected, line)
+
+
+def chunked(*chunks: bytes) -> bytes:
+    """A message in BDAT chunks, the last one LAST."""
+    out = [b"BDAT %d\r\n%s" % (len(c), c) for c in chunks[:-1]]
+    return b"".join(out) + b"BDAT %d LAST\r\n%s" % (len(chunks[-1]), chunks[-1])
+
+
+#: Chunks that an MTA reading DATA could end early, were they not dot-stuffed.
+TRICKY = (
+    b"Subject: chunks\r\n\r\nfirst\r\n.\r\n",
+    b"MAIL FROM:<evil@x>\r\n..\r\n",
+    b".\r\nend\r\n",
+)
+CHUNKING = (b"PIPELINING", b"ENHANCEDSTATUSCODES", b"CHUNKING")
+
+
+class ChunkingTests(SynchronousTestCase):
+    """BDAT from clients, released to MTAs with and without CHUNKING, hostile ones too."""
+
+    def test_dataForMtaWithoutChunking(self) -> None:
+        """
+        An MTA without CHUNKING gets the message after DATA, dot-stuffed: chunks holding
+        CRLF.CRLF and CRLF..CRLF arrive unchanged once unstuffed, and a lenient reader
+        finds the end of data only at the real one.
+        """
+        h = scripted(self)
+        client = h.greeted()
+        h.send(client, envelope() + chunked(*TRICKY))
+        self.assertEqual(client.codes, [220, 250, 250, 250, 250, 250, 250])
+        self.assertIn(b"SCRIPTED1", client.replies[-1].lines[0])
+        self.assertEqual(h.mta.messages, [b"".join(TRICKY)])
+        transcript = bytes(h.mta.received)
+        self.assertNotIn(b"BDAT", transcript)
+        data = transcript.split(b"DATA\r\n", 1)[1]
+        first = LENIENT_END.search(b"\r\n" + data)
+        assert first is not None
+        self.assertEqual(data[first.end() - 2 :], b"")
+
+    def test_oneBdatForChunkingMta(self) -> None:
+        """
+        An MTA with CHUNKING gets one BDAT n LAST, n the number of bytes after it: the
+        filters' headers and the chunks' bytes, as sent; nothing else follows.
+        """
+        tagging = FakeFilter(
+            verdicts={Stage.MESSAGE: lambda: Verdict.accept(headers=(("X-Tag", "yes"),))}
+        )
+        h = scripted(self, tagging, mta=ScriptedMTA(CHUNKING))
+        client = h.greeted()
+        h.send(client, envelope() + chunked(*TRICKY))
+        self.assertEqual(client.codes, [220, 250, 250, 250, 250, 250, 250])
+        self.assertIn(b"SCRIPTED1", client.replies[-1].lines[0])
+        transcript = bytes(h.mta.received)
+        self.assertEqual(transcript.count(b"BDAT"), 1)
+        self.assertNotIn(b"DATA", transcript)
+        match = re.search(rb"BDAT ([0-9]+) LAST\r\n", transcript)
+        assert match is not None
+        message = transcript[match.end() :]
+        self.assertEqual(len(message), int(match.group(1)))
+        self.assertEqual(message, b"X-Tag: yes\r\n" + b"".join(TRICKY))
+        self.assertEqual(h.mta.messages, [message])
+
+    def test_earlyAnswerNotRelayed(self) -> None:
+        """
+        An MTA that answers BDAT LAST before the message has been sent: the client gets
+        451 4.3.0, never that 250, and the MTA leg is aborted.
+        """
+        mta = ScriptedMTA(CHUNKING)
+        mta.answer = lambda line: (
+            b"250 2.0.0 Ok: queued as EARLY\r\n" if line.startswith(b"BDAT") else None
+        )
+        h = scripted(self, mta=mta)
+        client = h.greeted()
+        h.send(client, envelope() + chunked(b"Subject: big\r\n\r\n" + b"x" * 200_000 + b"\r\n"))
+        self.assertEqual(client.codes, [220, 250, 250, 250, 451])
+        self.assertNotIn(b"EARLY", bytes(client.received))
+        self.assertFalse(client.connected)
+        self.assertEqual(mta.lost, 1)
+        self.assertEqual(h.spooled(), [])
+
+    def test_refusedNeverReachesMta(self) -> None:
+        """A message in chunks that a filter refuses: 550, the MTA gets RSET, never the content."""
+        h = scripted(self, refusingMessages(), mta=ScriptedMTA(CHUNKING))
+        client = h.greeted()
+        h.send(client, envelope() + chunked(*TRICKY))
+        self.assertEqual(client.codes[-1], 550)
+        self.assertNotIn(b"first", bytes(h.mta.received))
+        self.assertTrue(bytes(h.mta.received).endswith(b"RSET\r\n"))
+        self.assertEqual(h.spooled(), [])

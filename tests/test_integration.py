@@ -12,7 +12,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.mail.smtp import sendmail
 
-from mailproxy.filters import Stage
+from mailproxy.filters import Stage, Verdict
 from mailproxy.testing import FakeFilter, RawClient
 from tests.fakes import ProxyTestCase
 
@@ -225,3 +225,59 @@ class LoopbackFailureTests(ProxyTestCase):
                 self.assertNotIn(b"DATA", bytes(transcript))
 
         return self.later(go())
+
+
+class LoopbackChunkingTests(ProxyTestCase):
+    """A client sending BDAT chunks through the proxy over real sockets, to the stand-in MTA."""
+
+    #: Chunks with what DATA would read as its end and as dot-stuffing, and a big one.
+    CHUNKS = (
+        b"Subject: chunks\r\n\r\nfirst\r\n.\r\n",
+        b"..\r\n.\r\nQUIT\r\n",
+        b"." + b"y" * 75 + b"\r\n" + (b"z" * 78 + b"\r\n") * 20000,
+        b"last line\r\n",
+    )
+
+    async def deliver(self) -> None:
+        checked = Verdict.accept(headers=(("X-Checked", "yes"),))
+        port = self.proxyWith(FakeFilter(verdicts={Stage.MESSAGE: checked}))
+        client = await self.connect(port)
+        await self.send(client, b"EHLO c\r\nMAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\n", 4)
+        self.assertIn(b"CHUNKING", client.replies[1].lines)
+        stream = b"".join(b"BDAT %d\r\n%s" % (len(c), c) for c in self.CHUNKS[:-1])
+        stream += b"BDAT %d LAST\r\n%s" % (len(self.CHUNKS[-1]), self.CHUNKS[-1])
+        replies = await self.send(client, stream + b"QUIT\r\n", 9)
+        self.assertEqual([r.code for r in replies], [220, 250, 250, 250, 250, 250, 250, 250, 221])
+        [message] = self.mta.messages
+        self.assertIn(message.queueId.encode(), replies[-2].lines[0])
+        # Exactly the bytes sent in chunks, after only the header the filter added.
+        self.assertEqual(message.content, b"X-Checked: yes\r\n" + b"".join(self.CHUNKS))
+        await client.lost
+        self.assertEqual(os.listdir(self.spool), [])
+
+    def test_toMtaWithoutChunking(self) -> defer.Deferred[None]:
+        """
+        To an MTA without CHUNKING the message goes after DATA, dot-stuffed by the proxy:
+        the MTA stores exactly the bytes the client sent in chunks.
+        """
+
+        async def go() -> None:
+            await self.deliver()
+            self.assertNotIn(b"BDAT", bytes(self.mta.transcripts[0]))
+
+        return defer.Deferred.fromCoroutine(go())
+
+    def test_toMtaWithChunking(self) -> defer.Deferred[None]:
+        """
+        To an MTA with CHUNKING the message goes as one BDAT LAST, raw: the MTA stores
+        exactly the bytes the client sent in chunks.
+        """
+
+        async def go() -> None:
+            self.mta.extensions[b"CHUNKING"] = []
+            await self.deliver()
+            transcript = bytes(self.mta.transcripts[0])
+            self.assertNotIn(b"DATA\r\n", transcript)
+            self.assertIn(b"BDAT %d LAST\r\n" % (self.mta.messages[0].size,), transcript)
+
+        return defer.Deferred.fromCoroutine(go())

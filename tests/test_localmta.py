@@ -747,3 +747,34 @@ class LoopbackTests(TestCase):
             self.assertGreaterEqual(len(mta.transcripts[0]), 100_000)
 
         return Deferred.fromCoroutine(go())
+
+
+class ChunkingTests(SynchronousTestCase):
+    """BDAT (RFC 3030), understood when CHUNKING is announced."""
+
+    def test_chunksStoredAsSent(self) -> None:
+        """
+        Chunks are content as they are (a dot line included), answered 250 each; BDAT
+        LAST's reply is the end-of-data reply; the bytes after a chunk are commands.
+        """
+        mta = LocalMTA(extensions={b"CHUNKING": []})
+        client = Client(mta)
+        client.send(b"EHLO c\r\nMAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\n")
+        lines = client.send(b"BDAT 6\r\n.\r\nab\rBDAT 3 LAST\r\n\ncdNOOP\r\n")
+        self.assertEqual(codes(lines), [b"250", b"250", b"250"])
+        [message] = mta.messages
+        self.assertEqual(message.content, b".\r\nab\r\ncd")
+        self.assertIn(message.queueId.encode(), lines[1])
+
+    def test_refusedChunkDiscarded(self) -> None:
+        """A BDAT without MAIL gets 503 once its bytes are read; they are no commands."""
+        client = Client(LocalMTA(extensions={b"CHUNKING": []}))
+        self.assertEqual(codes(client.send(b"BDAT 6 LAST\r\nRSET\r\nNOOP\r\n")), [b"503", b"250"])
+
+    def test_rsetDropsChunks(self) -> None:
+        """RSET between chunks forgets the message."""
+        mta = LocalMTA(extensions={b"CHUNKING": []})
+        client = Client(mta)
+        client.send(b"EHLO c\r\nMAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nBDAT 1\r\nxRSET\r\n")
+        self.assertEqual(codes(client.send(b"BDAT 1 LAST\r\ny")), [b"503"])
+        self.assertEqual(mta.messages, [])

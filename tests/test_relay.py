@@ -100,8 +100,8 @@ class RelayTests(SynchronousTestCase):
 
     def test_capabilitiesEdited(self) -> None:
         """
-        The client sees the MTA's EHLO reply without CHUNKING, XCLIENT, XFORWARD or
-        STARTTLS, and with SIZE lowered to our limit.
+        The client sees the MTA's EHLO reply without XCLIENT, XFORWARD or STARTTLS, with
+        SIZE lowered to our limit, and CHUNKING once (ours).
         """
         h = Harness(self, limits={"messageSize": 1000})
         h.mta.extensions = {
@@ -115,7 +115,7 @@ class RelayTests(SynchronousTestCase):
         client = h.greeted()
         ehlo = client.replies[1]
         keywords = [line.split(b" ")[0] for line in ehlo.lines[1:]]
-        self.assertNotIn(b"CHUNKING", keywords)
+        self.assertEqual(keywords.count(b"CHUNKING"), 1)
         self.assertNotIn(b"XCLIENT", keywords)
         self.assertNotIn(b"XFORWARD", keywords)
         self.assertNotIn(b"STARTTLS", keywords)
@@ -235,12 +235,29 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual(len(h.mta.messages), 1)
 
     def test_bdat(self) -> None:
-        """BDAT answers 502 5.5.1 and is not relayed."""
-        h = Harness(self)
-        client = h.greeted()
-        h.send(client, b"BDAT 10 LAST\r\n")
-        self.assertEqual(client.codes[-1], 502)
-        self.assertNotIn(b"BDAT", bytes(h.mta.transcripts[0]))
+        """
+        A message sent in BDAT chunks reaches an MTA without CHUNKING after DATA,
+        dot-stuffed, and one with CHUNKING as one BDAT LAST: either stores exactly the
+        chunks' bytes. The client gets our 250 for each chunk but the last, the MTA's own
+        250 (its queue id) for the last, and no spool file is left.
+        """
+        chunks = [b"Subject: chunks\r\n\r\n.\r\n", b"..\r\nQUIT\r\n", b"end\r\n"]
+        stream = b"".join(b"BDAT %d\r\n%s" % (len(c), c) for c in chunks[:-1])
+        stream += b"BDAT %d LAST\r\n%s" % (len(chunks[-1]), chunks[-1])
+        for chunking in (False, True):
+            h = Harness(self)
+            if chunking:
+                h.mta.extensions[b"CHUNKING"] = []
+            client = h.greeted()
+            h.send(client, envelope() + stream + b"NOOP\r\n")
+            self.assertEqual(client.codes, [220, 250, 250, 250, 250, 250, 250, 250])
+            [message] = h.mta.messages
+            self.assertEqual(message.content, b"".join(chunks))
+            self.assertIn(message.queueId.encode(), client.replies[-2].lines[0])
+            transcript = bytes(h.mta.transcripts[0])
+            self.assertEqual(b"BDAT %d LAST\r\n" % len(message.content) in transcript, chunking)
+            self.assertEqual(b"DATA\r\n" in transcript, not chunking)
+            self.assertEqual(h.spooled(), [])
 
     def test_mtaDownAtConnect(self) -> None:
         """With the MTA unreachable, the client gets 421 4.3.2 and is disconnected."""

@@ -223,7 +223,7 @@ class IntroductionTests(SynchronousTestCase):
         self.assertEqual(
             told(effects),
             b"250-mta.test\r\n250-PIPELINING\r\n250-ENHANCEDSTATUSCODES\r\n"
-            b"250-SIZE 1000\r\n250 STARTTLS\r\n",
+            b"250-SIZE 1000\r\n250-CHUNKING\r\n250 STARTTLS\r\n",
         )
         d(d.s.clientData(b"MAIL FROM:<a@b>\r\n"))
         effects = d(d.s.verdict(Stage.MAIL, Verdict.accept()))

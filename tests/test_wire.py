@@ -19,6 +19,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailproxy.wire import (
     TOO_LONG,
+    BdatSyntaxError,
+    ChunkScanner,
     CommandBuffer,
     DataScanner,
     PathSyntaxError,
@@ -28,6 +30,7 @@ from mailproxy.wire import (
     Stuffer,
     editCapabilities,
     headerBytes,
+    parseBdat,
     parseCommand,
     parsePath,
     queueId,
@@ -424,12 +427,36 @@ class CapabilityTests(SynchronousTestCase):
     )
 
     def test_hidden(self) -> None:
-        """CHUNKING, BINARYMIME, XCLIENT, XFORWARD and the MTA's STARTTLS are removed."""
+        """
+        XCLIENT, XFORWARD and the MTA's STARTTLS are removed; the MTA's CHUNKING too, and
+        ours offered instead; BINARYMIME kept, as the MTA offers CHUNKING.
+        """
         edited = editCapabilities(self.EHLO, 50_000_000)
         self.assertEqual(
             edited,
-            Reply(250, (b"mx.example", b"PIPELINING", b"8BITMIME", b"SMTPUTF8", b"SIZE 10240000")),
-        )
+            Reply(
+                250,
+                (
+                    b"mx.example", b"PIPELINING", b"8BITMIME", b"BINARYMIME", b"SMTPUTF8",
+                    b"SIZE 10240000", b"CHUNKING",
+                ),
+            ),
+        )  # fmt: skip
+
+    def test_chunkingAlways(self) -> None:
+        """
+        CHUNKING is offered whatever the MTA offers (mailproxy implements it); BINARYMIME
+        only when the MTA offers it with CHUNKING, since only BDAT can release it.
+        """
+        for mta, expected in [
+            ((b"mx", b"BINARYMIME"), (b"mx", b"SIZE 5000", b"CHUNKING")),
+            ((b"mx", b"CHUNKING"), (b"mx", b"SIZE 5000", b"CHUNKING")),
+            (
+                (b"mx", b"BINARYMIME", b"CHUNKING"),
+                (b"mx", b"BINARYMIME", b"SIZE 5000", b"CHUNKING"),
+            ),
+        ]:
+            self.assertEqual(editCapabilities(Reply(250, mta), 5000).lines, expected, mta)
 
     def test_sizeCapped(self) -> None:
         """The MTA's SIZE is capped at ours."""
@@ -441,16 +468,20 @@ class CapabilityTests(SynchronousTestCase):
         """An MTA with no limit (C{SIZE 0}, bare C{SIZE}, or an absurd number) advertises ours."""
         for line in (b"SIZE 0", b"SIZE", b"SIZE " + b"9" * 5000):  # the last: int() would raise
             edited = editCapabilities(Reply(250, (b"mx", line)), 5000)
-            self.assertEqual(edited.lines, (b"mx", b"SIZE 5000"))
+            self.assertEqual(edited.lines, (b"mx", b"SIZE 5000", b"CHUNKING"))
 
     def test_sizeAdded(self) -> None:
         """An MTA that says nothing of SIZE gets ours added, even to a one-line reply."""
-        self.assertEqual(editCapabilities(Reply(250, (b"mx",)), 5000).lines, (b"mx", b"SIZE 5000"))
+        self.assertEqual(
+            editCapabilities(Reply(250, (b"mx",)), 5000).lines, (b"mx", b"SIZE 5000", b"CHUNKING")
+        )
 
     def test_startTLS(self) -> None:
         """STARTTLS is offered when mailproxy terminates TLS, whatever the MTA said."""
         edited = editCapabilities(Reply(250, (b"mx", b"PIPELINING")), 5000, startTLS=True)
-        self.assertEqual(edited.lines, (b"mx", b"PIPELINING", b"SIZE 5000", b"STARTTLS"))
+        self.assertEqual(
+            edited.lines, (b"mx", b"PIPELINING", b"SIZE 5000", b"CHUNKING", b"STARTTLS")
+        )
 
     def test_refusalUntouched(self) -> None:
         """A 4xx or 5xx answer to EHLO is passed on as it is."""
@@ -641,3 +672,46 @@ class SmugglingTests(SynchronousTestCase):
         self.assertEqual(rest, b"RSET\r\n")
         self.assertTrue(content.endswith(b"tail\r\n"))
         self.assertOneMessage(content, released)
+
+
+# -- BDAT (RFC 3030) -------------------------------------------------------------------------
+
+
+class BdatTests(SynchronousTestCase):
+    def test_parse(self) -> None:
+        """C{<digits> [LAST]}, LAST in any case; the size bounded as SIZE's is."""
+        self.assertEqual(parseBdat(b"0"), (0, False))
+        self.assertEqual(parseBdat(b"10 LAST"), (10, True))
+        self.assertEqual(parseBdat(b"007 last"), (7, True))
+        self.assertEqual(parseBdat(b"9" * 20), (int(b"9" * 20), False))
+
+    def test_refused(self) -> None:
+        """Anything else is a syntax error, which keeps the size when it could be read."""
+        for bad, size in [(b"", None), (b"x", None), (b"+1", None), (b"1e3", None),
+                          (b"-1", None), (b"\xd9\xa1", None), (b"9" * 21, None),
+                          (b"3  LAST", 3), (b"3 LASTX", 3), (b"3 LAST 4", 3), (b"3 FIRST", 3)]:  # fmt: skip
+            with self.assertRaises(BdatSyntaxError) as caught:
+                parseBdat(bad)
+            self.assertEqual(caught.exception.size, size, bad)
+
+    def test_chunkScanner(self) -> None:
+        """
+        Chunk content is kept as it is (dots and all), a CRLF cut between two buffers
+        is no bare CR, and bare CR or LF are noted, or normalised to CRLF.
+        """
+        scanner = ChunkScanner(normalise=False)
+        out = scanner.feed(b".\r\n..\r\nx\r") + scanner.feed(b"\n.") + scanner.end()
+        self.assertEqual(out, b".\r\n..\r\nx\r\n.")
+        self.assertFalse(scanner.bare)
+        self.assertFalse(scanner.endsLine)
+        for bare in (b"a\nb", b"a\rb", b"a\r", b"\n"):
+            scanner = ChunkScanner(normalise=False)
+            scanner.feed(bare)
+            scanner.end()
+            self.assertTrue(scanner.bare, bare)
+        scanner = ChunkScanner(normalise=True)
+        out = scanner.feed(b"a\nb\r") + scanner.feed(b"c\r") + scanner.end()
+        self.assertEqual(out, b"a\r\nb\r\nc\r\n")
+        self.assertTrue(scanner.endsLine)
+        raw = ChunkScanner(normalise=True, raw=True)
+        self.assertEqual(raw.feed(b"\x00\n\r") + raw.end(), b"\x00\n\r")
