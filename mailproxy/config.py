@@ -82,10 +82,11 @@ class UpstreamTLSMode(enum.Enum):
     REQUIRED = "required"
 
 
-#: The values of C{tls.min_version}; the first two only with a warning (RFC 8996).
-TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
-#: Those of L{TLS_VERSIONS} deprecated by RFC 8996: accepted, and warned about.
-DEPRECATED_TLS_VERSIONS = ("TLSv1", "TLSv1.1")
+#: The values of C{tls.min_version}.
+TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
+#: Refused values of C{tls.min_version}: RFC 8996 deprecates them, and OpenSSL 3 at the
+#: security level Twisted leaves it at would not negotiate them anyway.
+OBSOLETE_TLS_VERSIONS = ("TLSv1", "TLSv1.1", "SSLv3")
 
 
 @attrs.frozen
@@ -691,6 +692,11 @@ def _optionalName(value: object) -> str | None:
 
 
 def _tlsVersion(value: object) -> str:
+    if value in OBSOLETE_TLS_VERSIONS:
+        raise _InvalidValueError(
+            f"{_show(value)} is obsolete (RFC 8996) and OpenSSL would not negotiate it;"
+            ' use "TLSv1.2" or "TLSv1.3"'
+        )
     if value not in TLS_VERSIONS:
         allowed = ", ".join(json.dumps(v) for v in TLS_VERSIONS)
         raise _InvalidValueError(f"must be one of {allowed}, not {_show(value)}")

@@ -794,16 +794,23 @@ class TLSTests(ConfigTestCase):
         )
 
     def test_minVersion(self) -> None:
-        """min_version is one of the four names; the old two load (and are warned about
-        when the service builds its options, never here)."""
-        for version in ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"):
+        """min_version is TLSv1.2 or TLSv1.3; the obsolete versions are refused, saying
+        why."""
+        for version in ("TLSv1.2", "TLSv1.3"):
             config = self.load(self.tls(min_version=version))
             self.assertEqual(config.tls.minVersion, version)
-        for bad in ("SSLv3", "TLSv1.4", "1.2", "tlsv1.2"):
+        for bad in ("TLSv1.4", "1.2", "tlsv1.2"):
             self.assertError(
                 self.tls(min_version=bad),
                 "tls.min_version",
-                f'must be one of "TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3", not "{bad}"',
+                f'must be one of "TLSv1.2", "TLSv1.3", not "{bad}"',
+            )
+        for obsolete in ("TLSv1", "TLSv1.1", "SSLv3"):
+            self.assertError(
+                self.tls(min_version=obsolete),
+                "tls.min_version",
+                f'"{obsolete}" is obsolete (RFC 8996) and OpenSSL would not negotiate it;'
+                ' use "TLSv1.2" or "TLSv1.3"',
             )
 
     def test_ciphers(self) -> None:
