@@ -21,6 +21,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHalfCloseableProtocol,
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
     IProtocol,
     IReactorTime,
     IStreamClientEndpoint,
@@ -59,6 +61,12 @@ class Settings:
     upstream: IStreamClientEndpoint
     #: Where refused messages of C{quarantine = true} filters are kept, if anywhere.
     quarantine: Quarantine | None = None
+    #: TLS towards clients (C{[tls]}, L{mailproxy.tls.serverOptions}); L{None}: no
+    #: certificate, no STARTTLS.
+    serverTls: IOpenSSLServerConnectionCreator | None = None
+    #: TLS towards the MTA (C{[upstream_tls]}, L{mailproxy.tls.clientOptions}); L{None}:
+    #: mode "none".
+    clientTls: IOpenSSLClientConnectionCreator | None = None
 
 
 class RelayFactory(Factory):
