@@ -1,7 +1,8 @@
 """
 The service tree: the log observers, the spool sweep at start-up, one listener per
 C{listen} endpoint and one implicit-TLS listener per C{listen_tls} endpoint (all sharing
-one L{RelayFactory}), the quarantine's daily expiry and the manhole. SIGHUP reloads the configuration; stopping lets sessions finish.
+one L{RelayFactory}), the quarantine's daily expiry and the manhole. SIGHUP reloads the
+configuration; stopping lets sessions finish.
 """
 
 from __future__ import annotations
