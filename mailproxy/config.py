@@ -20,6 +20,11 @@ from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import attrs
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from OpenSSL import SSL
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.interfaces import IReactorTime
 
@@ -56,6 +61,34 @@ class BareLineEndings(enum.Enum):
     NORMALISE = "normalise"
 
 
+class AuthPolicy(enum.Enum):
+    """C{proxy.auth}: when AUTH is offered to clients and relayed to the MTA."""
+
+    #: Only over TLS (STARTTLS or implicit TLS); before it, AUTH gets 538 5.7.11.
+    TLS = "tls"
+    #: With or without TLS.
+    ALWAYS = "always"
+    #: Never offered; AUTH gets 503 5.5.1.
+    NEVER = "never"
+
+
+class UpstreamTLSMode(enum.Enum):
+    """C{upstream_tls.mode}: STARTTLS towards the MTA."""
+
+    NONE = "none"
+    #: STARTTLS when the MTA offers it, its certificate not verified.
+    OPPORTUNISTIC = "opportunistic"
+    #: STARTTLS or a 4xx to the client; the certificate verified against C{name}.
+    REQUIRED = "required"
+
+
+#: The values of C{tls.min_version}.
+TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
+#: Refused values of C{tls.min_version}: RFC 8996 deprecates them, and OpenSSL 3 at the
+#: security level Twisted leaves it at would not negotiate them anyway.
+OBSOLETE_TLS_VERSIONS = ("TLSv1", "TLSv1.1", "SSLv3")
+
+
 @attrs.frozen
 class Limits:
     """C{[limits]}: what one client may send, and how many clients at once."""
@@ -71,6 +104,8 @@ class Limits:
     #: MTAs count them (Exim's smtp_accept_max_nonmail, 10; Postfix's
     #: smtpd_junk_command_limit, 100).
     mtaJunkCommands: int = 8
+    #: Failed AUTH attempts one session may make; then 421 4.7.0 and it is closed.
+    authFailures: int = 3
 
 
 @attrs.frozen
@@ -153,6 +188,33 @@ class Web:
 
 
 @attrs.frozen
+class TLSSettings:
+    """C{[tls]}: TLS towards clients (STARTTLS, C{listen_tls}); off without a certificate."""
+
+    #: PEM: the certificate, then the intermediate CAs (C{fullchain.pem}).
+    certificate: str | None = None
+    #: PEM: its private key, without a passphrase.
+    key: str | None = None
+    #: One of L{TLS_VERSIONS}.
+    minVersion: str = "TLSv1.2"
+    #: An OpenSSL cipher string for TLS 1.2 and below; C{""}: Twisted's defaults.
+    ciphers: str = ""
+    #: MAIL before STARTTLS gets 530 5.7.0.
+    require: bool = False
+
+
+@attrs.frozen
+class UpstreamTLS:
+    """C{[upstream_tls]}: STARTTLS towards the MTA."""
+
+    mode: UpstreamTLSMode = UpstreamTLSMode.NONE
+    #: The name the MTA's certificate must carry (needed by C{mode = "required"}).
+    name: str | None = None
+    #: A PEM bundle of the CAs to trust; L{None}: the system's trust store.
+    caFile: str | None = None
+
+
+@attrs.frozen
 class Config:
     """The whole validated file; C{path} is the path it was loaded from, as given."""
 
@@ -173,6 +235,11 @@ class Config:
     quarantine: QuarantineSettings = QuarantineSettings()
     stats: StatsSocket = StatsSocket()
     web: Web = Web()
+    #: Implicit-TLS listeners (RFC 8314, port 465): endpoint strings like C{listen}.
+    listenTls: tuple[str, ...] = ()
+    auth: AuthPolicy = AuthPolicy.TLS
+    tls: TLSSettings = TLSSettings()
+    upstreamTls: UpstreamTLS = UpstreamTLS()
 
 
 class _InvalidValueError(Exception):
@@ -283,12 +350,12 @@ def _endpoint(parse: Callable[[Any, str], object], what: str, reactor: IReactorT
     return check
 
 
-def _listen(reactor: IReactorTime) -> _Check:
+def _listen(reactor: IReactorTime, allowEmpty: bool = False) -> _Check:
     single = _endpoint(serverFromString, "server", reactor)
 
     def check(value: object) -> tuple[str, ...]:
         if isinstance(value, list):
-            if not value:
+            if not value and not allowEmpty:
                 raise _InvalidValueError(
                     "must list at least one server endpoint, not an empty array"
                 )
@@ -344,6 +411,8 @@ def _proxyKeys(reactor: IReactorTime) -> dict[str, _Check]:
         "spool_dir": _spoolDir,
         "bare_line_endings": _choice(BareLineEndings),
         "relay_commands": _relayCommands,
+        "listen_tls": _listen(reactor, allowEmpty=True),
+        "auth": _choice(AuthPolicy),
     }
 
 
@@ -368,6 +437,7 @@ _LIMITS_KEYS: dict[str, _Check] = {
     "connections": _integer(1),
     "connections_per_client": _integer(1),
     "mta_junk_commands": _integer(2),
+    "auth_failures": _integer(1),
 }
 _TIMEOUTS_KEYS: dict[str, _Check] = dict.fromkeys(
     ("client_idle", "mta_connect", "mta_reply", "mta_keepalive", "filters", "shutdown_grace"),
@@ -380,7 +450,8 @@ _FILTER_KEYS: dict[str, _Check] = {
     "quarantine": _boolean,
 }
 _SECTIONS = (
-    "proxy", "limits", "timeouts", "filters", "logging", "manhole", "quarantine", "stats", "web",
+    "proxy", "limits", "timeouts", "tls", "upstream_tls", "filters", "logging", "manhole",
+    "quarantine", "stats", "web",
 )  # fmt: skip
 _REQUIRED = {"listen": "a server endpoint string", "upstream": "a client endpoint string"}
 
@@ -390,11 +461,16 @@ def _camel(key: str) -> str:
     return re.sub(r"_([a-z])", lambda m: m.group(1).upper(), key)
 
 
-def _unknown(path: str, key: str, name: str, known: list[str], what: str) -> ConfigError:
-    close = difflib.get_close_matches(name, known, n=1)
+def _unknown(
+    path: str, key: str, name: str, candidates: list[str], what: str, known: list[str] | None = None
+) -> ConfigError:
+    """An unknown C{name}: the closest of C{candidates} suggested, else C{known} listed
+    (by default the candidates)."""
+    close = difflib.get_close_matches(name, candidates, n=1)
     if close:
         return ConfigError(path, key, f'unknown {what}, did you mean "{close[0]}"?')
-    return ConfigError(path, key, f"unknown {what}; known: {', '.join(known)}")
+    listed = candidates if known is None else known
+    return ConfigError(path, key, f"unknown {what}; known: {', '.join(listed)}")
 
 
 def _table(path: str, document: Mapping[str, object], *names: str) -> dict[str, object]:
@@ -605,6 +681,174 @@ def _checkManhole(path: str, manhole: Manhole) -> None:
         )
 
 
+def _optionalPath(value: object) -> str | None:
+    """A path made absolute; C{""}: none."""
+    return None if value == "" else _path(value)
+
+
+def _optionalName(value: object) -> str | None:
+    """A host name; C{""}: none."""
+    return None if value == "" else _hostname(value)
+
+
+def _tlsVersion(value: object) -> str:
+    if value in OBSOLETE_TLS_VERSIONS:
+        raise _InvalidValueError(
+            f"{_show(value)} is obsolete (RFC 8996) and OpenSSL would not negotiate it;"
+            ' use "TLSv1.2" or "TLSv1.3"'
+        )
+    if value not in TLS_VERSIONS:
+        allowed = ", ".join(json.dumps(v) for v in TLS_VERSIONS)
+        raise _InvalidValueError(f"must be one of {allowed}, not {_show(value)}")
+    return str(value)
+
+
+def _ciphers(value: object) -> str:
+    """An OpenSSL cipher string (checked by L{_checkTls}); C{""}: Twisted's defaults."""
+    if not isinstance(value, str) or not re.fullmatch(r"[\x21-\x7e]*", value):
+        raise _InvalidValueError(
+            f"must be an OpenSSL cipher string without spaces, not {_show(value)}"
+        )
+    return value
+
+
+_TLS_KEYS: dict[str, _Check] = {
+    "certificate": _optionalPath,
+    "key": _optionalPath,
+    "min_version": _tlsVersion,
+    "ciphers": _ciphers,
+    "require": _boolean,
+}
+_UPSTREAM_TLS_KEYS: dict[str, _Check] = {
+    "mode": _choice(UpstreamTLSMode),
+    "name": _optionalName,
+    "ca_file": _optionalPath,
+}
+
+
+def _readFile(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"cannot read {_show(path)}: {e.strerror or e}") from None
+
+
+def readCertificates(path: str) -> list[x509.Certificate]:
+    """
+    The certificates of the PEM file at C{path}, in file order (a server's own first,
+    then its chain). Other PEM blocks (a private key) are skipped.
+
+    @raise ValueError: the file cannot be read or holds no certificate; C{str()} is
+        one line naming the file.
+    """
+    data = _readFile(path)
+    try:
+        certificates = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        certificates = []
+    if not certificates:
+        raise ValueError(f"{_show(path)} holds no PEM certificate")
+    return certificates
+
+
+#: The kinds of private key a TLS server can use (pyOpenSSL's).
+ServerKey = (
+    rsa.RSAPrivateKey
+    | ec.EllipticCurvePrivateKey
+    | ed25519.Ed25519PrivateKey
+    | ed448.Ed448PrivateKey
+    | dsa.DSAPrivateKey
+)
+
+
+def readPrivateKey(path: str) -> ServerKey:
+    """
+    The private key of the PEM file at C{path} (PKCS #8, or the traditional RSA and EC
+    forms), which must have no passphrase: nobody is there to type it at start-up.
+
+    @raise ValueError: the file cannot be read, holds no private key, or only an
+        encrypted one; C{str()} is one line naming the file.
+    """
+    data = _readFile(path)
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise ValueError(
+            f"the key in {_show(path)} is encrypted: mailproxy needs it without a passphrase"
+        ) from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise ValueError(f"{_show(path)} holds no PEM private key") from None
+    if not isinstance(key, ServerKey):
+        raise ValueError(f"the key in {_show(path)} is of a kind TLS cannot use")
+    return key
+
+
+def keyMatches(certificate: x509.Certificate, key: ServerKey) -> bool:
+    """Whether C{key} is the private half of C{certificate}'s public key."""
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return certificate.public_key().public_bytes(*spki) == key.public_key().public_bytes(*spki)
+
+
+def _checkTls(config: Config) -> None:
+    """
+    C{[tls]}, C{[upstream_tls]} and C{proxy.listen_tls}: the files are read and the key
+    checked against the certificate; the cipher string is tried on an OpenSSL context.
+    """
+    path, tls, upstream = config.path, config.tls, config.upstreamTls
+    if (tls.certificate is None) != (tls.key is None):
+        missing, given = ("key", "certificate") if tls.key is None else ("certificate", "key")
+        raise ConfigError(path, f"tls.{missing}", f"missing: it is needed with tls.{given}")
+    if tls.certificate is not None and tls.key is not None:
+        try:
+            chain = readCertificates(tls.certificate)
+        except ValueError as e:
+            raise ConfigError(path, "tls.certificate", str(e)) from None
+        try:
+            key = readPrivateKey(tls.key)
+        except ValueError as e:
+            raise ConfigError(path, "tls.key", str(e)) from None
+        if not keyMatches(chain[0], key):
+            raise ConfigError(
+                path,
+                "tls.key",
+                f"{_show(tls.key)} is not the key of the certificate in {_show(tls.certificate)}"
+                " (the first one of the file)",
+            )
+    if tls.ciphers:
+        try:
+            SSL.Context(SSL.TLS_METHOD).set_cipher_list(tls.ciphers.encode("ascii"))
+        except SSL.Error:
+            raise ConfigError(
+                path,
+                "tls.ciphers",
+                f"{_show(tls.ciphers)} matches no cipher of this OpenSSL for TLS 1.2 and below",
+            ) from None
+    if tls.certificate is None:
+        if tls.require:
+            raise ConfigError(path, "tls.require", "needs a certificate: set certificate and key")
+        if config.listenTls:
+            raise ConfigError(
+                path, "proxy.listen_tls", "needs a certificate: set certificate and key in [tls]"
+            )
+    for description in config.listenTls:
+        if description in config.listen:
+            raise ConfigError(
+                path, "proxy.listen_tls", f"{_show(description)} is in proxy.listen too"
+            )
+    if upstream.mode is UpstreamTLSMode.REQUIRED and upstream.name is None:
+        raise ConfigError(
+            path,
+            "upstream_tls.name",
+            'missing: mode = "required" verifies the MTA\'s certificate against this name',
+        )
+    if upstream.caFile is not None:
+        try:
+            readCertificates(upstream.caFile)
+        except ValueError as e:
+            raise ConfigError(path, "upstream_tls.ca_file", str(e)) from None
+
+
 def _checkService(config: Config) -> None:
     """Checks across sections, and of the files and directories they name."""
     path = config.path
@@ -626,6 +870,7 @@ def _checkService(config: Config) -> None:
             raise ConfigError(path, "logging.json", f"no such directory: {_show(directory)}")
     if config.manhole.listen is not None:
         _checkManhole(path, config.manhole)
+    _checkTls(config)
 
 
 def load(path: str, reactor: IReactorTime) -> Config:
@@ -639,9 +884,14 @@ def load(path: str, reactor: IReactorTime) -> Config:
     @raise ConfigError: the file is unreadable, not TOML, or any key is wrong.
     """
     document = _read(path)
-    for name in document:
+    for name, value in document.items():
         if name not in _SECTIONS:
-            raise _unknown(path, _dotted(name), name, list(_SECTIONS), "section")
+            # Only a table is a section to suggest another for: a key outside any section
+            # ("upstream = ...") is no misspelt [upstream_tls].
+            candidates = list(_SECTIONS) if isinstance(value, dict) else []
+            raise _unknown(
+                path, _dotted(name), name, candidates, "section", known=list(_SECTIONS)
+            )
     proxy = _section(path, document, "proxy", _proxyKeys(reactor))
     for key, what in _REQUIRED.items():
         if key not in proxy:
@@ -658,6 +908,8 @@ def load(path: str, reactor: IReactorTime) -> Config:
         quarantine=QuarantineSettings(**_section(path, document, "quarantine", _QUARANTINE_KEYS)),
         stats=StatsSocket(**_section(path, document, "stats", _STATS_KEYS)),
         web=Web(**_section(path, document, "web", _webKeys(reactor))),
+        tls=TLSSettings(**_section(path, document, "tls", _TLS_KEYS)),
+        upstreamTls=UpstreamTLS(**_section(path, document, "upstream_tls", _UPSTREAM_TLS_KEYS)),
         **proxy,
     )
     _checkService(config)

@@ -39,7 +39,7 @@ from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailproxy import replies, wire
+from mailproxy import replies, tls, wire
 from mailproxy import session as core
 from mailproxy.config import Config
 from mailproxy.envelope import Session as SessionInfo
@@ -65,9 +65,11 @@ class Settings:
     upstream: IStreamClientEndpoint
     #: Where refused messages of C{quarantine = true} filters are kept, if anywhere.
     quarantine: Quarantine | None = None
-    #: TLS towards clients (STARTTLS, implicit-TLS listeners), if a certificate is loaded.
+    #: TLS towards clients (C{[tls]}, L{mailproxy.tls.serverOptions}); L{None}: no
+    #: certificate, no STARTTLS.
     serverTls: IOpenSSLServerConnectionCreator | None = None
-    #: TLS towards the MTA (C{upstream_tls}), unless its mode is "none".
+    #: TLS towards the MTA (C{[upstream_tls]}, L{mailproxy.tls.clientOptions}); L{None}:
+    #: mode "none".
     clientTls: IOpenSSLClientConnectionCreator | None = None
     #: Looks up the client's name for XCLIENT and XFORWARD; None: never looked up.
     names: NameLookup | None = None
@@ -232,11 +234,7 @@ def _noDelay(transport: ITransport | None) -> None:
 
 def _describeTls(transport: object) -> tuple[str, str]:
     """The protocol version and cipher of an established TLS connection."""
-    getHandle = getattr(transport, "getHandle", None)
-    connection = getHandle() if getHandle is not None else None
-    version = getattr(connection, "get_protocol_version_name", lambda: "TLS")()
-    cipher = getattr(connection, "get_cipher_name", lambda: None)() or "unknown"
-    return str(version), str(cipher)
+    return tls.describe(transport) or ("TLS", "unknown")
 
 
 def _sessionId() -> str:

@@ -1,7 +1,8 @@
 """
 The service tree: the log observers, the spool sweep at start-up, one listener per
-C{listen} endpoint (all sharing one L{RelayFactory}), the quarantine's daily expiry and
-the manhole. SIGHUP reloads the configuration; stopping lets sessions finish.
+C{listen} endpoint and one implicit-TLS listener per C{listen_tls} endpoint (all sharing
+one L{RelayFactory}), the quarantine's daily expiry and the manhole. SIGHUP reloads the
+configuration; stopping lets sessions finish.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 
-from mailproxy import directories
+from mailproxy import directories, tls
 from mailproxy.config import Config, ConfigError, load
 from mailproxy.control import StatsSocketService
 from mailproxy.filters import IFilterFactory
@@ -28,6 +30,7 @@ from mailproxy.logs import LogService
 from mailproxy.manhole import ManholeService, namespace
 from mailproxy.quarantine import Quarantine
 from mailproxy.relay import RelayFactory, Settings
+from mailproxy.session import Policy
 from mailproxy.spool import sweep
 from mailproxy.stats import Stats, StatsService
 from mailproxy.web import statusSite
@@ -35,6 +38,7 @@ from mailproxy.web import statusSite
 #: What a reload cannot change (C{Config} attributes, by their keys): a restart applies them.
 RESTART_ONLY = {
     "proxy.listen": "listen",
+    "proxy.listen_tls": "listenTls",
     "proxy.spool_dir": "spoolDir",
     "[logging]": "logging",
     "[manhole]": "manhole",
@@ -101,6 +105,8 @@ class ProxyService(MultiService):
             listener.setName(f"listen {description}")
             listener.setServiceParent(self)
             self.listeners.append(listener)
+        for description in config.listenTls:
+            self.listeners.append(self._listenTls(description, self.factory))
         expiry = TimerService(EXPIRY_INTERVAL, self._expireQuarantine)
         expiry.clock = reactor
         expiry.setServiceParent(self)
@@ -109,6 +115,22 @@ class ProxyService(MultiService):
             self.manhole = ManholeService(config.manhole, namespace(self), reactor)
             self.manhole.setServiceParent(self)  # type: ignore[no-untyped-call]
         self._addStatus(config, reactor)
+
+    def _listenTls(self, description: str, factory: IProtocolFactory) -> StreamServerEndpointService:
+        """
+        An implicit-TLS listener (RFC 8314, port 465) on C{description}: C{factory}'s
+        protocols behind TLS from the first byte, with the certificate of the settings
+        current when each connection is accepted (so a reload renews it).
+        """
+        current = tls.ReloadableServerOptions(lambda: self.factory.settings.serverTls)
+        listener = StreamServerEndpointService(
+            serverFromString(self._reactor, description),
+            tls.implicitTLS(factory, current, self._reactor),
+        )
+        listener._raiseSynchronously = True  # a port in use stops start-up, loudly
+        listener.setName(f"listen_tls {description}")
+        listener.setServiceParent(self)
+        return listener
 
     def _addStatus(self, config: Config, reactor: Any) -> None:
         """The midnight reset of the counters; the stats socket and the web, if configured."""
@@ -128,15 +150,35 @@ class ProxyService(MultiService):
 
     def _settings(self, config: Config) -> Settings:
         """
-        What new sessions run under: the configuration, its filters, its quarantine.
+        What new sessions run under: the configuration, its filters, its quarantine, its
+        TLS options (the certificate and key read again: a reload renews them).
 
-        @raise ConfigError: a filter is not installed, or its options are wrong.
+        @raise ConfigError: a filter is not installed, or its options are wrong; a TLS
+            file is unreadable or wrong; or C{[tls]} lost its certificate while the
+            C{listen_tls} listeners (which only a restart removes) need it.
         """
+        serverTls = tls.serverOptions(config)
+        if serverTls is None and config.listenTls:
+            raise ConfigError(
+                config.path,
+                "tls.certificate",
+                "missing: the running proxy.listen_tls listeners need it (removing them"
+                " takes a restart)",
+            )
         return Settings(
             config,
             buildPipeline(config, self._reactor, self.stats.filterChecked, self._factories),
             clientFromString(self._reactor, config.upstream),
             Quarantine.fromConfig(config, self._reactor),
+            serverTls=serverTls,
+            clientTls=tls.clientOptions(config),
+            policy=Policy(
+                startTls=serverTls is not None,
+                requireTls=config.tls.require,
+                auth=config.auth.value,
+                authFailures=config.limits.authFailures,
+                mtaTls=config.upstreamTls.mode.value,
+            ),
         )
 
     def privilegedStartService(self) -> None:
@@ -176,6 +218,11 @@ class ProxyService(MultiService):
             listen=", ".join(self.config.listen),
             upstream=self.config.upstream,
         )
+        if self.config.listenTls:
+            self._log.info(
+                "mailproxy listening with implicit TLS on {listen}",
+                listen=", ".join(self.config.listenTls),
+            )
         if not self._hupInstalled:
             self._previousHup = signal.signal(signal.SIGHUP, self._hangUp)
             self._hupInstalled = True

@@ -1133,7 +1133,7 @@ class Session:
         if not self._xclientSent and not self._xforward and not self._anonymousLogged:
             self._anonymousLogged = True
             self._log(
-                "info",
+                "debug",
                 "the MTA offers neither XCLIENT nor XFORWARD: it sees the client as mailproxy",
             )
         self._introduced = True

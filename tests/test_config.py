@@ -18,6 +18,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from mailproxy.config import (
+    AuthPolicy,
     BareLineEndings,
     Config,
     ConfigError,
@@ -29,11 +30,17 @@ from mailproxy.config import (
     QuarantineSettings,
     StatsSocket,
     Timeouts,
+    TLSSettings,
+    UpstreamTLS,
+    UpstreamTLSMode,
     Web,
     load,
 )
+from tests.certs import CertificateAuthority
 
-SECTIONS = "proxy, limits, timeouts, filters, logging, manhole, quarantine, stats, web"
+SECTIONS = (
+    "proxy, limits, timeouts, tls, upstream_tls, filters, logging, manhole, quarantine, stats, web"
+)
 SAMPLE = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "mailproxy.toml"
 )
@@ -43,6 +50,11 @@ UPSTREAM = "tcp:host=127.0.0.1:port=10025"
 def snake(name: str) -> str:
     """C{connectionsPerClient} -> C{connections_per_client}."""
     return re.sub(r"[A-Z]", lambda m: "_" + m.group(0).lower(), name)
+
+
+def camel(name: str) -> str:
+    """C{upstream_tls} -> C{upstreamTls}."""
+    return re.sub(r"_([a-z])", lambda m: m.group(1).upper(), name)
 
 
 class ConfigTestCase(SynchronousTestCase):
@@ -117,9 +129,12 @@ class SampleTests(ConfigTestCase):
         def keys(cls: type, *skip: str) -> list[str]:
             return [snake(a.name) for a in attrs.fields(cls) if a.name not in skip]
 
+        sections = [camel(name) for name in SECTIONS.split(", ")[1:]]
         names = [
-            *keys(Config, "path", *SECTIONS.split(", ")[1:]),
+            *keys(Config, "path", *sections),
             *keys(Limits),
+            *keys(TLSSettings),
+            *keys(UpstreamTLS),
             *keys(Timeouts),
             *keys(FilterSpec, "name", "options"),
             *keys(Logging),
@@ -128,7 +143,7 @@ class SampleTests(ConfigTestCase):
             *keys(StatsSocket),
             *keys(Web),
         ]
-        self.assertEqual(len(names), 36)
+        self.assertEqual(len(names), 47)
         for name in names:
             self.assertRegex(text, rf"(?m)^#? *{name} *=", name)
 
@@ -310,8 +325,8 @@ class KeyErrorTests(ConfigTestCase):
         """An unknown section is an error, suggesting the nearest known one when close."""
         path = self.configure("[limit]\nrecipients = 5\n")
         self.assertError(path, "limit", 'unknown section, did you mean "limits"?')
-        path = self.configure("[tls]\n")
-        self.assertError(path, "tls", f"unknown section; known: {SECTIONS}")
+        path = self.configure("[smtpd]\n")
+        self.assertError(path, "smtpd", f"unknown section; known: {SECTIONS}")
 
     def test_topLevelKey(self) -> None:
         """A key outside any section is an unknown section."""
@@ -334,7 +349,7 @@ class KeyErrorTests(ConfigTestCase):
             path,
             "limits.foo",
             "unknown key; known: message_size, recipients, line_length, connections, "
-            "connections_per_client, mta_junk_commands",
+            "connections_per_client, mta_junk_commands, auth_failures",
         )
 
     def test_relayCommands(self) -> None:
@@ -621,3 +636,297 @@ class SpoolTests(ConfigTestCase):
         path = self.configure("[limits]\nrecipients = 0\n")
         self.error(path)
         self.assertFalse(os.path.exists(self.spool))
+
+
+class TLSTests(ConfigTestCase):
+    """
+    C{[tls]}, C{[upstream_tls]}, C{proxy.listen_tls}, C{proxy.auth} and
+    C{limits.auth_failures}: the files are read and checked, nothing else is touched.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.certs = os.path.abspath(self.mktemp())
+        self.ca = CertificateAuthority(self.certs)
+        self.issued = self.ca.issue("mx.example.org")
+
+    def tls(self, extra: str = "", proxy: str = "", **keys: str) -> str:
+        """A file whose [tls] holds the issued certificate and key, then C{extra}."""
+        values = {"certificate": self.issued.chain, "key": self.issued.key, **keys}
+        lines = "".join(f"{k} = '{v}'\n" for k, v in values.items())
+        return self.configure(f"[tls]\n{lines}{extra}", proxy=proxy)
+
+    def test_defaults(self) -> None:
+        """Without the sections: no TLS either way, no implicit-TLS listener, AUTH only
+        over TLS, three failed AUTH attempts per session."""
+        config = self.load(self.configure())
+        self.assertEqual(config.tls, TLSSettings(None, None, "TLSv1.2", "", False))
+        self.assertEqual(config.upstreamTls, UpstreamTLS(UpstreamTLSMode.NONE, None, None))
+        self.assertEqual(config.listenTls, ())
+        self.assertIs(config.auth, AuthPolicy.TLS)
+        self.assertEqual(config.limits.authFailures, 3)
+
+    def test_everyKey(self) -> None:
+        """Every key maps to its attribute; relative paths become absolute."""
+        config = self.load(
+            self.tls(
+                'min_version = "TLSv1.3"\nciphers = "ECDHE+AESGCM"\nrequire = true\n'
+                '[upstream_tls]\nmode = "required"\nname = "mta.example.org"\n'
+                f"ca_file = '{os.path.relpath(self.ca.ca)}'\n"
+                "[limits]\nauth_failures = 1\n",
+                proxy='listen_tls = ["tcp:465", "tcp:2465"]\nauth = "always"',
+            )
+        )
+        self.assertEqual(
+            config.tls,
+            TLSSettings(self.issued.chain, self.issued.key, "TLSv1.3", "ECDHE+AESGCM", True),
+        )
+        self.assertEqual(
+            config.upstreamTls,
+            UpstreamTLS(UpstreamTLSMode.REQUIRED, "mta.example.org", self.ca.ca),
+        )
+        self.assertEqual(config.listenTls, ("tcp:465", "tcp:2465"))
+        self.assertIs(config.auth, AuthPolicy.ALWAYS)
+        self.assertEqual(config.limits.authFailures, 1)
+
+    def test_emptyStringsAreNone(self) -> None:
+        """C{""} for a file or a name is the same as leaving the key out."""
+        config = self.load(
+            self.configure(
+                "[tls]\ncertificate = ''\nkey = ''\n"
+                "[upstream_tls]\nmode = 'opportunistic'\nname = ''\nca_file = ''\n"
+            )
+        )
+        self.assertEqual(config.tls, TLSSettings())
+        self.assertEqual(config.upstreamTls, UpstreamTLS(UpstreamTLSMode.OPPORTUNISTIC))
+
+    def test_listenTlsString(self) -> None:
+        """One implicit-TLS endpoint may be given as a string, and none as C{[]}."""
+        self.assertEqual(self.load(self.tls(proxy='listen_tls = "tcp:465"')).listenTls, ("tcp:465",))
+        self.assertEqual(self.load(self.configure(proxy="listen_tls = []")).listenTls, ())
+
+    def test_combinedFile(self) -> None:
+        """The certificate and the key may share one PEM file."""
+        combined = os.path.join(self.certs, "combined.pem")
+        with open(combined, "wb") as f:
+            for name in (self.issued.chain, self.issued.key):
+                with open(name, "rb") as part:
+                    f.write(part.read())
+        config = self.load(self.tls(certificate=combined, key=combined))
+        self.assertEqual((config.tls.certificate, config.tls.key), (combined, combined))
+
+    def test_bothOrNeither(self) -> None:
+        """A certificate without its key, or a key without its certificate, is an error."""
+        self.assertError(
+            self.configure(f"[tls]\ncertificate = '{self.issued.chain}'\n"),
+            "tls.key",
+            "missing: it is needed with tls.certificate",
+        )
+        self.assertError(
+            self.configure(f"[tls]\nkey = '{self.issued.key}'\n"),
+            "tls.certificate",
+            "missing: it is needed with tls.key",
+        )
+
+    def test_unreadable(self) -> None:
+        """A file that cannot be read is named, with the reason."""
+        missing = os.path.join(self.certs, "missing.pem")
+        self.assertError(
+            self.tls(certificate=missing),
+            "tls.certificate",
+            f'cannot read "{missing}": No such file or directory',
+        )
+        self.assertError(
+            self.tls(key=missing), "tls.key", f'cannot read "{missing}": No such file or directory'
+        )
+
+    def test_unreadableForUser(self) -> None:
+        """A key the user may not read is an error (as the user twistd runs as)."""
+        if os.geteuid() == 0:
+            raise SkipTest("root may read anything")
+        os.chmod(self.issued.key, 0)
+        self.assertError(
+            self.tls(), "tls.key", f'cannot read "{self.issued.key}": Permission denied'
+        )
+
+    def test_notPem(self) -> None:
+        """A certificate file without a certificate, or a key file without a key."""
+        self.assertError(
+            self.tls(certificate=self.issued.key),
+            "tls.certificate",
+            f'"{self.issued.key}" holds no PEM certificate',
+        )
+        self.assertError(
+            self.tls(key=self.issued.chain),
+            "tls.key",
+            f'"{self.issued.chain}" holds no PEM private key',
+        )
+
+    def test_encryptedKey(self) -> None:
+        """A key with a passphrase cannot be used: nobody types it at start-up."""
+        from cryptography.hazmat.primitives import serialization
+
+        with open(self.issued.key, "rb") as f:
+            key = serialization.load_pem_private_key(f.read(), None)
+        encrypted = os.path.join(self.certs, "encrypted.pem")
+        with open(encrypted, "wb") as f:
+            f.write(
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.BestAvailableEncryption(b"secret"),
+                )
+            )
+        self.assertError(
+            self.tls(key=encrypted),
+            "tls.key",
+            f'the key in "{encrypted}" is encrypted: mailproxy needs it without a passphrase',
+        )
+
+    def test_keyOfAnotherCertificate(self) -> None:
+        """The key must be that of the certificate, the first one of the file."""
+        other = self.ca.issue("other.example.org")
+        self.assertError(
+            self.tls(key=other.key),
+            "tls.key",
+            f'"{other.key}" is not the key of the certificate in "{self.issued.chain}"'
+            " (the first one of the file)",
+        )
+
+    def test_minVersion(self) -> None:
+        """min_version is TLSv1.2 or TLSv1.3; the obsolete versions are refused, saying
+        why."""
+        for version in ("TLSv1.2", "TLSv1.3"):
+            config = self.load(self.tls(min_version=version))
+            self.assertEqual(config.tls.minVersion, version)
+        for bad in ("TLSv1.4", "1.2", "tlsv1.2"):
+            self.assertError(
+                self.tls(min_version=bad),
+                "tls.min_version",
+                f'must be one of "TLSv1.2", "TLSv1.3", not "{bad}"',
+            )
+        for obsolete in ("TLSv1", "TLSv1.1", "SSLv3"):
+            self.assertError(
+                self.tls(min_version=obsolete),
+                "tls.min_version",
+                f'"{obsolete}" is obsolete (RFC 8996) and OpenSSL would not negotiate it;'
+                ' use "TLSv1.2" or "TLSv1.3"',
+            )
+
+    def test_ciphers(self) -> None:
+        """ciphers is tried on an OpenSSL context: a string matching no cipher is an error."""
+        self.assertEqual(
+            self.load(self.tls(ciphers="ECDHE+AESGCM:ECDHE+CHACHA20")).tls.ciphers,
+            "ECDHE+AESGCM:ECDHE+CHACHA20",
+        )
+        for bad in ("BOGUS", "TLS_AES_128_GCM_SHA256"):
+            self.assertError(
+                self.tls(ciphers=bad),
+                "tls.ciphers",
+                f'"{bad}" matches no cipher of this OpenSSL for TLS 1.2 and below',
+            )
+        self.assertError(
+            self.tls(ciphers="HIGH: !aNULL"),
+            "tls.ciphers",
+            'must be an OpenSSL cipher string without spaces, not "HIGH: !aNULL"',
+        )
+
+    def test_requireNeedsCertificate(self) -> None:
+        """require = true without a certificate would refuse every MAIL."""
+        self.assertError(
+            self.configure("[tls]\nrequire = true\n"),
+            "tls.require",
+            "needs a certificate: set certificate and key",
+        )
+
+    def test_listenTlsNeedsCertificate(self) -> None:
+        """An implicit-TLS listener needs the certificate of [tls]."""
+        self.assertError(
+            self.configure(proxy='listen_tls = ["tcp:465"]'),
+            "proxy.listen_tls",
+            "needs a certificate: set certificate and key in [tls]",
+        )
+
+    def test_listenTlsEndpoints(self) -> None:
+        """listen_tls endpoints are parsed like listen's, are distinct, and none of them
+        is a listen endpoint too."""
+        self.assertError(
+            self.tls(proxy='listen_tls = ["tcp:x"]'),
+            "proxy.listen_tls",
+            "\"tcp:x\" is not a valid server endpoint: invalid literal for int() with base 10: 'x'",
+        )
+        self.assertError(
+            self.tls(proxy='listen_tls = ["tcp:465", "tcp:465"]'),
+            "proxy.listen_tls",
+            "lists the same endpoint twice",
+        )
+        self.assertError(
+            self.tls(proxy='listen_tls = ["tcp:465", "tcp:2525"]'),
+            "proxy.listen_tls",
+            '"tcp:2525" is in proxy.listen too',
+        )
+        self.assertError(
+            self.tls(proxy="listen_tls = 465"),
+            "proxy.listen_tls",
+            "must be an endpoint string or an array of them, not 465",
+        )
+        self.assertEqual(self.reactor.tcpServers, [])
+
+    def test_auth(self) -> None:
+        """auth is "tls", "always" or "never"; auth_failures a positive integer."""
+        for policy in AuthPolicy:
+            config = self.load(self.configure(proxy=f'auth = "{policy.value}"'))
+            self.assertIs(config.auth, policy)
+        self.assertError(
+            self.configure(proxy='auth = "yes"'),
+            "proxy.auth",
+            'must be one of "tls", "always", "never", not "yes"',
+        )
+        self.assertError(
+            self.configure("[limits]\nauth_failures = 0\n"),
+            "limits.auth_failures",
+            "must be a positive integer, not 0",
+        )
+
+    def test_upstream(self) -> None:
+        """mode "required" needs the name to verify; the name is a host name; the CA
+        file must hold a certificate."""
+        self.assertError(
+            self.configure("[upstream_tls]\nmode = 'required'\n"),
+            "upstream_tls.name",
+            "missing: mode = \"required\" verifies the MTA's certificate against this name",
+        )
+        self.assertError(
+            self.configure("[upstream_tls]\nmode = 'required'\nname = 'mta example'\n"),
+            "upstream_tls.name",
+            'must be a host name without spaces or control characters, not "mta example"',
+        )
+        self.assertError(
+            self.configure("[upstream_tls]\nmode = 'verify'\n"),
+            "upstream_tls.mode",
+            'must be one of "none", "opportunistic", "required", not "verify"',
+        )
+        self.assertError(
+            self.configure(f"[upstream_tls]\nca_file = '{self.issued.key}'\n"),
+            "upstream_tls.ca_file",
+            f'"{self.issued.key}" holds no PEM certificate',
+        )
+        missing = os.path.join(self.certs, "missing.pem")
+        self.assertError(
+            self.configure(f"[upstream_tls]\nca_file = '{missing}'\n"),
+            "upstream_tls.ca_file",
+            f'cannot read "{missing}": No such file or directory',
+        )
+
+    def test_unknownKey(self) -> None:
+        """A misspelt key in the new sections is named, with the right one."""
+        self.assertError(
+            self.configure("[tls]\ncertficate = 'x'\n"),
+            "tls.certficate",
+            'unknown key, did you mean "certificate"?',
+        )
+        self.assertError(
+            self.configure("[upstream_tls]\ncafile = 'x'\n"),
+            "upstream_tls.cafile",
+            'unknown key, did you mean "ca_file"?',
+        )
