@@ -178,6 +178,7 @@ class ProxyService(MultiService):
                 auth=config.auth.value,
                 authFailures=config.limits.authFailures,
                 mtaTls=config.upstreamTls.mode.value,
+                introduce=True,
             ),
         )
 

@@ -417,8 +417,9 @@ class Policy:
     authFailures: int = 3
     #: STARTTLS to the MTA: C{"none"}, C{"opportunistic"} or C{"required"}.
     mtaTls: str = "none"
-    #: Tell the MTA the client's address: XCLIENT when it offers it, else XFORWARD.
-    introduce: bool = True
+    #: Tell the MTA the client's address: XCLIENT when it offers it, else XFORWARD (the
+    #: service always does; off, the MTA leg has no introduction unless for TLS).
+    introduce: bool = False
 
 
 @attrs.define
@@ -557,7 +558,6 @@ class Session:
         self._greeted = False
         self._connectChecked = False
         # The MTA leg's introduction (L{_introduce}), redone for each new leg.
-        self._introduced = False
         self._mtaTls = False
         self._mtaTlsDeclined = False
         self._mtaTlsWaiting: Callable[[], None] | None = None
@@ -946,17 +946,32 @@ class Session:
         self._mtaSlots.append(slot)
         self._inFlight = 1
         self._pipelining, self._junk, self._ehlos = False, 0, 0
-        self._introduced, self._mtaTls, self._mtaTlsDeclined = False, False, False
+        self._mtaTls, self._mtaTlsDeclined = False, False
         self._xclientSent, self._xforward = False, ()
 
-    def _banner(self, reply: Reply) -> Reply:
-        if reply.code == 220:
-            self._enter(S.COMMAND)
-            self._emit(Report(Counted.CONNECTION_ACCEPTED))
-        else:
+    def _banner(self, reply: Reply) -> Reply | None:
+        """
+        The MTA's banner: the client's, once the MTA leg is introduced (L{_introduce});
+        after XCLIENT the MTA's new banner, computed for the real client, is shown instead.
+        """
+        if reply.code != 220:
             self._emit(Refused(Stage.CONNECT, reply, None, Reason.MTA.value))
             self._closeAfterFlush()
-        return reply
+            return reply
+
+        def introduced(greeting: Reply | None) -> None:
+            self._enter(S.COMMAND)
+            self._emit(Report(Counted.CONNECTION_ACCEPTED))
+            self._show(greeting or reply)
+
+        if self._introducing():
+            self._introduce(introduced)
+        else:
+            introduced(None)
+        return None
+
+    def _introducing(self) -> bool:
+        return self._policy.introduce or self._policy.mtaTls != "none"
 
     # -- commands ------------------------------------------------------------------------
 
@@ -1043,8 +1058,8 @@ class Session:
             self._txn = None  # EHLO resets the transaction, at the MTA as here
             self._sessionHeaders[Stage.HELO] = verdict.headers
             self._helo = command
+            self._relay(command.toLine(), answered, barrier=True)
             self._enter(S.HELLO)
-            self._hello(command, answered)
 
         def answered(reply: Reply) -> Reply:
             self._enter(S.COMMAND)
@@ -1078,41 +1093,39 @@ class Session:
 
     # -- the MTA leg's introduction: STARTTLS to it, XCLIENT, XFORWARD ----------------
 
-    def _hello(self, command: wire.Command, onAnswer: Callable[[Reply], Reply | None]) -> None:
+    def _introduce(self, done: Callable[[Reply | None], None]) -> None:
         """
-        Relay the client's EHLO or HELO. On an MTA leg not yet introduced, an EHLO with
-        the client's name goes first, hidden, to learn what the MTA offers: STARTTLS (see
-        L{_introduce}), XCLIENT, XFORWARD. For an EHLO that needs nothing more, that
-        probe is the client's own EHLO, and its reply is the client's.
+        Introduce a new MTA leg, before the client hears a word from it: an EHLO in
+        mailproxy's name learns what the MTA offers (L{_introduceStep}). C{done} gets the
+        MTA's new banner after XCLIENT, or L{None}.
         """
-        if self._introduced:
-            self._relay(command.toLine(), onAnswer, barrier=True)
-            return
 
         def probed(reply: Reply) -> None:
-            self._introduce(command, onAnswer, reply)
+            self._introduceStep(done, reply)
 
-        self._relay(b"EHLO " + command.argument, probed, barrier=True)
+        self._relay(b"EHLO " + self._hostname.encode("ascii"), probed, barrier=True)
 
-    def _introduce(
-        self, command: wire.Command, onAnswer: Callable[[Reply], Reply | None], reply: Reply
-    ) -> None:
+    def _introduceStep(self, done: Callable[[Reply | None], None], reply: Reply) -> None:
         """
-        The next step of the introduction, from the MTA's EHLO C{reply}: STARTTLS (then
-        EHLO again), XCLIENT with the client's address (the MTA answers with a new
-        banner: EHLO again), the name lookup XFORWARD needs; then the client's own
-        command is answered. Every step is hidden from the client.
+        The next step, from the MTA's EHLO C{reply}: STARTTLS to it (then EHLO again);
+        XCLIENT with the client's address and name (the MTA resets: the client's own
+        EHLO follows); else the name lookup XFORWARD will need. All hidden from the client.
         """
-        again = functools.partial(self._hello, command, onAnswer)
-        proceed = functools.partial(self._introduce, command, onAnswer, reply)
+        again = functools.partial(self._introduce, done)
+        proceed = functools.partial(self._introduceStep, done, reply)
+        mode = self._policy.mtaTls
         if reply.code // 100 != 2:
-            if command.verb == "EHLO":  # the MTA refused the client's EHLO: it hears so
-                self._show(onAnswer(reply))
-            else:
-                self._relay(command.toLine(), onAnswer, barrier=True)
+            if mode == "required":
+                self._mtaTlsFailed(f"it answered EHLO with {reply.code} {reply.text}")
+                return
+            self._log(
+                "warn",
+                "the MTA answered our EHLO with {reply}: it is not told who the client is",
+                reply=f"{reply.code} {reply.text}",
+            )
+            done(None)
             return
         offered = wire.capabilities(reply)
-        mode = self._policy.mtaTls
         if mode != "none" and not self._mtaTls and not self._mtaTlsDeclined:
             if offered.offers(b"STARTTLS"):
                 self._relay(b"STARTTLS", functools.partial(self._mtaStartTls, again, proceed))
@@ -1122,25 +1135,21 @@ class Session:
                 return
             self._mtaTlsDeclined = True
             self._log("info", "the MTA does not offer STARTTLS: its leg stays in cleartext")
-        if self._policy.introduce and offered.offers(b"XCLIENT") and not self._xclientSent:
-            self._named(functools.partial(self._xclient, offered.params[b"XCLIENT"], again))
+        if self._policy.introduce and offered.offers(b"XCLIENT"):
+            self._named(functools.partial(self._xclient, offered.params[b"XCLIENT"], done))
             return
-        if self._policy.introduce and offered.offers(b"XFORWARD") and not self._xclientSent:
+        if self._policy.introduce and offered.offers(b"XFORWARD"):
             if self._clientName is None:
                 self._named(proceed)
                 return
             self._xforward = offered.params[b"XFORWARD"]
-        if not self._xclientSent and not self._xforward and not self._anonymousLogged:
+        if not self._xforward and not self._anonymousLogged:
             self._anonymousLogged = True
             self._log(
                 "debug",
                 "the MTA offers neither XCLIENT nor XFORWARD: it sees the client as mailproxy",
             )
-        self._introduced = True
-        if command.verb == "EHLO":
-            self._show(onAnswer(reply))
-        else:
-            self._relay(command.toLine(), onAnswer, barrier=True)
+        done(None)
 
     def _show(self, reply: Reply | None) -> None:
         self._replies.append(_Slot(reply=reply, ready=True))
@@ -1183,7 +1192,7 @@ class Session:
         if len(self._naming) == 1:
             self._emit(ResolveClient(self.info.clientAddress))
 
-    def _xclient(self, offered: tuple[bytes, ...], again: Callable[[], None]) -> None:
+    def _xclient(self, offered: tuple[bytes, ...], done: Callable[[Reply | None], None]) -> None:
         """Tell the MTA the client's address and name (Postfix's XCLIENT_README)."""
         assert self._clientName is not None
         name, reverseName = self._clientName
@@ -1196,15 +1205,17 @@ class Session:
         if self.info.login is not None:
             attributes.append((b"LOGIN", self.info.login))
         line = wire.attributeCommand(b"XCLIENT", attributes, offered)
-        self._xclientSent = True
         if line is None:
             self._log("warn", "the MTA offers XCLIENT without any attribute mailproxy sends")
-            again()
+            done(None)
             return
 
         def introduced(reply: Reply) -> None:
             if reply.code // 100 == 2:
-                again()  # a fresh session at the MTA, which wants EHLO again
+                # A fresh session at the MTA, as if the client had connected: its banner
+                # is the client's, and the client's own EHLO comes next.
+                self._xclientSent = True
+                done(reply if reply.code == 220 else None)
                 return
             self._log(
                 "error",
@@ -1350,8 +1361,7 @@ class Session:
         if self._txn is not None:
             self._local(replies.NESTED_MAIL)
             return
-        if not self._greeted or not self._introduced:
-            # The MTA must know who the client is before any mail (XCLIENT at EHLO).
+        if not self._greeted:  # RFC 5321 4.1.4; and after STARTTLS, RFC 3207
             self._local(replies.NEED_HELO)
             return
         if self._policy.requireTls and self.info.tls is None:
@@ -1831,6 +1841,13 @@ class Session:
         self._connectMta(self._rebanner, _OK)
 
     def _rebanner(self, reply: Reply) -> None:
+        if self._introducing():
+            self._introduce(self._rehello)
+        else:
+            self._rehello(None)
+
+    def _rehello(self, greeting: Reply | None) -> None:
+        """The new MTA leg is introduced: replay the client's EHLO, hidden, then go on."""
         helo = self._helo
         if helo is None:
             self._enter(S.COMMAND)
@@ -1848,7 +1865,7 @@ class Session:
                 self._mtaChunking = wire.capabilities(r).chunking
             self._enter(S.COMMAND)
 
-        self._hello(helo, greeted)
+        self._relay(helo.toLine(), greeted, barrier=True)
 
     def _keepalive(self) -> None:
         """
