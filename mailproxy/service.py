@@ -7,7 +7,7 @@ the manhole. SIGHUP reloads the configuration; stopping lets sessions finish.
 from __future__ import annotations
 
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import FrameType
 from typing import Any
 
@@ -17,15 +17,17 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 
-from mailproxy import directories
+from mailproxy import directories, proxyprotocol
 from mailproxy.config import Config, ConfigError, load
 from mailproxy.control import StatsSocketService
 from mailproxy.filters import IFilterFactory
 from mailproxy.filters.pipeline import buildPipeline
 from mailproxy.logs import LogService
 from mailproxy.manhole import ManholeService, namespace
+from mailproxy.proxyprotocol import ProxyHeaderFactory
 from mailproxy.quarantine import Quarantine
 from mailproxy.relay import RelayFactory, Settings
 from mailproxy.spool import sweep
@@ -47,6 +49,34 @@ EXPIRY_INTERVAL = 86400.0
 
 class StartupError(Exception):
     """Start-up stopped: a directory cannot be made or handed over. C{str()} is one line."""
+
+
+def _listener(
+    reactor: Any,
+    description: str,
+    factory: IProtocolFactory,
+    config: Callable[[], Config],
+    stats: Stats,
+) -> StreamServerEndpointService:
+    """
+    The listener of one endpoint string, serving C{factory}'s protocols (the relay's, or a
+    TLS factory wrapping it). C{"haproxy:..."}: the endpoint after the prefix, each
+    connection reading its PROXY header first (L{ProxyHeaderFactory}, outermost: the header
+    comes in clear, before any TLS).
+
+    @param config: the configuration in force, read by the PROXY wrapper per connection
+        (C{proxy.proxy_protocol_from}, C{timeouts.proxy_header}).
+    @param stats: counts the refused PROXY headers.
+    """
+    if description.startswith(proxyprotocol.PREFIX):
+        endpoint = serverFromString(reactor, description.removeprefix(proxyprotocol.PREFIX))
+        factory = ProxyHeaderFactory(factory, reactor, config, stats)
+    else:
+        endpoint = serverFromString(reactor, description)
+    listener = StreamServerEndpointService(endpoint, factory)
+    listener._raiseSynchronously = True  # a port in use stops start-up, loudly
+    listener.setName(f"listen {description}")
+    return listener
 
 
 class ProxyService(MultiService):
@@ -94,11 +124,7 @@ class ProxyService(MultiService):
         self.logs.setServiceParent(self)  # type: ignore[no-untyped-call] # first: before others log
         self.listeners: list[StreamServerEndpointService] = []
         for description in config.listen:
-            listener = StreamServerEndpointService(
-                serverFromString(reactor, description), self.factory
-            )
-            listener._raiseSynchronously = True  # a port in use stops start-up, loudly
-            listener.setName(f"listen {description}")
+            listener = _listener(reactor, description, self.factory, self._config, self.stats)
             listener.setServiceParent(self)
             self.listeners.append(listener)
         expiry = TimerService(EXPIRY_INTERVAL, self._expireQuarantine)
@@ -125,6 +151,10 @@ class ProxyService(MultiService):
             web._raiseSynchronously = True  # a port in use stops start-up, loudly
             web.setName(f"web {config.web.listen}")
             web.setServiceParent(self)
+
+    def _config(self) -> Config:
+        """The configuration in force (for the listeners, which read it per connection)."""
+        return self.config
 
     def _settings(self, config: Config) -> Settings:
         """
