@@ -121,6 +121,11 @@ class Timeouts:
     #: While a message is received or filtered the MTA hears nothing; a NOOP this often
     #: keeps its own idle timeout (Postfix's smtpd_timeout, 300 s) from dropping us.
     mtaKeepalive: float = 120.0
+    #: On C{haproxy:} listeners: the PROXY header must be complete this soon, else closed.
+    proxyHeader: float = 10.0
+    #: The client's name (reverse lookup, forward confirmation) for XCLIENT: then
+    #: C{[TEMPUNAVAIL]}.
+    clientName: float = 10.0
 
 
 @attrs.frozen
@@ -227,6 +232,14 @@ class Config:
     #: Commands relayed to the MTA besides those mailproxy handles (EHLO, HELO, MAIL, RCPT,
     #: DATA, RSET, QUIT); any other gets 502 from mailproxy.
     relayCommands: tuple[str, ...] = ("NOOP", "HELP", "VRFY")
+    #: The peers that may send a PROXY header on C{haproxy:} listeners; others are closed.
+    proxyProtocolFrom: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
+        ipaddress.IPv4Network("127.0.0.0/8"),
+        ipaddress.IPv6Network("::1/128"),
+    )
+    #: Where the client's name is looked up: C{"system"}, C{"IP:PORT"} or C{"off"}
+    #: (L{mailproxy.clientname.ClientNames.fromConfig}).
+    clientNames: str = "system"
     limits: Limits = Limits()
     timeouts: Timeouts = Timeouts()
     filters: tuple[FilterSpec, ...] = ()
@@ -413,6 +426,8 @@ def _proxyKeys(reactor: IReactorTime) -> dict[str, _Check]:
         "relay_commands": _relayCommands,
         "listen_tls": _listen(reactor, allowEmpty=True),
         "auth": _choice(AuthPolicy),
+        "proxy_protocol_from": _networks,
+        "client_names": _clientNames,
     }
 
 
@@ -430,6 +445,37 @@ def _relayCommands(value: object) -> tuple[str, ...]:
     return commands
 
 
+def _networks(value: object) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """CIDR networks, IPv4 or IPv6; as in the access filter, a lone address is a network of
+    one and host bits are allowed (C{"192.0.2.1/24"} is 192.0.2.0/24)."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _InvalidValueError(f"must be an array of CIDR networks, not {_show(value)}")
+    networks = []
+    for text in value:
+        try:
+            networks.append(ipaddress.ip_network(text.strip(), strict=False))
+        except ValueError:
+            raise _InvalidValueError(
+                f'{_show(text)} is not a CIDR network (such as "10.0.0.0/8" or "::1/128")'
+            ) from None
+    return tuple(networks)
+
+
+def _clientNames(value: object) -> str:
+    from mailproxy.dns import parseServer
+
+    text = _string(value)
+    if text in ("system", "off"):
+        return text
+    try:
+        parseServer(text)
+    except ValueError as e:
+        raise _InvalidValueError(
+            f'must be "system", "off" or a DNS server ("127.0.0.1:53", "[::1]:53"): {e}'
+        ) from None
+    return text
+
+
 _LIMITS_KEYS: dict[str, _Check] = {
     "message_size": _integer(1),
     "recipients": _integer(1),
@@ -440,7 +486,16 @@ _LIMITS_KEYS: dict[str, _Check] = {
     "auth_failures": _integer(1),
 }
 _TIMEOUTS_KEYS: dict[str, _Check] = dict.fromkeys(
-    ("client_idle", "mta_connect", "mta_reply", "mta_keepalive", "filters", "shutdown_grace"),
+    (
+        "client_idle",
+        "mta_connect",
+        "mta_reply",
+        "mta_keepalive",
+        "filters",
+        "shutdown_grace",
+        "proxy_header",
+        "client_name",
+    ),
     _seconds,
 )
 _FILTER_KEYS: dict[str, _Check] = {
@@ -889,9 +944,7 @@ def load(path: str, reactor: IReactorTime) -> Config:
             # Only a table is a section to suggest another for: a key outside any section
             # ("upstream = ...") is no misspelt [upstream_tls].
             candidates = list(_SECTIONS) if isinstance(value, dict) else []
-            raise _unknown(
-                path, _dotted(name), name, candidates, "section", known=list(_SECTIONS)
-            )
+            raise _unknown(path, _dotted(name), name, candidates, "section", known=list(_SECTIONS))
     proxy = _section(path, document, "proxy", _proxyKeys(reactor))
     for key, what in _REQUIRED.items():
         if key not in proxy:

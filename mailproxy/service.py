@@ -8,7 +8,7 @@ configuration; stopping lets sessions finish.
 from __future__ import annotations
 
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import FrameType
 from typing import Any
 
@@ -21,13 +21,15 @@ from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 
-from mailproxy import directories, tls
+from mailproxy import directories, proxyprotocol, tls
+from mailproxy.clientname import ClientNames
 from mailproxy.config import Config, ConfigError, load
 from mailproxy.control import StatsSocketService
 from mailproxy.filters import IFilterFactory
 from mailproxy.filters.pipeline import buildPipeline
 from mailproxy.logs import LogService
 from mailproxy.manhole import ManholeService, namespace
+from mailproxy.proxyprotocol import ProxyHeaderFactory
 from mailproxy.quarantine import Quarantine
 from mailproxy.relay import RelayFactory, Settings
 from mailproxy.session import Policy
@@ -51,6 +53,34 @@ EXPIRY_INTERVAL = 86400.0
 
 class StartupError(Exception):
     """Start-up stopped: a directory cannot be made or handed over. C{str()} is one line."""
+
+
+def _listener(
+    reactor: Any,
+    description: str,
+    factory: IProtocolFactory,
+    config: Callable[[], Config],
+    stats: Stats,
+) -> StreamServerEndpointService:
+    """
+    The listener of one endpoint string, serving C{factory}'s protocols (the relay's, or a
+    TLS factory wrapping it). C{"haproxy:..."}: the endpoint after the prefix, each
+    connection reading its PROXY header first (L{ProxyHeaderFactory}, outermost: the header
+    comes in clear, before any TLS).
+
+    @param config: the configuration in force, read by the PROXY wrapper per connection
+        (C{proxy.proxy_protocol_from}, C{timeouts.proxy_header}).
+    @param stats: counts the refused PROXY headers.
+    """
+    if description.startswith(proxyprotocol.PREFIX):
+        endpoint = serverFromString(reactor, description.removeprefix(proxyprotocol.PREFIX))
+        factory = ProxyHeaderFactory(factory, reactor, config, stats)
+    else:
+        endpoint = serverFromString(reactor, description)
+    listener = StreamServerEndpointService(endpoint, factory)
+    listener._raiseSynchronously = True  # a port in use stops start-up, loudly
+    listener.setName(f"listen {description}")
+    return listener
 
 
 class ProxyService(MultiService):
@@ -98,11 +128,7 @@ class ProxyService(MultiService):
         self.logs.setServiceParent(self)  # type: ignore[no-untyped-call] # first: before others log
         self.listeners: list[StreamServerEndpointService] = []
         for description in config.listen:
-            listener = StreamServerEndpointService(
-                serverFromString(reactor, description), self.factory
-            )
-            listener._raiseSynchronously = True  # a port in use stops start-up, loudly
-            listener.setName(f"listen {description}")
+            listener = _listener(reactor, description, self.factory, self._config, self.stats)
             listener.setServiceParent(self)
             self.listeners.append(listener)
         for description in config.listenTls:
@@ -116,18 +142,18 @@ class ProxyService(MultiService):
             self.manhole.setServiceParent(self)  # type: ignore[no-untyped-call]
         self._addStatus(config, reactor)
 
-    def _listenTls(self, description: str, factory: IProtocolFactory) -> StreamServerEndpointService:
+    def _listenTls(
+        self, description: str, factory: IProtocolFactory
+    ) -> StreamServerEndpointService:
         """
         An implicit-TLS listener (RFC 8314, port 465) on C{description}: C{factory}'s
         protocols behind TLS from the first byte, with the certificate of the settings
         current when each connection is accepted (so a reload renews it).
         """
         current = tls.ReloadableServerOptions(lambda: self.factory.settings.serverTls)
-        listener = StreamServerEndpointService(
-            serverFromString(self._reactor, description),
-            tls.implicitTLS(factory, current, self._reactor),
-        )
-        listener._raiseSynchronously = True  # a port in use stops start-up, loudly
+        wrapped = tls.implicitTLS(factory, current, self._reactor)
+        # A "haproxy:" one reads the PROXY header in clear first, then TLS starts.
+        listener = _listener(self._reactor, description, wrapped, self._config, self.stats)
         listener.setName(f"listen_tls {description}")
         listener.setServiceParent(self)
         return listener
@@ -147,6 +173,10 @@ class ProxyService(MultiService):
             web._raiseSynchronously = True  # a port in use stops start-up, loudly
             web.setName(f"web {config.web.listen}")
             web.setServiceParent(self)
+
+    def _config(self) -> Config:
+        """The configuration in force (for the listeners, which read it per connection)."""
+        return self.config
 
     def _settings(self, config: Config) -> Settings:
         """
@@ -172,6 +202,7 @@ class ProxyService(MultiService):
             Quarantine.fromConfig(config, self._reactor),
             serverTls=serverTls,
             clientTls=tls.clientOptions(config),
+            names=ClientNames.fromConfig(config, self._reactor),
             policy=Policy(
                 startTls=serverTls is not None,
                 requireTls=config.tls.require,

@@ -54,6 +54,10 @@ FILTERS = "filters"
 
 #: Kinds of MTA errors, counted once per session (the first one).
 MTA_ERRORS = ("unreachable", "lost", "timeout", "protocol", "tls")
+#: Why a connection on a C{haproxy:} listener was closed before its PROXY header was
+#: served (L{mailproxy.proxyprotocol.Refusal}): its peer is not in
+#: C{proxy.proxy_protocol_from}, the header is not valid, or it came too late.
+PROXY_REFUSALS = ("untrusted", "invalid", "timeout")
 
 
 @attrs.frozen
@@ -90,6 +94,7 @@ class Counts:
     #: TLS handshakes done, by C{"client TLSv1.3"} / C{"mta TLSv1.2"} (side and version).
     tls: Counter[str] = attrs.Factory(Counter)
     auth: Counter[str] = attrs.Factory(Counter)  # succeeded, failed
+    proxyRefused: Counter[str] = attrs.Factory(Counter)  # by PROXY_REFUSALS reason
 
     def toJSON(self) -> dict[str, Any]:
         return {
@@ -114,6 +119,7 @@ class Counts:
             "mta_errors": {kind: self.mtaErrors[kind] for kind in MTA_ERRORS},
             "tls": dict(self.tls),
             "auth": {"succeeded": self.auth["succeeded"], "failed": self.auth["failed"]},
+            "proxy_refused": {why: self.proxyRefused[why] for why in PROXY_REFUSALS},
         }
 
 
@@ -396,6 +402,14 @@ class Stats:
         if session.id not in self._mtaFailed:
             self._mtaFailed.add(session.id)
             self._add("mtaErrors", kind)
+
+    def proxyRefused(self, why: str) -> None:
+        """
+        A connection on a C{haproxy:} listener was closed before its PROXY header was
+        served; C{why} is one of L{PROXY_REFUSALS}. Such a connection is no session: it
+        counts in no other connection counter.
+        """
+        self._add("proxyRefused", why)
 
     def filterChecked(self, checked: Checked) -> None:
         """The pipeline's observer: one filter's answer and how long it took."""

@@ -40,7 +40,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from twisted.web.template import Tag, flatten, tags
 
-from mailproxy.stats import MTA_ERRORS, Stats
+from mailproxy.stats import MTA_ERRORS, PROXY_REFUSALS, Stats
 
 # -- Prometheus -----------------------------------------------------------------------------
 
@@ -119,6 +119,14 @@ class StatsCollector:
         for outcome in ("succeeded", "failed"):
             auth.add_metric([outcome], total.auth[outcome])
         yield auth
+        proxy = CounterMetricFamily(
+            "mailproxy_proxy_refused",
+            "Connections on haproxy: listeners closed before their PROXY header was served.",
+            labels=["reason"],
+        )
+        for why in PROXY_REFUSALS:
+            proxy.add_metric([why], total.proxyRefused[why])
+        yield proxy
         checks = CounterMetricFamily(
             "mailproxy_filter_checks", "Filter answers by verdict.", labels=["filter", "verdict"]
         )
@@ -270,6 +278,7 @@ def _counters(snapshot: Mapping[str, Any]) -> Tag:
         ("Recipients refused", "recipients-refused", lambda c: _sum(c["recipients"]["refused"])),
         ("HELO refused", "helo-refused", lambda c: _sum(c["helo_refused"])),
         ("MTA errors", "mta-errors", lambda c: _sum(c["mta_errors"])),
+        ("PROXY headers refused", "proxy-refused", lambda c: _sum(c["proxy_refused"])),
     ]
     body = [
         tags.tr(
@@ -303,6 +312,7 @@ def _reasons(snapshot: Mapping[str, Any]) -> Tag:
         ("Messages tempfailed", lambda c: c["messages"]["tempfailed"]),
         ("Recipients", lambda c: c["recipients"]["refused"]),
         ("MTA errors", lambda c: {k: v for k, v in c["mta_errors"].items() if v}),
+        ("PROXY headers", lambda c: {k: v for k, v in c["proxy_refused"].items() if v}),
     ]
     body: list[Tag] = []
     for title, get in groups:

@@ -5,6 +5,7 @@ one-line errors that stop a bad configuration before anything listens.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shutil
@@ -143,7 +144,7 @@ class SampleTests(ConfigTestCase):
             *keys(StatsSocket),
             *keys(Web),
         ]
-        self.assertEqual(len(names), 47)
+        self.assertEqual(len(names), 51)
         for name in names:
             self.assertRegex(text, rf"(?m)^#? *{name} *=", name)
 
@@ -702,7 +703,9 @@ class TLSTests(ConfigTestCase):
 
     def test_listenTlsString(self) -> None:
         """One implicit-TLS endpoint may be given as a string, and none as C{[]}."""
-        self.assertEqual(self.load(self.tls(proxy='listen_tls = "tcp:465"')).listenTls, ("tcp:465",))
+        self.assertEqual(
+            self.load(self.tls(proxy='listen_tls = "tcp:465"')).listenTls, ("tcp:465",)
+        )
         self.assertEqual(self.load(self.configure(proxy="listen_tls = []")).listenTls, ())
 
     def test_combinedFile(self) -> None:
@@ -894,7 +897,7 @@ class TLSTests(ConfigTestCase):
         self.assertError(
             self.configure("[upstream_tls]\nmode = 'required'\n"),
             "upstream_tls.name",
-            "missing: mode = \"required\" verifies the MTA's certificate against this name",
+            'missing: mode = "required" verifies the MTA\'s certificate against this name',
         )
         self.assertError(
             self.configure("[upstream_tls]\nmode = 'required'\nname = 'mta example'\n"),
@@ -930,3 +933,98 @@ class TLSTests(ConfigTestCase):
             "upstream_tls.cafile",
             'unknown key, did you mean "ca_file"?',
         )
+
+
+class ProxyHeaderAndClientNameTests(ConfigTestCase):
+    """proxy.proxy_protocol_from, proxy.client_names, timeouts.proxy_header and client_name."""
+
+    def test_defaults(self) -> None:
+        """Loopback may send PROXY headers; names come from the system; 10 s each."""
+        config = self.load(self.configure())
+        self.assertEqual(
+            config.proxyProtocolFrom,
+            (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")),
+        )
+        self.assertEqual(config.clientNames, "system")
+        self.assertEqual((config.timeouts.proxyHeader, config.timeouts.clientName), (10.0, 10.0))
+
+    def test_mapping(self) -> None:
+        """
+        The keys map to their attributes: networks IPv4 and IPv6, a lone address a
+        network of one, host bits dropped (as in the access filter); seconds as floats.
+        """
+        config = self.load(
+            self.configure(
+                proxy='proxy_protocol_from = ["10.1.2.3/8", "2001:db8::/32", "192.0.2.7"]\n'
+                'client_names = "[::1]:5353"',
+                body="[timeouts]\nproxy_header = 3\nclient_name = 0.5\n",
+            )
+        )
+        self.assertEqual(
+            config.proxyProtocolFrom,
+            (
+                ipaddress.ip_network("10.0.0.0/8"),
+                ipaddress.ip_network("2001:db8::/32"),
+                ipaddress.ip_network("192.0.2.7/32"),
+            ),
+        )
+        self.assertEqual(config.clientNames, "[::1]:5353")
+        self.assertEqual(config.timeouts.proxyHeader, 3.0)
+        self.assertIsInstance(config.timeouts.proxyHeader, float)
+        self.assertEqual(config.timeouts.clientName, 0.5)
+
+    def test_noTrustedPeers(self) -> None:
+        """An empty list is allowed: no peer may send a PROXY header."""
+        config = self.load(self.configure(proxy="proxy_protocol_from = []"))
+        self.assertEqual(config.proxyProtocolFrom, ())
+
+    def test_badNetwork(self) -> None:
+        """An entry that is no CIDR network is named in the error."""
+        for value, shown in [
+            ('"10.0.0.0/33"', '"10.0.0.0/33"'),
+            ('"proxy.example"', '"proxy.example"'),
+        ]:
+            path = self.configure(proxy=f"proxy_protocol_from = [{value}]")
+            self.assertError(
+                path,
+                "proxy.proxy_protocol_from",
+                f'{shown} is not a CIDR network (such as "10.0.0.0/8" or "::1/128")',
+            )
+
+    def test_networksNotArray(self) -> None:
+        """A single string, or an array of other things, is refused."""
+        path = self.configure(proxy='proxy_protocol_from = "127.0.0.0/8"')
+        self.assertError(
+            path,
+            "proxy.proxy_protocol_from",
+            'must be an array of CIDR networks, not "127.0.0.0/8"',
+        )
+        path = self.configure(proxy="proxy_protocol_from = [1]")
+        self.assertError(
+            path, "proxy.proxy_protocol_from", "must be an array of CIDR networks, not an array"
+        )
+
+    def test_clientNames(self) -> None:
+        """ "system", "off" and a server's address are taken; anything else is refused."""
+        for value in ("system", "off", "127.0.0.1", "127.0.0.1:5353", "[::1]:53"):
+            path = self.configure(proxy=f'client_names = "{value}"')
+            self.assertEqual(self.load(path).clientNames, value)
+        path = self.configure(proxy='client_names = "dns.example"')
+        e = self.error(path)
+        self.assertTrue(
+            e.startswith(
+                f'{path}: proxy.client_names: must be "system", "off" or a DNS server'
+                ' ("127.0.0.1:53", "[::1]:53"): not an IP address'
+            ),
+            e,
+        )
+        path = self.configure(proxy='client_names = "127.0.0.1:0"')
+        self.assertIn("not a port number", self.error(path))
+        path = self.configure(proxy="client_names = false")
+        self.assertError(path, "proxy.client_names", "must be a non-empty string, not false")
+
+    def test_timeoutsPositive(self) -> None:
+        """The new timeouts are seconds like the others."""
+        for key in ("proxy_header", "client_name"):
+            path = self.configure(f"[timeouts]\n{key} = 0\n")
+            self.assertError(path, f"timeouts.{key}", "must be a positive number of seconds, not 0")

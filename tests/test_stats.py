@@ -229,6 +229,29 @@ class CountersTests(SynchronousTestCase):
         self.assertEqual([h["accepted"] for h in hours], [0] * 24)
         self.assertEqual(hours[0]["rejected"], 1)
 
+    def test_proxyRefused(self) -> None:
+        """
+        Refused PROXY headers are counted by reason, today and since start, every reason
+        shown (zero until it happens); today's start again at midnight.
+        """
+        self.assertEqual(
+            self.stats.snapshot()["total"]["proxy_refused"],
+            {"untrusted": 0, "invalid": 0, "timeout": 0},
+        )
+        self.stats.proxyRefused("untrusted")
+        self.stats.proxyRefused("timeout")
+        self.stats.proxyRefused("timeout")
+        snapshot = self.stats.snapshot()
+        for when in ("today", "total"):
+            self.assertEqual(
+                snapshot[when]["proxy_refused"], {"untrusted": 1, "invalid": 0, "timeout": 2}
+            )
+        self.assertEqual(snapshot["today"]["connections"]["opened"], 0)
+        self.clock.advance(24 * 3600)
+        snapshot = self.stats.snapshot()
+        self.assertEqual(sum(snapshot["today"]["proxy_refused"].values()), 0)
+        self.assertEqual(sum(snapshot["total"]["proxy_refused"].values()), 3)
+
     def test_latencyHistogram(self) -> None:
         """
         Each filter's answers fill fixed latency buckets (cumulative, +Inf last), with

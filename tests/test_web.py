@@ -9,6 +9,7 @@ import json
 import re
 from typing import Any
 
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -23,7 +24,7 @@ from mailproxy.filters.pipeline import Checked
 from mailproxy.service import ProxyService
 from mailproxy.stats import SessionInfo, Stats
 from mailproxy.testing import RawClient
-from mailproxy.web import page, render
+from mailproxy.web import page, registryFor, render
 from mailproxy.wire import Reply
 from tests.test_control import ACCESS, BODY, ProxyRun, readSocket, sendTraffic, shortTempDir
 
@@ -216,6 +217,25 @@ class _Hostile:
 
     def describe(self) -> SessionInfo:
         return SessionInfo(HOSTILE, HOSTILE, HOSTILE, HOSTILE, 1, HOSTILE)
+
+
+class MetricsTests(SynchronousTestCase):
+    """The Prometheus collector, read directly."""
+
+    def test_proxyRefused(self) -> None:
+        """Refused PROXY headers are exposed by reason, every reason present."""
+        stats = Stats(Clock())
+        stats.proxyRefused("invalid")
+        samples = metrics(generate_latest(registryFor(stats)).decode())
+        self.assertEqual(
+            {
+                why: samples["mailproxy_proxy_refused_total", (("reason", why),)]
+                for why in ("untrusted", "invalid", "timeout")
+            },
+            {"untrusted": 0, "invalid": 1, "timeout": 0},
+        )
+        html = render(page(stats.snapshot(), "proxy.test", 10)).decode()
+        self.assertIn('id="total-proxy-refused" class="n">1<', html)
 
 
 class PageTests(SynchronousTestCase):
