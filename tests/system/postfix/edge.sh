@@ -13,8 +13,8 @@
 #   edge.sh env BASE     print the export lines again
 #   edge.sh log BASE     print Dovecot's log
 #
-# Inputs (environment): MAILPROXY_EDGE_PORT (default 10026), MAILPROXY_DOVECOT_PORT (Dovecot's
-# auth service on 127.0.0.1, for the readiness check only; default 10027). Exports
+# Inputs (environment): MAILPROXY_EDGE_PORT (default 10036), MAILPROXY_DOVECOT_PORT (Dovecot's
+# auth service on 127.0.0.1, for the readiness check only; default 10037). Exports
 # MAILPROXY_EDGE_{HOST,PORT,DOMAIN,MAILDIR,MAILLOG,CONFIG} (as instance.sh does for
 # MAILPROXY_POSTFIX_*), MAILPROXY_EDGE_TLS_NAME, MAILPROXY_EDGE_TLS_CA (the CA that signed
 # Postfix's certificate), MAILPROXY_EDGE_SASL_USER, MAILPROXY_EDGE_SASL_PASSWORD,
@@ -22,8 +22,8 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-port=${MAILPROXY_EDGE_PORT:-10026}
-dovecot_port=${MAILPROXY_DOVECOT_PORT:-10027}
+port=${MAILPROXY_EDGE_PORT:-10036}
+dovecot_port=${MAILPROXY_DOVECOT_PORT:-10037}
 domain=test.example
 tls_name=mta.test
 sasl_user=alice@$domain
