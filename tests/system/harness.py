@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import sys
 import uuid
@@ -91,21 +92,26 @@ class PostfixInstance:
     maillog: Path
 
     @classmethod
-    def fromEnvironment(cls, env: Mapping[str, str] = os.environ) -> PostfixInstance:
-        """Read the instance from the C{MAILPROXY_POSTFIX_*} variables; one missing is an error."""
+    def fromEnvironment(
+        cls, env: Mapping[str, str] = os.environ, prefix: str = "MAILPROXY_POSTFIX"
+    ) -> PostfixInstance:
+        """Read the instance from the C{MAILPROXY_POSTFIX_*} variables (C{prefix}: another
+        instance's, e.g. C{MAILPROXY_EDGE} for C{tests/system/postfix/edge.sh}'s); one
+        missing is an error."""
         names = ["HOST", "PORT", "DOMAIN", "MAILDIR", "MAILLOG"]
-        missing = [f"MAILPROXY_POSTFIX_{n}" for n in names if f"MAILPROXY_POSTFIX_{n}" not in env]
+        missing = [f"{prefix}_{n}" for n in names if f"{prefix}_{n}" not in env]
         if missing:
+            script = "edge.sh" if prefix == "MAILPROXY_EDGE" else "instance.sh"
             raise RuntimeError(
                 f"{SYSTEM_ENV}=1 but {', '.join(missing)} unset: start Postfix with "
-                "tests/system/postfix/instance.sh"
+                f"tests/system/postfix/{script} (see .ci/run)"
             )
         return cls(
-            host=env["MAILPROXY_POSTFIX_HOST"],
-            port=int(env["MAILPROXY_POSTFIX_PORT"]),
-            domain=env["MAILPROXY_POSTFIX_DOMAIN"],
-            maildir=Path(env["MAILPROXY_POSTFIX_MAILDIR"]),
-            maillog=Path(env["MAILPROXY_POSTFIX_MAILLOG"]),
+            host=env[f"{prefix}_HOST"],
+            port=int(env[f"{prefix}_PORT"]),
+            domain=env[f"{prefix}_DOMAIN"],
+            maildir=Path(env[f"{prefix}_MAILDIR"]),
+            maillog=Path(env[f"{prefix}_MAILLOG"]),
         )
 
     @property
@@ -113,9 +119,16 @@ class PostfixInstance:
         """The Postfix smtpd as a Twisted client endpoint string, for the proxy's upstream."""
         return f"tcp:host={self.host}:port={self.port}"
 
-    def maillogText(self) -> str:
-        """The whole maillog so far (small: one instance per CI run)."""
-        return self.maillog.read_text(errors="replace")
+    def maillogText(self, since: int = 0) -> str:
+        """The maillog so far (small: one instance per CI run), from byte C{since} on (a
+        L{maillogSize} taken earlier: what was logged after that)."""
+        with self.maillog.open("rb") as f:
+            f.seek(since)
+            return f.read().decode("utf-8", "replace")
+
+    def maillogSize(self) -> int:
+        """How long the maillog is now, for L{maillogText}'s C{since}."""
+        return self.maillog.stat().st_size
 
 
 def freePort() -> int:
@@ -226,18 +239,26 @@ class ProxyProcess:
     _reactor: Any
 
     async def waitUntilReady(
-        self, timeout: float = PROXY_START_TIMEOUT, greeting: int = 220
+        self,
+        timeout: float = PROXY_START_TIMEOUT,
+        greeting: int = 220,
+        preamble: bytes = b"",
+        bindAddress: str | None = None,
     ) -> None:
         """Poll (bounded) until the proxy greets with C{greeting} (a connect filter may
         refuse this client: 554) on its port.
 
+        @param preamble: sent first (a PROXY header, for a C{haproxy:} listener).
+        @param bindAddress: the address to connect from (default: the system's choice).
         @raise RuntimeError: it exited or did not greet in time; the message holds its log.
         """
         deadline = self._reactor.seconds() + timeout
         banner: Reply | None = None
         while self.running and self._reactor.seconds() < deadline:
             try:
-                banner = await readBanner(self._reactor, self.port)
+                banner = await readBanner(
+                    self._reactor, self.port, preamble=preamble, bindAddress=bindAddress
+                )
                 break
             except (error.ConnectError, error.ConnectionLost, error.TimeoutError):
                 await deferLater(self._reactor, POLL_INTERVAL, lambda: None)
@@ -265,27 +286,43 @@ class ProxyProcess:
 
     async def stop(self) -> int | None:
         """SIGTERM, then SIGKILL after L{PROXY_STOP_TIMEOUT}; returns the exit status."""
-        ended = self._protocol.ended
-        if self._protocol.exited:
-            return await ended
-        for signal in ("TERM", "KILL"):
-            try:
-                self._protocol.transport.signalProcess(signal)  # type: ignore[union-attr]
-            except error.ProcessExitedAlready:
-                break
-            waiter: Deferred[int | None] = Deferred()
-            ended.addBoth(_chain, waiter)
-            waiter.addTimeout(PROXY_STOP_TIMEOUT, self._reactor)
-            try:
-                return await waiter
-            except error.TimeoutError:
-                _log.warn("proxy {pid} ignored SIG{signal}", pid=self.pid, signal=signal)
-        return await ended
+        return await _terminate(self._protocol, self._reactor, "proxy")
 
     @property
     def pid(self) -> int | None:
         """The process id, or C{None} once it has exited."""
         return getattr(self._protocol.transport, "pid", None)
+
+
+async def _terminate(
+    protocol: _OutputToFile,
+    reactor: Any,
+    what: str,
+    signals: Sequence[tuple[str | int, float]] = (
+        ("TERM", PROXY_STOP_TIMEOUT),
+        ("KILL", PROXY_STOP_TIMEOUT),
+    ),
+) -> int | None:
+    """Signal a child (by default SIGTERM, then SIGKILL after L{PROXY_STOP_TIMEOUT}), each
+    signal of C{signals} in turn until it has exited within that signal's timeout; its
+    exit status."""
+    ended = protocol.ended
+    if protocol.exited:
+        return await ended
+    for signum, timeout in signals:
+        try:
+            protocol.transport.signalProcess(signum)  # type: ignore[union-attr]
+        except error.ProcessExitedAlready:
+            break
+        waiter: Deferred[int | None] = Deferred()
+        ended.addBoth(_chain, waiter)
+        waiter.addTimeout(timeout, reactor)
+        try:
+            return await waiter
+        except error.TimeoutError:
+            pid = getattr(protocol.transport, "pid", None)
+            _log.warn("{what} {pid} ignored signal {signum}", what=what, pid=pid, signum=signum)
+    return await ended
 
 
 def _chain(result: object, waiter: Deferred[Any]) -> object:
@@ -326,12 +363,18 @@ async def runProxy(
     port: int,
     twistdOptions: Sequence[str] = (),
     greeting: int = 220,
+    preamble: bytes = b"",
+    bindAddress: str | None = None,
 ) -> ProxyProcess:
     """Spawn the proxy (L{spawnProxy}) and wait until it greets with C{greeting}; it is
-    stopped when C{case} ends, its output copied into the test log."""
+    stopped when C{case} ends, its output copied into the test log.
+
+    @param preamble: what the readiness check sends first (a PROXY header for C{haproxy:}).
+    @param bindAddress: the address the readiness check connects from.
+    """
     process = spawnProxy(reactor, workdir, sections, port, twistdOptions)
     case.addCleanup(stopAndLog, process)
-    await process.waitUntilReady(greeting=greeting)
+    await process.waitUntilReady(greeting=greeting, preamble=preamble, bindAddress=bindAddress)
     return process
 
 
@@ -367,6 +410,12 @@ class ReplyReader(LineOnlyReceiver):
         self._replies: deque[Reply] = deque()
         self._waiting: deque[Deferred[Reply]] = deque()
         self._lost: Failure | None = None
+        #: Every byte received so far, whole lines or not.
+        self.bytesReceived = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self.bytesReceived += len(data)
+        super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
         text = line.decode("utf-8", "replace")
@@ -401,18 +450,29 @@ class ReplyReader(LineOnlyReceiver):
         return d
 
 
-async def _connect(reactor: Any, port: int) -> ReplyReader:
-    """A L{ReplyReader} connected to 127.0.0.1:C{port}."""
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5)
+async def _connect(reactor: Any, port: int, bindAddress: str | None = None) -> ReplyReader:
+    """A L{ReplyReader} connected to 127.0.0.1:C{port}, from C{bindAddress} if given (any
+    127.x.y.z is a local address: a client "from 127.0.0.5")."""
+    bind = (bindAddress, 0) if bindAddress is not None else None
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5, bindAddress=bind)
     reader = ReplyReader()
     await connectProtocol(endpoint, reader).addTimeout(10, reactor)
     return reader
 
 
-async def readBanner(reactor: Any, port: int, timeout: float = 5.0) -> Reply:
-    """Connect, read the greeting, say QUIT and hang up."""
-    reader = await _connect(reactor, port)
+async def readBanner(
+    reactor: Any,
+    port: int,
+    timeout: float = 5.0,
+    preamble: bytes = b"",
+    bindAddress: str | None = None,
+) -> Reply:
+    """Connect (from C{bindAddress}), send C{preamble} if any (a PROXY header), read the
+    greeting, say QUIT and hang up."""
+    reader = await _connect(reactor, port, bindAddress)
     try:
+        if preamble:
+            reader.transport.write(preamble)  # type: ignore[union-attr]
         return await reader.nextReply(reactor, timeout)
     finally:
         reader.sendLine(b"QUIT")
@@ -649,9 +709,10 @@ class SmtpSession:
         self._transcript: list[str] = []
 
     @classmethod
-    async def open(cls, reactor: Any, port: int) -> SmtpSession:
-        """Connect to 127.0.0.1:C{port} (the banner is the first L{reply})."""
-        return cls(reactor, await _connect(reactor, port))
+    async def open(cls, reactor: Any, port: int, bindAddress: str | None = None) -> SmtpSession:
+        """Connect to 127.0.0.1:C{port}, from C{bindAddress} if given (the banner is the
+        first L{reply})."""
+        return cls(reactor, await _connect(reactor, port, bindAddress))
 
     def write(self, data: bytes) -> None:
         """Send C{data} as it is, in one write."""
@@ -681,6 +742,11 @@ class SmtpSession:
     def connected(self) -> bool:
         """Whether the server has not closed the connection."""
         return self._reader._lost is None
+
+    @property
+    def bytesReceived(self) -> int:
+        """How many bytes the server sent, complete replies or not."""
+        return self._reader.bytesReceived
 
     def close(self) -> None:
         """Hang up (idempotent)."""
@@ -743,3 +809,92 @@ async def runProcess(
     finally:
         if timer.active():
             timer.cancel()
+
+
+HAPROXY_START_TIMEOUT = 10.0
+
+
+@attrs.define
+class HaproxyProcess:
+    """A running C{haproxy -db -f CONFIG}: its log (stderr and the traffic log), how to stop it."""
+
+    configPath: Path
+    logPath: Path
+    _protocol: _OutputToFile
+    _reactor: Any
+
+    def log(self) -> str:
+        """Everything HAProxy printed so far (with C{log stderr}: one line a connection)."""
+        try:
+            return self.logPath.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    @property
+    def running(self) -> bool:
+        """Whether the process has not exited yet."""
+        return not self._protocol.exited
+
+    async def stop(self) -> int | None:
+        """SIGUSR1 (a soft stop: connections still open end first, and get logged), after
+        2 s SIGTERM (at once), then SIGKILL; returns the exit status."""
+        signals: list[tuple[str | int, float]] = [
+            (signal.SIGUSR1, 2.0),  # Twisted knows this one by number only
+            ("TERM", PROXY_STOP_TIMEOUT),
+            ("KILL", PROXY_STOP_TIMEOUT),
+        ]
+        return await _terminate(self._protocol, self._reactor, "haproxy", signals)
+
+
+async def runHaproxy(
+    case: unittest.TestCase, reactor: Any, workdir: Path, config: str
+) -> HaproxyProcess:
+    """
+    Run HAProxy in the foreground with C{config} (its C{frontend}s bound on 127.0.0.1) and
+    wait (bounded) until it listens; it is stopped when C{case} ends, its log copied into the
+    test log.
+
+    Readiness is a frontend of its own appended to C{config}, which accepts and closes at
+    once: probing a frontend of the test's would take a turn of its round robin.
+
+    @raise RuntimeError: it exited (a bad configuration) or did not listen in time.
+    """
+    executable = shutil.which("haproxy")
+    if executable is None:
+        raise RuntimeError("haproxy is not installed")
+    workdir.mkdir(parents=True, exist_ok=True)
+    readyPort = freePort()
+    configPath = workdir / "haproxy.cfg"
+    configPath.write_text(
+        config.rstrip("\n")
+        + "\n\n# mailproxy's tests: readiness probe\n"
+        + "frontend mailproxy_test_ready\n"
+        + "    mode tcp\n"
+        + f"    bind 127.0.0.1:{readyPort}\n"
+        + "    tcp-request connection reject\n"
+    )
+    logPath = workdir / "haproxy.log"
+    protocol = _OutputToFile(logPath)
+    argv = [executable, "-db", "-f", str(configPath)]
+    reactor.spawnProcess(protocol, argv[0], argv, env=dict(os.environ), path=str(workdir))
+    process = HaproxyProcess(configPath, logPath, protocol, reactor)
+
+    async def stop() -> None:
+        try:
+            await process.stop()
+        finally:
+            log.msg(f"haproxy output ({logPath}):\n{process.log()}")
+
+    case.addCleanup(stop)
+    deadline = reactor.seconds() + HAPROXY_START_TIMEOUT
+    while process.running and reactor.seconds() < deadline:
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", readyPort, timeout=2)
+        try:
+            probe = await connectProtocol(endpoint, ReplyReader()).addTimeout(5, reactor)
+        except (error.ConnectError, error.TimeoutError):
+            await deferLater(reactor, POLL_INTERVAL, lambda: None)
+            continue
+        probe.transport.loseConnection()  # type: ignore[union-attr]
+        return process
+    why = "exited" if not process.running else f"did not listen within {HAPROXY_START_TIMEOUT} s"
+    raise RuntimeError(f"haproxy {why}; config {configPath}; its log:\n{process.log()}")
