@@ -76,6 +76,7 @@ TOO_BIG: Final = Answer(552, "5.3.4", "Error: message size exceeds fixed limit")
 BARE_LINE_ENDING: Final = Answer(554, "5.6.0", "Error: bare CR or LF in message content")
 SPOOL_FAILED: Final = Answer(452, "4.3.1", "Error: insufficient system storage")
 # The session.
+OK: Final = Answer(250, "2.0.0", "Ok")
 NEED_HELO: Final = Answer(503, "5.5.1", "Error: send HELO/EHLO first")
 IN_TRANSACTION: Final = Answer(503, "5.5.1", "Error: MAIL transaction in progress")
 READY_FOR_TLS: Final = Answer(220, "2.0.0", "Ready to start TLS")

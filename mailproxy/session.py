@@ -558,6 +558,7 @@ class Session:
         self._greeted = False
         self._connectChecked = False
         # The MTA leg's introduction (L{_introduce}), redone for each new leg.
+        self._introduced = True
         self._mtaTls = False
         self._mtaTlsDeclined = False
         self._mtaTlsWaiting: Callable[[], None] | None = None
@@ -946,29 +947,18 @@ class Session:
         self._mtaSlots.append(slot)
         self._inFlight = 1
         self._pipelining, self._junk, self._ehlos = False, 0, 0
+        self._introduced = not self._introducing()
         self._mtaTls, self._mtaTlsDeclined = False, False
         self._xclientSent, self._xforward = False, ()
 
-    def _banner(self, reply: Reply) -> Reply | None:
-        """
-        The MTA's banner: the client's, once the MTA leg is introduced (L{_introduce});
-        after XCLIENT the MTA's new banner, computed for the real client, is shown instead.
-        """
-        if reply.code != 220:
-            self._emit(Refused(Stage.CONNECT, reply, None, Reason.MTA.value))
-            self._closeAfterFlush()
-            return reply
-
-        def introduced(greeting: Reply | None) -> None:
+    def _banner(self, reply: Reply) -> Reply:
+        if reply.code == 220:
             self._enter(S.COMMAND)
             self._emit(Report(Counted.CONNECTION_ACCEPTED))
-            self._show(greeting or reply)
-
-        if self._introducing():
-            self._introduce(introduced)
         else:
-            introduced(None)
-        return None
+            self._emit(Refused(Stage.CONNECT, reply, None, Reason.MTA.value))
+            self._closeAfterFlush()
+        return reply
 
     def _introducing(self) -> bool:
         return self._policy.introduce or self._policy.mtaTls != "none"
@@ -1040,6 +1030,9 @@ class Session:
         }.get(verb)
         if handler is not None:
             handler(command)
+        elif not self._introduced and verb in RELAYABLE:
+            # The MTA would take them from mailproxy: nothing is relayed before EHLO.
+            self._local(replies.OK if verb == "NOOP" else replies.NEED_HELO)
         elif verb in self._relayable and verb in RELAYABLE:
             self._relay(command.toLine(), _relayed)
         elif verb in NOT_FOR_CLIENTS or verb in RELAYABLE:
@@ -1058,8 +1051,8 @@ class Session:
             self._txn = None  # EHLO resets the transaction, at the MTA as here
             self._sessionHeaders[Stage.HELO] = verdict.headers
             self._helo = command
-            self._relay(command.toLine(), answered, barrier=True)
             self._enter(S.HELLO)
+            self._hello(command, answered)
 
         def answered(reply: Reply) -> Reply:
             self._enter(S.COMMAND)
@@ -1093,37 +1086,44 @@ class Session:
 
     # -- the MTA leg's introduction: STARTTLS to it, XCLIENT, XFORWARD ----------------
 
-    def _introduce(self, done: Callable[[Reply | None], None]) -> None:
+    def _hello(self, command: wire.Command, onAnswer: Callable[[Reply], Reply | None]) -> None:
         """
-        Introduce a new MTA leg, before the client hears a word from it: an EHLO in
-        mailproxy's name learns what the MTA offers (L{_introduceStep}). C{done} gets the
-        MTA's new banner after XCLIENT, or L{None}.
+        Relay the client's EHLO or HELO; on an MTA leg not yet introduced (L{_introduce}),
+        it goes as an EHLO that learns what the MTA offers first.
         """
+        if self._introduced:
+            self._relay(command.toLine(), onAnswer, barrier=True)
+            return
 
         def probed(reply: Reply) -> None:
-            self._introduceStep(done, reply)
+            self._introduce(command, onAnswer, reply)
 
-        self._relay(b"EHLO " + self._hostname.encode("ascii"), probed, barrier=True)
+        self._relay(b"EHLO " + command.argument, probed, barrier=True)
 
-    def _introduceStep(self, done: Callable[[Reply | None], None], reply: Reply) -> None:
+    def _introduce(
+        self, command: wire.Command, onAnswer: Callable[[Reply], Reply | None], reply: Reply
+    ) -> None:
         """
-        The next step, from the MTA's EHLO C{reply}: STARTTLS to it (then EHLO again);
-        XCLIENT with the client's address and name (the MTA resets: the client's own
-        EHLO follows); else the name lookup XFORWARD will need. All hidden from the client.
+        The next step of the MTA leg's introduction, from its answer to the client's EHLO
+        (C{reply}), hidden from the client: STARTTLS to the MTA (then EHLO again), XCLIENT
+        with the client's address and name (the MTA starts afresh: then the client's own
+        command), or the name XFORWARD will carry; then the client gets its answer.
+
+        It happens at the client's first EHLO rather than before the banner because some
+        MTAs refuse a second EHLO (OpenSMTPD: "503 5.5.1 Invalid command: Already
+        identified"): the client's EHLO is the one that learns what the MTA offers.
         """
-        again = functools.partial(self._introduce, done)
-        proceed = functools.partial(self._introduceStep, done, reply)
+        again = functools.partial(self._hello, command, onAnswer)
+        proceed = functools.partial(self._introduce, command, onAnswer, reply)
         mode = self._policy.mtaTls
         if reply.code // 100 != 2:
             if mode == "required":
                 self._mtaTlsFailed(f"it answered EHLO with {reply.code} {reply.text}")
-                return
-            self._log(
-                "warn",
-                "the MTA answered our EHLO with {reply}: it is not told who the client is",
-                reply=f"{reply.code} {reply.text}",
-            )
-            done(None)
+            elif command.verb == "EHLO":
+                self._show(onAnswer(reply))  # refused: the client may try another EHLO
+            else:
+                self._introduced = True  # an MTA without EHLO knows no XCLIENT either
+                self._relay(command.toLine(), onAnswer, barrier=True)
             return
         offered = wire.capabilities(reply)
         if mode != "none" and not self._mtaTls and not self._mtaTlsDeclined:
@@ -1135,21 +1135,29 @@ class Session:
                 return
             self._mtaTlsDeclined = True
             self._log("info", "the MTA does not offer STARTTLS: its leg stays in cleartext")
-        if self._policy.introduce and offered.offers(b"XCLIENT"):
-            self._named(functools.partial(self._xclient, offered.params[b"XCLIENT"], done))
+        if self._policy.introduce and offered.offers(b"XCLIENT") and not self._xclientSent:
+            self._named(
+                functools.partial(self._xclient, offered.params[b"XCLIENT"], command, onAnswer)
+            )
             return
-        if self._policy.introduce and offered.offers(b"XFORWARD"):
+        if self._policy.introduce and offered.offers(b"XFORWARD") and not self._xclientSent:
             if self._clientName is None:
                 self._named(proceed)
                 return
             self._xforward = offered.params[b"XFORWARD"]
-        if not self._xforward and not self._anonymousLogged:
+        if not self._xclientSent and not self._xforward and not self._anonymousLogged:
             self._anonymousLogged = True
             self._log(
                 "debug",
                 "the MTA offers neither XCLIENT nor XFORWARD: it sees the client as mailproxy",
             )
-        done(None)
+        self._introduced = True
+        if command.verb == "EHLO":
+            self._show(onAnswer(reply))
+        else:
+            # The MTA heard EHLO and would refuse a second greeting: HELO's answer is the
+            # first line of EHLO's.
+            self._show(onAnswer(Reply(reply.code, reply.lines[:1])))
 
     def _show(self, reply: Reply | None) -> None:
         self._replies.append(_Slot(reply=reply, ready=True))
@@ -1192,7 +1200,12 @@ class Session:
         if len(self._naming) == 1:
             self._emit(ResolveClient(self.info.clientAddress))
 
-    def _xclient(self, offered: tuple[bytes, ...], done: Callable[[Reply | None], None]) -> None:
+    def _xclient(
+        self,
+        offered: tuple[bytes, ...],
+        command: wire.Command,
+        onAnswer: Callable[[Reply], Reply | None],
+    ) -> None:
         """Tell the MTA the client's address and name (Postfix's XCLIENT_README)."""
         assert self._clientName is not None
         name, reverseName = self._clientName
@@ -1205,17 +1218,19 @@ class Session:
         if self.info.login is not None:
             attributes.append((b"LOGIN", self.info.login))
         line = wire.attributeCommand(b"XCLIENT", attributes, offered)
+        self._xclientSent = True
         if line is None:
             self._log("warn", "the MTA offers XCLIENT without any attribute mailproxy sends")
-            done(None)
+            self._introduced = True
+            self._relay(command.toLine(), onAnswer, barrier=True)
             return
 
         def introduced(reply: Reply) -> None:
             if reply.code // 100 == 2:
-                # A fresh session at the MTA, as if the client had connected: its banner
-                # is the client's, and the client's own EHLO comes next.
-                self._xclientSent = True
-                done(reply if reply.code == 220 else None)
+                # A fresh session at the MTA (its new banner is ours to hide): now the
+                # client's own EHLO or HELO.
+                self._introduced = True
+                self._relay(command.toLine(), onAnswer, barrier=True)
                 return
             self._log(
                 "error",
@@ -1361,7 +1376,7 @@ class Session:
         if self._txn is not None:
             self._local(replies.NESTED_MAIL)
             return
-        if not self._greeted:  # RFC 5321 4.1.4; and after STARTTLS, RFC 3207
+        if not self._greeted or not self._introduced:  # RFC 5321 4.1.4; RFC 3207
             self._local(replies.NEED_HELO)
             return
         if self._policy.requireTls and self.info.tls is None:
@@ -1841,13 +1856,7 @@ class Session:
         self._connectMta(self._rebanner, _OK)
 
     def _rebanner(self, reply: Reply) -> None:
-        if self._introducing():
-            self._introduce(self._rehello)
-        else:
-            self._rehello(None)
-
-    def _rehello(self, greeting: Reply | None) -> None:
-        """The new MTA leg is introduced: replay the client's EHLO, hidden, then go on."""
+        """The new MTA leg greeted: replay the client's EHLO, hidden (introducing the leg)."""
         helo = self._helo
         if helo is None:
             self._enter(S.COMMAND)
@@ -1865,7 +1874,7 @@ class Session:
                 self._mtaChunking = wire.capabilities(r).chunking
             self._enter(S.COMMAND)
 
-        self._relay(helo.toLine(), greeted, barrier=True)
+        self._hello(helo, greeted)
 
     def _keepalive(self) -> None:
         """

@@ -107,7 +107,7 @@ class DeployCase(unittest.TestCase):
     ) -> dict[str, dict[str, harness.TomlValue]]:
         """A proxy configuration relaying to the edge Postfix (or C{upstream}); the clients'
         names from the test's DNS; more sections by name (C{tls=...}, C{upstream_tls=...})."""
-        options: dict[str, harness.TomlValue] = {}
+        options: dict[str, harness.TomlValue] = {"client_names": f"127.0.0.1:{self.dns.port}"}
         options.update(proxy or {})
         config = harness.proxyConfig(
             workdir, port, upstream or self.edge.endpoint, filters=filters, proxy=options
