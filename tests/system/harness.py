@@ -532,7 +532,8 @@ class SwaksResult:
 
     def queueId(self) -> str | None:
         """The queue id from a C{250 ... queued as ID} reply, if any."""
-        m = re.search(r"^<-\s+250 .*queued as ([0-9A-Za-z]+)", self.output, re.MULTILINE)
+        # swaks prints "<-" for what came in cleartext, "<~" over TLS.
+        m = re.search(r"^<[-~]\s+250 .*queued as ([0-9A-Za-z]+)", self.output, re.MULTILINE)
         return m.group(1) if m else None
 
 

@@ -115,11 +115,14 @@ class EximClientTests(harness.PostfixCase):
         self.mtas, self.mtasBase = env["MAILPROXY_MTAS"], env["MAILPROXY_MTAS_BASE"]
 
     async def eximSend(
-        self, port: int, sender: str, recipient: str, data: bytes
+        self, port: int, sender: str, recipient: str, data: bytes, chunking: bool = False
     ) -> harness.ProcessResult:
         """Exim delivers C{data} (a message, LF line ends, no final dot) to 127.0.0.1:C{port}
-        at once; stdout is this delivery's mainlog, stderr Exim's SMTP dialogue."""
+        at once, with BDAT if C{chunking}, else DATA; stdout is this delivery's mainlog,
+        stderr Exim's SMTP dialogue."""
         argv = ["bash", self.mtas, "send", self.mtasBase, str(port), sender, recipient]
+        if chunking:
+            argv.append("chunking")
         return await harness.runProcess(self.reactor, argv, data)
 
     async def test_pipelinedQuitAfterDotAndHalfClose(self) -> None:
@@ -129,6 +132,19 @@ class EximClientTests(harness.PostfixCase):
         That is no disconnection: the message is released to Postfix, Exim logs it delivered
         (C{=>}) with Postfix's 250, and it lands in Postfix's Maildir.
         """
+        await self.halfClosedDelivery(False, r"SMTP>> \.\n\s*SMTP\+> QUIT\n\s*SMTP\(shutdown\)>>")
+
+    async def test_pipelinedQuitAfterBdatAndHalfClose(self) -> None:
+        """
+        The same with CHUNKING, which mailproxy offers: Exim pipelines MAIL, RCPT, one
+        C{BDAT n LAST} with the message, QUIT, and half-closes; mailproxy releases it to
+        Postfix with BDAT and relays Postfix's 250.
+        """
+        await self.halfClosedDelivery(
+            True, r"SMTP\+> BDAT \d+ LAST\n\s*SMTP\+> QUIT\n\s*SMTP\(shutdown\)>>"
+        )
+
+    async def halfClosedDelivery(self, chunking: bool, premise: str) -> None:
         proxy = await self.startProxy({})
         token = self.token()
         recipient = self.rcpt()
@@ -136,14 +152,14 @@ class EximClientTests(harness.PostfixCase):
             f"From: <{SENDER}>\nTo: <{recipient}>\nSubject: Exim via mailproxy {token}\n"
             f"Message-ID: <{token}@client.example>\nX-Mailproxy-Test: {token}\n\nHello.\n"
         ).encode()
-        result = await self.eximSend(proxy.port, SENDER, recipient, data)
+        result = await self.eximSend(proxy.port, SENDER, recipient, data, chunking)
         explain = (
             f"--- exim exit status {result.status}\n--- exim mainlog:\n{result.out}\n"
             f"--- exim -v dialogue:\n{result.err}\n--- proxy log:\n{proxy.log()}"
         )
         self.assertEqual(result.status, 0, explain)
-        # The premise: QUIT written behind the dot, unanswered, then the half-close.
-        self.assertRegex(result.err, r"SMTP>> \.\n\s*SMTP\+> QUIT\n\s*SMTP\(shutdown\)>>", explain)
+        # The premise: QUIT written behind the message, unanswered, then the half-close.
+        self.assertRegex(result.err, premise, explain)
         received = re.search(
             rf"^\S+ \S+ (\S+) <= {re.escape(SENDER)} .*id={token}@", result.out, re.M
         )

@@ -34,7 +34,7 @@ OPENSMTPD_DOMAIN=smtpd.test
 
 usage() {
     echo "usage: $0 unpack BASE | start|stop|env|log exim|exim-prdr|opensmtpd BASE" \
-        "| send BASE PORT FROM TO" >&2
+        "| send BASE PORT FROM TO [chunking]" >&2
     exit 2
 }
 
@@ -183,6 +183,9 @@ send() {
     chown -R "$(owner Debian-exim)" "$dir/spool" "$dir/log"
     reachable Debian-exim "$dir/spool" || exit 1
     exim_config "$here/exim-client.conf.in" "$dir/exim.conf"
+    if [ "$chunking" = chunking ]; then  # BDAT, when the server offers CHUNKING
+        sed -i 's/^  hosts_try_chunking =$/  hosts_try_chunking = */' "$dir/exim.conf"
+    fi
     # -odi: deliver before returning (the exit status is 0 even when the delivery is deferred:
     # the mainlog tells); -v: the SMTP dialogue on stderr; -f: the envelope sender.
     local status=0
@@ -316,13 +319,14 @@ case "$action" in
         exit 0
         ;;
     send)
-        [ $# -eq 5 ] || usage
+        [ $# -eq 5 ] || [ $# -eq 6 ] || usage
         base=$(absolute "$2")
         etc=$base/etc
         component=exim-client
         port=$3
         from=$4
         to=$5
+        chunking=${6:-}
         send
         exit 0
         ;;
