@@ -1976,8 +1976,19 @@ class Session:
             self._emit(CloseClient())
 
     def _armMtaTimer(self) -> None:
+        """
+        Time the MTA's answer to what was sent, and its TLS handshake; not while the
+        message streams to it (it answers only at the end: then L{releaseSent} re-arms).
+        """
         waiting = self._inFlight or self._mtaTlsWaiting is not None
-        if waiting and self._mtaConnected and self.state is not S.RELEASING:
+        txn = self._txn
+        streaming = (
+            self.state is S.RELEASING
+            and txn is not None
+            and txn.final is not None
+            and txn.final in self._mtaSlots
+        )
+        if waiting and self._mtaConnected and not streaming:
             self._emit(StartTimer(Timer.MTA_REPLY, self._config.timeouts.mtaReply))
         else:
             self._emit(CancelTimer(Timer.MTA_REPLY))

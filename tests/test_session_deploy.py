@@ -507,3 +507,39 @@ class AuthTests(SynchronousTestCase):
         effects = never(never.s.clientData(b"AUTH PLAIN " + PLAIN + b"\r\n"))
         self.assertEqual(told(effects), b"503 5.5.1 Error: authentication not enabled\r\n")
         self.assertNotIn(b"AUTH", sent(d.all))
+
+
+class ReleaseTimeoutTests(SynchronousTestCase):
+    def released(self, mta: Reply = EHLO) -> Driven:
+        d = Driven(core.Policy())
+        d.connect()
+        d.ehlo(mta)
+        d(d.s.clientData(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n"))
+        d(d.s.verdict(Stage.MAIL, Verdict.accept()))
+        d(d.s.verdict(Stage.RCPT, Verdict.accept()))
+        d(d.s.mtaReply(Reply(250, (b"ok",))))
+        d(d.s.mtaReply(Reply(250, (b"ok",))))
+        d(d.s.clientData(b"DATA\r\n"))
+        d(d.s.spoolOpened())
+        d(d.s.clientData(b"Subject: x\r\n\r\nhi\r\n.\r\n"))
+        d(d.s.spoolClosed())
+        return d
+
+    def test_silentAfterDataAtRelease(self) -> None:
+        """An MTA that never answers our DATA at release time is timed out (421 4.4.2)."""
+        d = self.released()
+        effects = d(d.s.verdict(Stage.MESSAGE, Verdict.accept()))
+        self.assertEqual(sent(effects), b"DATA\r\n")
+        self.assertIn(core.StartTimer(core.Timer.MTA_REPLY, CONFIG.timeouts.mtaReply), effects)
+        effects = d(d.s.timerFired(core.Timer.MTA_REPLY))
+        self.assertTrue(told(effects).startswith(b"421 4.4.2"))
+        self.assertIn(core.AbortMta(), effects)
+
+    def test_noTimerWhileStreaming(self) -> None:
+        """While the message streams the MTA owes nothing: no timer until the dot is sent."""
+        d = self.released()
+        d(d.s.verdict(Stage.MESSAGE, Verdict.accept()))
+        effects = d(d.s.mtaReply(Reply(354, (b"go",))))
+        self.assertIn(core.CancelTimer(core.Timer.MTA_REPLY), effects)
+        effects = d(d.s.releaseSent())
+        self.assertIn(core.StartTimer(core.Timer.MTA_REPLY, CONFIG.timeouts.mtaReply), effects)
