@@ -180,6 +180,8 @@ class UpstreamProtocol(Protocol):
         self._owner = owner
         self.listening = True
         self._parser = wire.ReplyParser()
+        #: Replies parsed and not yet handed over (those behind the one being handled).
+        self._replies: deque[wire.Reply] = deque()
 
     def connectionMade(self) -> None:
         _noDelay(self.transport)
@@ -189,21 +191,19 @@ class UpstreamProtocol(Protocol):
         if not self.listening:
             return
         try:
-            parsed = self._parser.feed(data)
+            self._replies.extend(self._parser.feed(data))
         except wire.ProtocolError as e:
             self._owner.mtaProtocolError(self, str(e))
             return
-        for reply in parsed:
-            if not self.listening:
-                return
-            self._owner.mtaReplied(self, reply)
+        while self._replies and self.listening:
+            self._owner.mtaReplied(self, self._replies.popleft())
 
     def startTls(self, creator: IOpenSSLClientConnectionCreator) -> bool:
         """
         Start TLS after the MTA's 220 to STARTTLS; False when the MTA sent anything after
         that 220, which would be read as if it came over TLS.
         """
-        if not self._parser.idle or self.transport is None:
+        if self._replies or not self._parser.idle or self.transport is None:
             return False
         self.transport.startTLS(creator)  # type: ignore[attr-defined]
         return True

@@ -14,12 +14,19 @@ import attrs
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from mailproxy import tls
 from mailproxy.config import TLSSettings
 from mailproxy.localmta import LocalMTA
-from mailproxy.testing import RawClient, listeningPort, loopbackConfig, startProxy
+from mailproxy.testing import (
+    RawClient,
+    ScriptedMTA,
+    listeningPort,
+    loopbackConfig,
+    startProxy,
+)
 from mailproxy.wire import Reply
 from tests.certs import CertificateAuthority, Issued
 from tests.test_relay import MESSAGE, STUFFED, envelope
@@ -212,3 +219,42 @@ class DeployTests(TestCase):
             },
         )
         self.assertEqual(message.helo, "client.example")
+
+
+class MtaInjectionTests(TestCase):
+    async def test_repliesBehindStartTls(self) -> None:
+        """
+        The other direction of CVE-2011-0411: an MTA (or someone on its path) that sends
+        more behind its 220 to STARTTLS would have it read as if it came over TLS. It is
+        never relayed: the client gets 451 4.3.0, and no TLS is started on such a leg.
+        """
+        mta = ScriptedMTA(extensions=[b"PIPELINING", b"STARTTLS"])
+        mta.answer = lambda line: (
+            b"220 2.0.0 go ahead\r\n250-mta.test\r\n250 AUTH PLAIN\r\n"
+            if line == b"STARTTLS"
+            else None
+        )
+        port = reactor.listenTCP(0, mta.buildFactory(), interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        spool = os.path.abspath(self.mktemp())
+        config = loopbackConfig(
+            port.getHost().port, spool, '[upstream_tls]\nmode = "opportunistic"\n'
+        )
+        _, proxyPort = startProxy(self, config)
+        logged: list[str] = []
+
+        def observe(event: LogEvent) -> None:
+            logged.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        client = RawClient()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", proxyPort), client)
+        client.send(b"EHLO client.example\r\n")
+        await client.lost
+        self.assertEqual(client.codes[0], 220)
+        self.assertEqual(client.replies[1].code, 451)
+        self.assertEqual(client.replies[1].lines[0][:5], b"4.3.0")
+        self.assertNotIn(b"AUTH", client.received)
+        # No TLS was even started on that leg.
+        self.assertIn("MTA protocol error: bytes after the 220 to STARTTLS", "\n".join(logged))
