@@ -279,6 +279,8 @@ def _counters(snapshot: Mapping[str, Any]) -> Tag:
         ("HELO refused", "helo-refused", lambda c: _sum(c["helo_refused"])),
         ("MTA errors", "mta-errors", lambda c: _sum(c["mta_errors"])),
         ("PROXY headers refused", "proxy-refused", lambda c: _sum(c["proxy_refused"])),
+        ("TLS handshakes", "tls", lambda c: _sum(c["tls"])),
+        ("AUTH failed", "auth-failed", lambda c: c["auth"]["failed"]),
     ]
     body = [
         tags.tr(
@@ -313,6 +315,7 @@ def _reasons(snapshot: Mapping[str, Any]) -> Tag:
         ("Recipients", lambda c: c["recipients"]["refused"]),
         ("MTA errors", lambda c: {k: v for k, v in c["mta_errors"].items() if v}),
         ("PROXY headers", lambda c: {k: v for k, v in c["proxy_refused"].items() if v}),
+        ("TLS", lambda c: c["tls"]),
     ]
     body: list[Tag] = []
     for title, get in groups:

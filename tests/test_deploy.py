@@ -59,6 +59,7 @@ class DeployTests(TestCase):
         listenTls = 'listen_tls = ["tcp:port=0:interface=127.0.0.1"]\n' if tlsListen else ""
         config = loopbackConfig(self.mtaPort, self.spool, listenTls + extra + tlsSection)
         service, port = startProxy(self, config)
+        self.service = service
         return port, (listeningPort(service, 1) if tlsListen else None)
 
     async def connect(self, port: int, bind: str = "127.0.0.1") -> RawClient:
@@ -90,6 +91,9 @@ class DeployTests(TestCase):
         await client.lost
         self.assertEqual(client.codes, [220, 250, 220, 250, 250, 250, 354, 250, 221])
         [message] = self.mta.messages
+        total = self.service.stats.snapshot()["total"]
+        self.assertEqual(sum(total["tls"].values()), 1)
+        self.assertRegex(next(iter(total["tls"])), r"^client TLSv1\.[23]$")
         received, _, rest = message.content.partition(b"\r\n")
         self.assertEqual(rest, MESSAGE)
         self.assertRegex(
@@ -196,6 +200,9 @@ class DeployTests(TestCase):
         client.send(envelope() + b"DATA\r\n" + STUFFED + b"QUIT\r\n")
         await client.lost
         self.assertEqual(self.mta.messages[0].login, "alice")
+        self.assertEqual(
+            self.service.stats.snapshot()["total"]["auth"], {"succeeded": 1, "failed": 0}
+        )
         self.assertIn(b"with ESMTPSA (TLSv1.", self.mta.messages[0].content)
 
     async def test_xclient(self) -> None:

@@ -237,6 +237,30 @@ class MetricsTests(SynchronousTestCase):
         html = render(page(stats.snapshot(), "proxy.test", 10)).decode()
         self.assertIn('id="total-proxy-refused" class="n">1<', html)
 
+    def test_tlsAndAuth(self) -> None:
+        """TLS handshakes by side and version, AUTH by outcome: metrics, JSON and the page."""
+        stats = Stats(Clock())
+        stats.tlsEstablished("client", "TLSv1.3")
+        stats.tlsEstablished("client", "TLSv1.3")
+        stats.tlsEstablished("mta", "TLSv1.2")
+        stats.authenticated(True)
+        stats.authenticated(False)
+        samples = metrics(generate_latest(registryFor(stats)).decode())
+        self.assertEqual(
+            samples["mailproxy_tls_handshakes_total", (("side", "client"), ("version", "TLSv1.3"))],
+            2,
+        )
+        self.assertEqual(
+            samples["mailproxy_tls_handshakes_total", (("side", "mta"), ("version", "TLSv1.2"))], 1
+        )
+        self.assertEqual(samples["mailproxy_auth_total", (("outcome", "failed"),)], 1)
+        today = stats.snapshot()["today"]
+        self.assertEqual(today["tls"], {"client TLSv1.3": 2, "mta TLSv1.2": 1})
+        self.assertEqual(today["auth"], {"succeeded": 1, "failed": 1})
+        html = render(page(stats.snapshot(), "proxy.test", 10)).decode()
+        self.assertIn('id="total-tls" class="n">3<', html)
+        self.assertIn('id="total-auth-failed" class="n">1<', html)
+
 
 class PageTests(SynchronousTestCase):
     """The page, rendered from counters fed directly."""
