@@ -845,31 +845,45 @@ def keyMatches(certificate: x509.Certificate, key: ServerKey) -> bool:
     return certificate.public_key().public_bytes(*spki) == key.public_key().public_bytes(*spki)
 
 
+def readKeyPair(config: Config) -> tuple[list[x509.Certificate], ServerKey] | None:
+    """
+    C{[tls]}'s certificate chain and key, read from their files and matched (for the
+    configuration's check, and for L{mailproxy.tls.serverOptions}, which reads them again
+    at each reload); L{None} when neither is set.
+
+    @raise ConfigError: naming C{tls.certificate} or C{tls.key}.
+    """
+    path, tls = config.path, config.tls
+    if (tls.certificate is None) != (tls.key is None):
+        missing, given = ("key", "certificate") if tls.key is None else ("certificate", "key")
+        raise ConfigError(path, f"tls.{missing}", f"missing: it is needed with tls.{given}")
+    if tls.certificate is None or tls.key is None:
+        return None
+    try:
+        chain = readCertificates(tls.certificate)
+    except ValueError as e:
+        raise ConfigError(path, "tls.certificate", str(e)) from None
+    try:
+        key = readPrivateKey(tls.key)
+    except ValueError as e:
+        raise ConfigError(path, "tls.key", str(e)) from None
+    if not keyMatches(chain[0], key):
+        raise ConfigError(
+            path,
+            "tls.key",
+            f"{_show(tls.key)} is not the key of the certificate in {_show(tls.certificate)}"
+            " (the first one of the file)",
+        )
+    return chain, key
+
+
 def _checkTls(config: Config) -> None:
     """
     C{[tls]}, C{[upstream_tls]} and C{proxy.listen_tls}: the files are read and the key
     checked against the certificate; the cipher string is tried on an OpenSSL context.
     """
     path, tls, upstream = config.path, config.tls, config.upstreamTls
-    if (tls.certificate is None) != (tls.key is None):
-        missing, given = ("key", "certificate") if tls.key is None else ("certificate", "key")
-        raise ConfigError(path, f"tls.{missing}", f"missing: it is needed with tls.{given}")
-    if tls.certificate is not None and tls.key is not None:
-        try:
-            chain = readCertificates(tls.certificate)
-        except ValueError as e:
-            raise ConfigError(path, "tls.certificate", str(e)) from None
-        try:
-            key = readPrivateKey(tls.key)
-        except ValueError as e:
-            raise ConfigError(path, "tls.key", str(e)) from None
-        if not keyMatches(chain[0], key):
-            raise ConfigError(
-                path,
-                "tls.key",
-                f"{_show(tls.key)} is not the key of the certificate in {_show(tls.certificate)}"
-                " (the first one of the file)",
-            )
+    readKeyPair(config)
     if tls.ciphers:
         try:
             SSL.Context(SSL.TLS_METHOD).set_cipher_list(tls.ciphers.encode("ascii"))

@@ -41,9 +41,8 @@ from mailproxy.config import (
     Config,
     ConfigError,
     UpstreamTLSMode,
-    keyMatches,
     readCertificates,
-    readPrivateKey,
+    readKeyPair,
 )
 
 _log = Logger()
@@ -79,20 +78,10 @@ def serverOptions(config: Config) -> IOpenSSLServerConnectionCreator | None:
     @raise ConfigError: naming C{tls.certificate}, C{tls.key} or C{tls.ciphers}.
     """
     tls, path = config.tls, config.path
-    if tls.certificate is None or tls.key is None:
+    pair = readKeyPair(config)
+    if pair is None:
         return None
-    try:
-        chain = readCertificates(tls.certificate)
-    except ValueError as e:
-        raise ConfigError(path, "tls.certificate", str(e)) from None
-    try:
-        key = readPrivateKey(tls.key)
-    except ValueError as e:
-        raise ConfigError(path, "tls.key", str(e)) from None
-    if not keyMatches(chain[0], key):
-        raise ConfigError(
-            path, "tls.key", f'"{tls.key}" is not the key of the certificate in "{tls.certificate}"'
-        )
+    chain, key = pair
     expiry = chain[0].not_valid_after_utc
     if expiry < datetime.datetime.now(datetime.UTC):
         _log.warn(

@@ -564,6 +564,19 @@ _END_OF_DATA: Final = b"\r\n.\r\n"
 _ANY_LINE_ENDING: Final = re.compile(rb"\r\n|\r|\n")
 
 
+def _lineEndings(text: bytes, normalise: bool, bare: bool) -> tuple[bytes, bool]:
+    """
+    Content whose bare CR and LF are made CRLF (C{normalise}), or the content as it is
+    and whether one was found (C{bare}: one already was).
+    """
+    if normalise:
+        return _ANY_LINE_ENDING.sub(CRLF, text), bare
+    if not bare:
+        crlf = text.count(CRLF)
+        bare = text.count(b"\r") != crlf or text.count(b"\n") != crlf
+    return text, bare
+
+
 class DataScanner:
     """
     Reads the body of DATA: finds the end (only CRLF.CRLF), removes the client's
@@ -616,11 +629,7 @@ class DataScanner:
             text, self._carry = text[:-1], b"\r"
         if not text:
             return text
-        if self._normalise:
-            text = _ANY_LINE_ENDING.sub(CRLF, text)
-        elif not self.bare:
-            crlf = text.count(CRLF)
-            self.bare = text.count(b"\r") != crlf or text.count(b"\n") != crlf
+        text, self.bare = _lineEndings(text, self._normalise, self.bare)
         # A line starts after CRLF only, as in the replace below: in reject mode a bare LF
         # may end a buffer, and a dot after it must be kept whatever the chunking.
         startsLine, self._lineStart = self._lineStart, text.endswith(CRLF)
@@ -664,11 +673,7 @@ class ChunkScanner:
     def _check(self, text: bytes) -> bytes:
         if not text:
             return text
-        if self._normalise:
-            text = _ANY_LINE_ENDING.sub(CRLF, text)
-        elif not self.bare:
-            crlf = text.count(CRLF)
-            self.bare = text.count(b"\r") != crlf or text.count(b"\n") != crlf
+        text, self.bare = _lineEndings(text, self._normalise, self.bare)
         return self._seen(text)
 
     def _seen(self, text: bytes) -> bytes:

@@ -63,6 +63,18 @@ class Driven:
         self(self.s.mtaConnected())
         self(self.s.mtaReply(BANNER))
 
+    def message(self) -> None:
+        """A transaction, up to the message filters' turn."""
+        self(self.s.clientData(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n"))
+        self(self.s.verdict(Stage.MAIL, Verdict.accept()))
+        self(self.s.verdict(Stage.RCPT, Verdict.accept()))
+        self(self.s.mtaReply(Reply(250, (b"ok",))))
+        self(self.s.mtaReply(Reply(250, (b"ok",))))
+        self(self.s.clientData(b"DATA\r\n"))
+        self(self.s.spoolOpened())
+        self(self.s.clientData(b"Subject: x\r\n\r\nhi\r\n.\r\n"))
+        self(self.s.spoolClosed())
+
     def ehlo(self, reply: Reply = EHLO) -> list[core.Effect]:
         effects = self(self.s.clientData(b"EHLO client.example\r\n"))
         effects += self(self.s.verdict(Stage.HELO, Verdict.accept()))
@@ -174,16 +186,7 @@ class StartTlsTests(SynchronousTestCase):
         d = Driven()
         d.connect(implicitTls=True)
         d.ehlo()
-        d(d.s.clientData(b"MAIL FROM:<a@b>\r\n"))
-        d(d.s.verdict(Stage.MAIL, Verdict.accept()))
-        d(d.s.clientData(b"RCPT TO:<c@d>\r\n"))
-        d(d.s.verdict(Stage.RCPT, Verdict.accept()))
-        d(d.s.mtaReply(Reply(250, (b"ok",))))
-        d(d.s.mtaReply(Reply(250, (b"ok",))))
-        d(d.s.clientData(b"DATA\r\n"))
-        d(d.s.spoolOpened())
-        d(d.s.clientData(b"Subject: x\r\n\r\nhi\r\n.\r\n"))
-        d(d.s.spoolClosed())
+        d.message()
         d(d.s.verdict(Stage.MESSAGE, Verdict.accept()))
         effects = d(d.s.mtaReply(Reply(354, (b"go",))))
         [release] = [e for e in effects if isinstance(e, core.Release)]
@@ -510,19 +513,11 @@ class AuthTests(SynchronousTestCase):
 
 
 class ReleaseTimeoutTests(SynchronousTestCase):
-    def released(self, mta: Reply = EHLO) -> Driven:
+    def released(self) -> Driven:
         d = Driven(core.Policy())
         d.connect()
-        d.ehlo(mta)
-        d(d.s.clientData(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n"))
-        d(d.s.verdict(Stage.MAIL, Verdict.accept()))
-        d(d.s.verdict(Stage.RCPT, Verdict.accept()))
-        d(d.s.mtaReply(Reply(250, (b"ok",))))
-        d(d.s.mtaReply(Reply(250, (b"ok",))))
-        d(d.s.clientData(b"DATA\r\n"))
-        d(d.s.spoolOpened())
-        d(d.s.clientData(b"Subject: x\r\n\r\nhi\r\n.\r\n"))
-        d(d.s.spoolClosed())
+        d.ehlo()
+        d.message()
         return d
 
     def test_silentAfterDataAtRelease(self) -> None:

@@ -229,14 +229,32 @@ class _OutputToFile(ProcessProtocol):
 
 
 @attrs.define
-class ProxyProcess:
-    """A running C{twistd -n mailproxy}: its port, its log, and how to stop it."""
+class _Child:
+    """A process we started whose stdout and stderr go to C{logPath}."""
 
-    port: int
     logPath: Path
     configPath: Path
     _protocol: _OutputToFile
     _reactor: Any
+
+    def log(self) -> str:
+        """Everything it printed so far."""
+        try:
+            return self.logPath.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    @property
+    def running(self) -> bool:
+        """Whether the process has not exited yet."""
+        return not self._protocol.exited
+
+
+@attrs.define
+class ProxyProcess(_Child):
+    """A running C{twistd -n mailproxy}: its port, its log, and how to stop it."""
+
+    port: int = 0
 
     async def waitUntilReady(
         self,
@@ -271,18 +289,6 @@ class ProxyProcess:
         else:
             why = f"greeted with {banner.text!r}"
         raise RuntimeError(f"mailproxy {why} (port {self.port}); its log:\n{self.log()}")
-
-    def log(self) -> str:
-        """Everything the proxy printed so far."""
-        try:
-            return self.logPath.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    @property
-    def running(self) -> bool:
-        """Whether the process has not exited yet."""
-        return not self._protocol.exited
 
     async def stop(self) -> int | None:
         """SIGTERM, then SIGKILL after L{PROXY_STOP_TIMEOUT}; returns the exit status."""
@@ -352,7 +358,7 @@ def spawnProxy(
     argv = [*twistdCommand(), "-n", "--pidfile=", *twistdOptions]
     argv += ["mailproxy", "--config", str(configPath)]
     reactor.spawnProcess(protocol, argv[0], argv, env=subprocessEnv(), path=str(workdir))
-    return ProxyProcess(port, logPath, configPath, protocol, reactor)
+    return ProxyProcess(logPath, configPath, protocol, reactor, port=port)
 
 
 async def runProxy(
@@ -816,25 +822,11 @@ HAPROXY_START_TIMEOUT = 10.0
 
 
 @attrs.define
-class HaproxyProcess:
-    """A running C{haproxy -db -f CONFIG}: its log (stderr and the traffic log), how to stop it."""
-
-    configPath: Path
-    logPath: Path
-    _protocol: _OutputToFile
-    _reactor: Any
-
-    def log(self) -> str:
-        """Everything HAProxy printed so far (with C{log stderr}: one line a connection)."""
-        try:
-            return self.logPath.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    @property
-    def running(self) -> bool:
-        """Whether the process has not exited yet."""
-        return not self._protocol.exited
+class HaproxyProcess(_Child):
+    """
+    A running C{haproxy -db -f CONFIG}: its log (stderr and, with C{log stderr}, one line
+    a connection), how to stop it.
+    """
 
     async def stop(self) -> int | None:
         """SIGUSR1 (a soft stop: connections still open end first, and get logged), after
@@ -878,7 +870,7 @@ async def runHaproxy(
     protocol = _OutputToFile(logPath)
     argv = [executable, "-db", "-f", str(configPath)]
     reactor.spawnProcess(protocol, argv[0], argv, env=dict(os.environ), path=str(workdir))
-    process = HaproxyProcess(configPath, logPath, protocol, reactor)
+    process = HaproxyProcess(logPath, configPath, protocol, reactor)
 
     async def stop() -> None:
         try:
