@@ -6,7 +6,6 @@ hypothesis over where the client's bytes are cut and in which order events arriv
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -19,7 +18,7 @@ from mailproxy.config import BareLineEndings, Config, Limits
 from mailproxy.envelope import Session as SessionInfo
 from mailproxy.filters import Stage, Verdict
 from mailproxy.wire import Reply, ReplyParser
-from tests.test_session import CONFIG, visible
+from tests.test_session import CONFIG, World, visible
 
 PLAIN = (b"mta.test", b"PIPELINING", b"ENHANCEDSTATUSCODES")
 CHUNKING = (*PLAIN, b"CHUNKING")
@@ -369,75 +368,37 @@ class ChunkTests(SynchronousTestCase):
 # -- hypothesis: any cut, any order ------------------------------------------------------
 
 
-class ChunkWorld:
-    """
-    Like L{tests.test_session.World}: a session, an in-test MTA and filters whose answers
-    are queued; it also keeps what each spool file received.
-    """
+class ChunkWorld(World):
+    """L{World} with an MTA that may offer CHUNKING; it also keeps what each spool file received."""
 
     def __init__(self, chunking: bool) -> None:
-        self.s = machine()
+        super().__init__()
         self.chunking = chunking
-        self.mta: deque[Callable[[], list[core.Effect]]] = deque()
-        self.checks: deque[Callable[[], list[core.Effect]]] = deque()
-        self.mtaReceived = bytearray()
-        self.toClient = bytearray()
+        if chunking:
+            self.extensions = (b"PIPELINING", b"CHUNKING")
         self.spools: list[bytes] = []
         self._spool: bytearray | None = None
         self._spoolClosed = False
-        self.closed = False
 
-    def run(self, effects: list[core.Effect]) -> None:
-        queue = deque(effects)
-        while queue:
-            e = queue.popleft()
-            more: list[core.Effect] = []
-            if isinstance(e, core.SendClient):
-                self.toClient += e.data
-            elif isinstance(e, core.CloseClient):
-                self.closed = True
-                more = self.s.clientLost()
-            elif isinstance(e, core.ConnectMta):
-                self.mta.append(self.s.mtaConnected)
-                self.mta.append(lambda: self.s.mtaReply(Reply(220, (b"mta",))))
-            elif isinstance(e, core.SendMta):
-                self._mta(e.data)
-            elif isinstance(e, core.RunCheck):
-                stage = e.stage
-                self.checks.append(lambda stage=stage: self.s.verdict(stage, Verdict.accept()))  # type: ignore[misc]
-            elif isinstance(e, core.SpoolOpen):
-                assert self._spool is None
-                self._spool, self._spoolClosed = bytearray(), False
-                more = self.s.spoolOpened()
-            elif isinstance(e, core.SpoolWrite):
-                assert self._spool is not None
-                self._spool += e.data
-            elif isinstance(e, core.SpoolClose):
-                assert self._spool is not None
-                self.spools.append(bytes(self._spool))
-                self._spoolClosed = True
-                more = self.s.spoolClosed()
-            elif isinstance(e, core.SpoolRemove):
-                if self._spool is not None and not self._spoolClosed:
-                    self.spools.append(b"(removed) " + bytes(self._spool))
-                self._spool = None
-            elif isinstance(e, core.Release):
-                self.mtaReceived += b"<message %r>" % (e.bdat,)
-                more = self.s.releaseSent()
-                self.mta.append(lambda: self.s.mtaReply(Reply(250, (b"2.0.0 queued as Q",))))
-            queue.extend(more)
+    def handle(self, e: core.Effect) -> list[core.Effect]:
+        if isinstance(e, core.SpoolOpen):
+            assert self._spool is None
+            self._spool, self._spoolClosed = bytearray(), False
+        elif isinstance(e, core.SpoolWrite):
+            assert self._spool is not None
+            self._spool += e.data
+        elif isinstance(e, core.SpoolClose):
+            assert self._spool is not None
+            self.spools.append(bytes(self._spool))
+            self._spoolClosed = True
+        elif isinstance(e, core.SpoolRemove):
+            if self._spool is not None and not self._spoolClosed:
+                self.spools.append(b"(removed) " + bytes(self._spool))
+            self._spool = None
+        return super().handle(e)
 
-    def _mta(self, data: bytes) -> None:
-        self.mtaReceived += data
-        extensions = (b"PIPELINING", b"CHUNKING") if self.chunking else (b"PIPELINING",)
-        for line in data.split(b"\r\n")[:-1]:
-            verb = line.split(b" ")[0]
-            reply: Any = {
-                b"DATA": Reply(354, (b"go",)),
-                b"EHLO": Reply(250, (b"ok", *extensions)),
-                b"QUIT": Reply(221, (b"bye",)),
-            }.get(verb, Reply(250, (b"ok",)))
-            self.mta.append(lambda reply=reply: self.s.mtaReply(reply))
+    def released(self, e: core.Release) -> bytes:
+        return b"<message %r>" % (e.bdat,)
 
 
 def bdat(content: bytes, last: bool = False) -> bytes:

@@ -131,33 +131,43 @@ class World:
         self._inData = False
         self.closed = False
 
+    #: The EHLO keywords the in-test MTA offers.
+    extensions: tuple[bytes, ...] = (b"PIPELINING",)
+
     def run(self, effects: list[core.Effect]) -> None:
         queue = deque(effects)
         while queue:
-            e = queue.popleft()
-            more: list[core.Effect] = []
-            if isinstance(e, core.SendClient):
-                self.toClient += e.data
-            elif isinstance(e, core.CloseClient):
-                self.closed = True
-                more = self.s.clientLost()
-            elif isinstance(e, core.ConnectMta):
-                self.mta.append(self.s.mtaConnected)
-                self.mta.append(lambda: self.s.mtaReply(Reply(220, (b"mta",))))
-            elif isinstance(e, core.SendMta):
-                self._mta(e.data)
-            elif isinstance(e, core.RunCheck):
-                stage = e.stage
-                self.checks.append(lambda stage=stage: self.s.verdict(stage, Verdict.accept()))  # type: ignore[misc]
-            elif isinstance(e, core.SpoolOpen):
-                more = self.s.spoolOpened()
-            elif isinstance(e, core.SpoolClose):
-                more = self.s.spoolClosed()
-            elif isinstance(e, core.Release):
-                self.mtaReceived += b"<message>.\r\n"
-                more = self.s.releaseSent()
-                self.mta.append(lambda: self.s.mtaReply(Reply(250, (b"2.0.0 queued as Q",))))
-            queue.extend(more)
+            queue.extend(self.handle(queue.popleft()))
+
+    def handle(self, e: core.Effect) -> list[core.Effect]:
+        """Carry out one effect; return those of the events it causes at once."""
+        more: list[core.Effect] = []
+        if isinstance(e, core.SendClient):
+            self.toClient += e.data
+        elif isinstance(e, core.CloseClient):
+            self.closed = True
+            more = self.s.clientLost()
+        elif isinstance(e, core.ConnectMta):
+            self.mta.append(self.s.mtaConnected)
+            self.mta.append(lambda: self.s.mtaReply(Reply(220, (b"mta",))))
+        elif isinstance(e, core.SendMta):
+            self._mta(e.data)
+        elif isinstance(e, core.RunCheck):
+            stage = e.stage
+            self.checks.append(lambda stage=stage: self.s.verdict(stage, Verdict.accept()))  # type: ignore[misc]
+        elif isinstance(e, core.SpoolOpen):
+            more = self.s.spoolOpened()
+        elif isinstance(e, core.SpoolClose):
+            more = self.s.spoolClosed()
+        elif isinstance(e, core.Release):
+            self.mtaReceived += self.released(e)
+            more = self.s.releaseSent()
+            self.mta.append(lambda: self.s.mtaReply(Reply(250, (b"2.0.0 queued as Q",))))
+        return more
+
+    def released(self, e: core.Release) -> bytes:
+        """What the MTA is noted to have received for a release."""
+        return b"<message>.\r\n"
 
     def _mta(self, data: bytes) -> None:
         self.mtaReceived += data
@@ -165,7 +175,7 @@ class World:
             verb = line.split(b" ")[0]
             reply: Any = {
                 b"DATA": Reply(354, (b"go",)),
-                b"EHLO": Reply(250, (b"ok", b"PIPELINING")),
+                b"EHLO": Reply(250, (b"ok", *self.extensions)),
                 b"QUIT": Reply(221, (b"bye",)),
             }.get(verb, Reply(250, (b"ok",)))
             self.mta.append(lambda reply=reply: self.s.mtaReply(reply))
