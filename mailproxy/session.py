@@ -37,11 +37,12 @@ only as mailproxy parsed them (L{wire.Command.toLine}), and one at a time when t
 did not offer PIPELINING.
 
 Each MTA leg is introduced at the client's first EHLO or HELO (in HELLO, hidden from
-the client): an EHLO with the client's name learns what the MTA offers; STARTTLS to it
-when C{upstream_tls} wants it (then EHLO again); XCLIENT with the client's address and
-name when offered (the MTA greets anew: EHLO again), else XFORWARD before each MAIL.
-MAIL is refused until then, so that the MTA never takes mail from a client it believes
-to be mailproxy. After the client's STARTTLS, whatever it pipelined behind the command
+the client): the client's EHLO (a HELO goes as EHLO) learns what the MTA offers;
+STARTTLS to it when C{upstream_tls} wants it (then that EHLO again); XCLIENT with the
+client's address and name when offered (the MTA starts afresh: then the client's own
+EHLO or HELO), else XFORWARD before each MAIL. Nothing else is relayed before, and MAIL
+is refused until then, so that the MTA never takes mail from a client it believes to
+be mailproxy. Not before the banner: OpenSMTPD refuses a second EHLO. After the client's STARTTLS, whatever it pipelined behind the command
 is dropped unread (CVE-2011-0411) and the session starts over before EHLO (RFC 3207).
 
 BDAT (RFC 3030): C{_bdat} moves COMMAND to CHUNK (through SYNCING for the first chunk,
