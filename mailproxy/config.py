@@ -61,6 +61,20 @@ class BareLineEndings(enum.Enum):
     NORMALISE = "normalise"
 
 
+class HeaderSyntax(enum.Enum):
+    """C{proxy.header_syntax}: what to do with an ambiguous header block (L{mailproxy.headergrammar})."""
+
+    REJECT = "reject"
+    NORMALISE = "normalise"
+
+
+class NulBytes(enum.Enum):
+    """C{proxy.nul_bytes}: what to do with a NUL in a message's content."""
+
+    REJECT = "reject"
+    STRIP = "strip"
+
+
 class AuthPolicy(enum.Enum):
     """C{proxy.auth}: when AUTH is offered to clients and relayed to the MTA."""
 
@@ -229,6 +243,11 @@ class Config:
     hostname: str
     spoolDir: str
     bareLineEndings: BareLineEndings = BareLineEndings.REJECT
+    #: An ambiguous header block: refused (554 5.6.0) or rewritten before the filters.
+    headerSyntax: HeaderSyntax = HeaderSyntax.REJECT
+    #: A NUL in the content (DATA, BDAT; in a BINARYMIME message only its header block):
+    #: refused (554 5.6.0) or removed before spooling.
+    nulBytes: NulBytes = NulBytes.REJECT
     #: Commands relayed to the MTA besides those mailproxy handles (EHLO, HELO, MAIL, RCPT,
     #: DATA, RSET, QUIT); any other gets 502 from mailproxy.
     relayCommands: tuple[str, ...] = ("NOOP", "HELP", "VRFY")
@@ -428,6 +447,8 @@ def _proxyKeys(reactor: IReactorTime) -> dict[str, _Check]:
         "auth": _choice(AuthPolicy),
         "proxy_protocol_from": _networks,
         "client_names": _clientNames,
+        "header_syntax": _choice(HeaderSyntax),
+        "nul_bytes": _choice(NulBytes),
     }
 
 

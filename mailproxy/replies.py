@@ -74,6 +74,14 @@ def chunkReceived(size: int) -> Answer:
 # The message.
 TOO_BIG: Final = Answer(552, "5.3.4", "Error: message size exceeds fixed limit")
 BARE_LINE_ENDING: Final = Answer(554, "5.6.0", "Error: bare CR or LF in message content")
+NUL_CHARACTER: Final = Answer(554, "5.6.0", "Error: NUL character in message content")
+
+
+def headerSyntax(text: str) -> Answer:
+    """Our refusal of an ambiguous header block (L{mailproxy.headergrammar.Finding.text})."""
+    return Answer(554, "5.6.0", text)
+
+
 SPOOL_FAILED: Final = Answer(452, "4.3.1", "Error: insufficient system storage")
 # The session.
 OK: Final = Answer(250, "2.0.0", "Ok")
@@ -123,6 +131,9 @@ class Reason(enum.Enum):
     #: The MTA offered XCLIENT and then refused it.
     XCLIENT = "xclient"
     BARE_LINE_ENDING = "bare line ending"
+    NUL = "nul character"
+    #: An ambiguous header block (C{header_syntax = "reject"}).
+    HEADER_SYNTAX = "header syntax"
     SPOOL = "spool"
     SYNTAX = "syntax"
     #: A refusal of the filters whose filter is unknown (a stage timed out as a whole).

@@ -52,6 +52,13 @@ bytes are read and discarded all the same. Our 250 answers each chunk but the la
 BDAT LAST joins DATA's path at FILTERING, and the release is one C{BDAT n LAST} when the
 MTA offered CHUNKING, else DATA dot-stuffed.
 
+Between the scanner and the spool, every message's content goes through the header
+grammar (L{headergrammar.HeaderChecker}, contract 12): at C{spoolClosed}, after the size
+and the bare CR/LF checks, a NUL (C{nul_bytes = "reject"}) or an ambiguous header block
+(C{header_syntax = "reject"}) is refused with 554 5.6.0 before any filter runs; with
+C{"normalise"} the spool gets the rewritten header block, so that the filters read and
+the release sends (its BDAT size counted from what was spooled) the same bytes.
+
 The PROXY protocol is the listener's: it holds the session back until the header is
 read, so L{SessionInfo} has the client's address from the start; nothing here reads the
 transport.
@@ -67,7 +74,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from mailproxy import replies, wire
+from mailproxy import headergrammar, replies, wire
 from mailproxy.envelope import Envelope
 from mailproxy.envelope import Session as SessionInfo
 from mailproxy.replies import Answer, Reason
@@ -448,6 +455,8 @@ class _Transaction:
     recipientsAsked: int = 0
     headers: list[tuple[str, str]] = attrs.Factory(list)
     scanner: wire.DataScanner | wire.ChunkScanner | None = None
+    #: The header block's grammar (contract 12), between the scanner and the spool.
+    header: headergrammar.HeaderChecker | None = None
     spoolOpen: bool = False
     spoolError: str | None = None
     size: int = 0
@@ -536,6 +545,8 @@ class Session:
         self._relayable = frozenset(config.relayCommands)
         self._junkLimit = config.limits.mtaJunkCommands
         self._normalise = config.bareLineEndings.value == "normalise"
+        self._normaliseHeaders = config.headerSyntax.value == "normalise"
+        self._stripNul = config.nulBytes.value == "strip"
         self.state = State.CHECKING_CONNECT
         self._effects: list[Effect] = []
         self._commands = wire.CommandBuffer(config.limits.lineLength)
@@ -824,7 +835,8 @@ class Session:
             self._chunksOpened(txn, self._chunk)
             return self._take()
         txn.spoolOpen = True
-        txn.scanner = wire.DataScanner(self._normalise)
+        txn.scanner = wire.DataScanner(self._normalise, stripNul=self._stripNul)
+        txn.header = self._headerChecker()
         self._enter(S.DATA)
         self._log("info", "DATA")
         self._emit(StartTimer(Timer.KEEPALIVE, self._config.timeouts.mtaKeepalive))
@@ -862,7 +874,12 @@ class Session:
             self._refuseMessage(replies.TOO_BIG, Reason.SIZE_LIMIT.value)
         elif txn.scanner.bare:
             self._refuseMessage(replies.BARE_LINE_ENDING, Reason.BARE_LINE_ENDING.value)
+        elif txn.scanner.nul:
+            self._refuseMessage(replies.NUL_CHARACTER, Reason.NUL.value)
+        elif txn.header is not None and txn.header.finding is not None:
+            self._refuseHeader(txn.header.finding)
         else:
+            self._headerNormalised(txn)
             self._ask(
                 _Check(Stage.MESSAGE, self._messageAccepted, self._messageRefused),
                 RunCheck(Stage.MESSAGE, self.info, txn.envelope),
@@ -1543,15 +1560,40 @@ class Session:
         txn = self._txn
         assert txn is not None and isinstance(txn.scanner, wire.DataScanner)
         content, rest = txn.scanner.feed(data)
-        if content:
-            txn.size += len(content)
-            if txn.size <= self._config.limits.messageSize and txn.spoolError is None:
-                self._emit(SpoolWrite(content))
+        self._spoolChunk(txn, content)
         if rest is None:
             return
         self._enter(S.FILTERING)
         self._commands.feed(rest)
+        self._closeSpool(txn)
+
+    def _headerChecker(self) -> headergrammar.HeaderChecker:
+        """
+        The header grammar of a new message. A BINARYMIME scanner leaves NULs alone: the
+        grammar strips or refuses those of the header block, as C{nul_bytes} says.
+        """
+        return headergrammar.HeaderChecker(self._normaliseHeaders, stripNul=self._stripNul)
+
+    def _closeSpool(self, txn: _Transaction) -> None:
+        """The content is complete: what the header grammar still holds, then close."""
+        if txn.header is not None:
+            self._spoolContent(txn, txn.header.end())
         self._emit(SpoolClose())
+
+    def _refuseHeader(self, finding: headergrammar.Finding) -> None:
+        """An ambiguous header block (or a NUL in a BINARYMIME message's): 554 5.6.0."""
+        if finding.problem is headergrammar.Problem.NUL:
+            self._refuseMessage(replies.NUL_CHARACTER, Reason.NUL.value)
+        else:
+            self._refuseMessage(replies.headerSyntax(finding.text), Reason.HEADER_SYNTAX.value)
+
+    def _headerNormalised(self, txn: _Transaction) -> None:
+        if txn.header is not None and txn.header.normalised:
+            self._log(
+                "info",
+                "header block normalised: {what}",
+                what="; ".join(f.text.removeprefix("Error: ") for f in txn.header.normalised),
+            )
 
     def _messageAccepted(self, verdict: Verdict) -> None:
         txn = self._txn
@@ -1699,7 +1741,8 @@ class Session:
     def _chunksOpened(self, txn: _Transaction, chunk: _Chunk) -> None:
         txn.spoolOpen = True
         raw = wire.binaryBody(txn.envelope.mailParameters)
-        txn.scanner = wire.ChunkScanner(self._normalise, raw=raw)
+        txn.scanner = wire.ChunkScanner(self._normalise, raw=raw, stripNul=self._stripNul)
+        txn.header = self._headerChecker()
         self._log("info", "BDAT")
         self._emit(StartTimer(Timer.KEEPALIVE, self._config.timeouts.mtaKeepalive))
         self._readChunk(chunk)
@@ -1758,6 +1801,12 @@ class Session:
             self._lastChunk(txn)
 
     def _spoolChunk(self, txn: _Transaction, content: bytes) -> None:
+        """Content from the scanner: through the header grammar, to the spool."""
+        if txn.header is not None:
+            content = txn.header.feed(content)
+        self._spoolContent(txn, content)
+
+    def _spoolContent(self, txn: _Transaction, content: bytes) -> None:
         if content:
             txn.size += len(content)
             if txn.size <= self._config.limits.messageSize and txn.spoolError is None:
@@ -1778,7 +1827,7 @@ class Session:
         if not txn.bdat and not txn.scanner.endsLine:
             self._spoolChunk(txn, wire.CRLF)
         self._enter(S.FILTERING)
-        self._emit(SpoolClose())
+        self._closeSpool(txn)
 
     def _chunking(self) -> bool:
         """Whether a BDAT transaction is receiving: in a chunk, or between two."""

@@ -577,6 +577,13 @@ def _lineEndings(text: bytes, normalise: bool, bare: bool) -> tuple[bytes, bool]
     return text, bare
 
 
+def _nul(text: bytes, strip: bool, found: bool) -> tuple[bytes, bool]:
+    """Content without its NULs (C{strip}), or as it is and whether one was found."""
+    if strip:
+        return text.replace(b"\x00", b""), found
+    return text, found or b"\x00" in text
+
+
 class DataScanner:
     """
     Reads the body of DATA: finds the end (only CRLF.CRLF), removes the client's
@@ -587,10 +594,15 @@ class DataScanner:
 
     @param normalise: turn every bare CR or LF into CRLF; otherwise only note them in
         L{bare} so that the message can be refused.
+    @param stripNul: remove every NUL (after unstuffing: a line that a NUL kept from
+        being stuffed stays a line of its own, and the release stuffs it); otherwise
+        note them in L{nul}.
     """
 
-    def __init__(self, normalise: bool) -> None:
+    def __init__(self, normalise: bool, stripNul: bool = False) -> None:
         self._normalise = normalise
+        self._stripNul = stripNul
+        self.nul = False
         # The CRLF that ended the DATA command starts the first line: a message of only
         # ".\r\n" is empty. It is dropped from the content.
         self._tail = CRLF
@@ -635,7 +647,9 @@ class DataScanner:
         startsLine, self._lineStart = self._lineStart, text.endswith(CRLF)
         if startsLine and text.startswith(b"."):
             text = text[1:]
-        return text.replace(b"\r\n.", CRLF)
+        text = text.replace(b"\r\n.", CRLF)
+        text, self.nul = _nul(text, self._stripNul, self.nul)
+        return text
 
 
 class ChunkScanner:
@@ -646,12 +660,17 @@ class ChunkScanner:
     buffer (or chunk) waits for the next, since its LF may start it.
 
     @param normalise: turn every bare CR or LF into CRLF; otherwise note them in L{bare}.
-    @param raw: leave the content as it is (BODY=BINARYMIME: released with BDAT only).
+    @param raw: leave the content as it is (BODY=BINARYMIME: released with BDAT only),
+        NULs included: RFC 3030 allows any octet in a binary body (the header block's
+        NULs are L{mailproxy.headergrammar}'s).
+    @param stripNul: remove every NUL; otherwise note them in L{nul}.
     """
 
-    def __init__(self, normalise: bool, raw: bool = False) -> None:
+    def __init__(self, normalise: bool, raw: bool = False, stripNul: bool = False) -> None:
         self._normalise = normalise
         self._raw = raw
+        self._stripNul = stripNul
+        self.nul = False
         self._carry = b""
         self.bare = False
         self._last = CRLF  # the last two bytes of the content; none yet: a line's end
@@ -674,6 +693,7 @@ class ChunkScanner:
         if not text:
             return text
         text, self.bare = _lineEndings(text, self._normalise, self.bare)
+        text, self.nul = _nul(text, self._stripNul, self.nul)
         return self._seen(text)
 
     def _seen(self, text: bytes) -> bytes:

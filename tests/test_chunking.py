@@ -85,8 +85,8 @@ class ChunkTests(SynchronousTestCase):
         spooled bytes); its own reply is relayed.
         """
         s = inTransaction(CHUNKING)
-        self.assertEqual(visible(s.clientData(b"BDAT 5\r\nhel")), [core.SpoolOpen()])
-        self.assertEqual(visible(s.spoolOpened()), [core.SpoolWrite(b"hel")])
+        self.assertEqual(visible(s.clientData(b"BDAT 5\r\nA:l")), [core.SpoolOpen()])
+        self.assertEqual(visible(s.spoolOpened()), [core.SpoolWrite(b"A:l")])
         self.assertIs(s.state, core.State.CHUNK)
         self.assertEqual(
             visible(s.clientData(b"lo")),
@@ -99,7 +99,7 @@ class ChunkTests(SynchronousTestCase):
         assert isinstance(check, core.RunCheck)
         self.assertEqual(check.stage, Stage.MESSAGE)
         effects = visible(s.verdict(Stage.MESSAGE, Verdict.accept(headers=(("X-A", "b"),))))
-        self.assertEqual(effects, [core.Release((("X-A", "b"),), bdat=len(b"X-A: b\r\nhello\r\n"))])
+        self.assertEqual(effects, [core.Release((("X-A", "b"),), bdat=len(b"X-A: b\r\nA:llo\r\n"))])
         self.assertEqual(visible(s.releaseSent()), [core.Report(core.Counted.RELEASED)])
         effects = visible(s.mtaReply(Reply(250, (b"2.0.0 queued as Q1",))))
         self.assertIn(core.SendClient(b"250 2.0.0 queued as Q1\r\n"), effects)
@@ -113,10 +113,10 @@ class ChunkTests(SynchronousTestCase):
         the filters read.
         """
         s = inTransaction(PLAIN)
-        s.clientData(b"BDAT 5 LAST\r\n")
+        s.clientData(b"BDAT 8 LAST\r\n")
         self.assertEqual(
-            visible(s.spoolOpened() + s.clientData(b"a\r\n.b")),
-            [core.SpoolWrite(b"a\r\n.b"), core.SpoolWrite(b"\r\n"), core.SpoolClose()],
+            visible(s.spoolOpened() + s.clientData(b"a:\r\n\r\n.b")),
+            [core.SpoolWrite(b"a:\r\n\r\n.b"), core.SpoolWrite(b"\r\n"), core.SpoolClose()],
         )
         s.spoolClosed()
         self.assertEqual(
@@ -136,7 +136,7 @@ class ChunkTests(SynchronousTestCase):
     def test_earlyMtaReplyNotRelayed(self) -> None:
         """An MTA that answers the BDAT before all of it is sent: 451 4.3.0, never its 250."""
         s = inTransaction(CHUNKING)
-        s.clientData(b"BDAT 1 LAST\r\nx")
+        s.clientData(b"BDAT 2 LAST\r\nx:")
         s.spoolOpened()
         s.spoolClosed()
         s.verdict(Stage.MESSAGE, Verdict.accept())
@@ -148,12 +148,12 @@ class ChunkTests(SynchronousTestCase):
     def test_releaseWaitsForKeepalive(self) -> None:
         """A keepalive NOOP still unanswered holds the BDAT back until its reply is in."""
         s = inTransaction(CHUNKING)
-        s.clientData(b"BDAT 1 LAST\r\nx")
+        s.clientData(b"BDAT 2 LAST\r\nx:")
         s.spoolOpened()
         self.assertIn(core.SendMta(b"NOOP\r\n"), s.timerFired(core.Timer.KEEPALIVE))
         s.spoolClosed()
         self.assertEqual(visible(s.verdict(Stage.MESSAGE, Verdict.accept())), [])
-        self.assertEqual(visible(s.mtaReply(Reply(250, (b"ok",)))), [core.Release((), bdat=1)])
+        self.assertEqual(visible(s.mtaReply(Reply(250, (b"ok",)))), [core.Release((), bdat=2)])
 
     def test_keepalivesBetweenChunks(self) -> None:
         """Between chunks, as in DATA, the MTA gets keepalive NOOPs, never shown to the client."""
@@ -232,13 +232,13 @@ class ChunkTests(SynchronousTestCase):
     def test_mixingDataAndBdat(self) -> None:
         """DATA, MAIL, RCPT or EHLO between BDAT chunks: 503 5.5.1; the chunks go on."""
         s = inTransaction()
-        s.clientData(b"BDAT 1\r\nx")
+        s.clientData(b"BDAT 2\r\nx:")
         effects = s.spoolOpened()
         effects += s.clientData(
             b"DATA\r\nEHLO c\r\nRCPT TO:<c@y>\r\nMAIL FROM:<z@x>\r\nBDAT 1 LAST\r\ny"
         )
         self.assertEqual(codes(effects), [250, 503, 503, 503, 503])
-        self.assertEqual(sent(effects, core.SpoolWrite), [b"x", b"y", b"\r\n"])
+        self.assertEqual(sent(effects, core.SpoolWrite), [b"x:", b"y", b"\r\n"])
         self.assertIn(core.SpoolClose(), effects)
         self.assertEqual(sent(effects, core.SendMta), [])
 
@@ -302,7 +302,7 @@ class ChunkTests(SynchronousTestCase):
         between two chunks is no bare CR.
         """
         for chunks, code in [
-            ((b"a\nb",), 554), ((b"a\rb",), 554), ((b"a\r",), 554), ((b"a\r", b"\nb"), None),
+            ((b"a\nb",), 554), ((b"a\rb",), 554), ((b"a\r",), 554), ((b"a:\r", b"\nb:"), None),
         ]:  # fmt: skip
             s = inTransaction()
             effects: list[core.Effect] = []
@@ -315,7 +315,7 @@ class ChunkTests(SynchronousTestCase):
             refused = [c for c in codes(effects) if c != 250]
             self.assertEqual(refused, [code] if code else [], chunks)
             if code is None:
-                self.assertEqual(b"".join(sent(effects, core.SpoolWrite)), b"a\r\nb\r\n")
+                self.assertEqual(b"".join(sent(effects, core.SpoolWrite)), b"a:\r\nb:\r\n")
 
     def test_bareLineEndingsNormalised(self) -> None:
         """With bare_line_endings = normalise, every bare CR or LF is spooled as CRLF."""
@@ -328,7 +328,8 @@ class ChunkTests(SynchronousTestCase):
     def test_binaryMime(self) -> None:
         """
         BINARYMIME is offered only when the MTA offers it with CHUNKING; then BODY=
-        BINARYMIME is allowed, DATA refused (503 5.5.1), and the content spooled as it is.
+        BINARYMIME is allowed, DATA refused (503 5.5.1), and the content spooled as it is:
+        NUL, bare CR and LF, 8-bit bytes in its body included.
         """
         s = greeted((*PLAIN, b"BINARYMIME"))
         self.assertEqual(codes(s.clientData(b"MAIL FROM:<a@x> BODY=BINARYMIME\r\n")), [555])
@@ -345,17 +346,17 @@ class ChunkTests(SynchronousTestCase):
         s.verdict(Stage.RCPT, Verdict.accept())
         s.mtaReply(Reply(250, (b"ok",)))
         self.assertEqual(codes(s.clientData(b"DATA\r\n")), [503])
-        s.clientData(b"BDAT 4 LAST\r\n\x00\n\r\xff")
+        s.clientData(b"BDAT 12 LAST\r\nA: b\r\n\r\n\x00\n\r\xff")
         effects = s.spoolOpened() + s.spoolClosed()
-        self.assertEqual(sent(effects, core.SpoolWrite), [b"\x00\n\r\xff"])
+        self.assertEqual(sent(effects, core.SpoolWrite), [b"A: b\r\n\r\n\x00\n\r\xff"])
         self.assertEqual(
-            visible(s.verdict(Stage.MESSAGE, Verdict.accept())), [core.Release((), bdat=4)]
+            visible(s.verdict(Stage.MESSAGE, Verdict.accept())), [core.Release((), bdat=12)]
         )
 
     def test_afterLast(self) -> None:
         """A BDAT after BDAT LAST belongs to no transaction: 503, its bytes discarded."""
         s = inTransaction(CHUNKING)
-        s.clientData(b"BDAT 1 LAST\r\nxBDAT 4\r\nRSETNOOP\r\n")
+        s.clientData(b"BDAT 2 LAST\r\nx:BDAT 4\r\nRSETNOOP\r\n")
         s.spoolOpened()
         s.spoolClosed()
         s.verdict(Stage.MESSAGE, Verdict.accept())
@@ -416,8 +417,8 @@ STREAM = (
     + b"RSET\r\n"
     + bdat(b"DATA\r\n", last=True)
     + b"MAIL FROM:<f@x>\r\nRCPT TO:<g@y>\r\n"
-    + bdat(b"end\r\n", last=True)
-    + b"MAIL FROM:<h@x>\r\nRCPT TO:<i@y>\r\nDATA\r\nbody\r\n.\r\nQUIT\r\n"
+    + bdat(b"e:nd\r\n", last=True)
+    + b"MAIL FROM:<h@x>\r\nRCPT TO:<i@y>\r\nDATA\r\nb:ody\r\n.\r\nQUIT\r\n"
 )
 
 
@@ -461,7 +462,7 @@ class ChunkOrderTests(SynchronousTestCase):
                  250, 250, 250, 250, 250, 354, 250, 221],
             )  # fmt: skip
             first = b"Subject: x\r\n\r\n.\r\nline\r\n..\r\nRSET\r\nBDAT 3\r\nQUIT\r\n"
-            self.assertEqual(spools, [first, b"(removed) abcde", b"end\r\n", b"body\r\n"])
+            self.assertEqual(spools, [first, b"(removed) abcde", b"e:nd\r\n", b"b:ody\r\n"])
             self.assertNotIn(b"BDAT", mta)
             self.assertEqual(mta.count(b"<message None>"), 1 if chunking else 3)
             if chunking:

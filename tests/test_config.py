@@ -24,9 +24,11 @@ from mailproxy.config import (
     Config,
     ConfigError,
     FilterSpec,
+    HeaderSyntax,
     Limits,
     Logging,
     Manhole,
+    NulBytes,
     OnError,
     QuarantineSettings,
     StatsSocket,
@@ -144,7 +146,7 @@ class SampleTests(ConfigTestCase):
             *keys(StatsSocket),
             *keys(Web),
         ]
-        self.assertEqual(len(names), 51)
+        self.assertEqual(len(names), 53)
         for name in names:
             self.assertRegex(text, rf"(?m)^#? *{name} *=", name)
 
@@ -460,6 +462,31 @@ class ValueErrorTests(ConfigTestCase):
         self.assertError(
             path, 'filters."my filter".timeout', "must be a positive number of seconds, not -1"
         )
+
+
+class MessageSyntaxTests(ConfigTestCase):
+    """C{proxy.header_syntax} and C{proxy.nul_bytes} (contract 12)."""
+
+    def test_defaults(self) -> None:
+        """Both refuse by default."""
+        config = self.load(self.configure())
+        self.assertIs(config.headerSyntax, HeaderSyntax.REJECT)
+        self.assertIs(config.nulBytes, NulBytes.REJECT)
+
+    def test_set(self) -> None:
+        """The other choices: normalise the header block, strip NULs."""
+        config = self.load(self.configure(proxy='header_syntax = "normalise"\nnul_bytes = "strip"'))
+        self.assertIs(config.headerSyntax, HeaderSyntax.NORMALISE)
+        self.assertIs(config.nulBytes, NulBytes.STRIP)
+
+    def test_badChoice(self) -> None:
+        """A bad choice names the key and lists the allowed values."""
+        path = self.configure(proxy='header_syntax = "normalize"')
+        self.assertError(
+            path, "proxy.header_syntax", 'must be one of "reject", "normalise", not "normalize"'
+        )
+        path = self.configure(proxy='nul_bytes = "remove"')
+        self.assertError(path, "proxy.nul_bytes", 'must be one of "reject", "strip", not "remove"')
 
 
 class EndpointTests(ConfigTestCase):

@@ -263,7 +263,7 @@ class PeerTests(SynchronousTestCase):
             self, timeouts={"mtaKeepalive": 1.0, "clientIdle": 100.0}, limits={"mtaJunkCommands": 4}
         )
         client = h.greeted()
-        h.send(client, envelope() + b"DATA\r\n")
+        h.send(client, envelope() + b"DATA\r\nSubject: long\r\n\r\n")
         for _ in range(20):
             h.clock.advance(1)
             h.memory.flush()

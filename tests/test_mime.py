@@ -29,7 +29,12 @@ from zope.interface.verify import verifyObject
 from mailproxy.envelope import Envelope, Message, Session
 from mailproxy.filters import IFilter, OptionError, Stage, Verdict
 from mailproxy.filters.mime import MimeFilter, MimeFilterFactory, Part, walk
-from mailproxy.filters.support import LineReader, MimeStructureError, readHeaderBlock
+from mailproxy.filters.support import (
+    AmbiguousHeaderError,
+    LineReader,
+    MimeStructureError,
+    readHeaderBlock,
+)
 from mailproxy.localmta import LocalMTA
 from mailproxy.testing import FakeFilter, RawClient, loopbackConfig, startProxy
 from mailproxy.testing_threads import ThreadedClock
@@ -294,12 +299,13 @@ class WalkTests(SynchronousTestCase):
 
     def test_partWithoutHeaders(self) -> None:
         """
-        A part with no blank line after its headers, or no headers at all, still ends at
-        the next delimiter, which is never mistaken for a header.
+        A part with no blank line after its headers, or no headers at all (an empty
+        line first), still ends at the next delimiter, which is never mistaken for a
+        header.
         """
         message = crlf(
             "Content-Type: multipart/mixed; boundary=b\n\n"
-            "--b\nContent-Type: image/gif\n--b\nbody text, no headers\n"
+            "--b\nContent-Type: image/gif\n--b\n\nbody text, no headers\n"
             "--b\nContent-Type: image/png\n\nx\n--b--\n"
         )
         self.assertEqual(
@@ -402,10 +408,16 @@ class WalkTests(SynchronousTestCase):
         with self.assertRaises(MimeStructureError):
             parts(b"Subject: x\r\n" + b"X" * 200000 + b": y\r\n\r\nbody\r\n")
 
-    def test_longBodyLineNotHeaders(self) -> None:
-        """A long body line right after the headers (no blank line) is body, not headers."""
+    def test_longBodyLineAfterHeadersRefused(self) -> None:
+        """
+        A long line without a colon right after the headers (no blank line) is an
+        ambiguous header block: refused, from the start of the line (it is not read
+        whole).
+        """
         message = b"Content-Type: image/gif\r\n" + b"GIF89a " * 100000 + b"\r\n"
-        self.assertEqual(shape(message), [(0, "image/gif", ())])
+        with self.assertRaises(AmbiguousHeaderError) as caught:
+            parts(message)
+        self.assertEqual(caught.exception.text, "Error: header line without a colon in line 2")
 
     def test_hugeLineStreamed(self) -> None:
         """
@@ -600,9 +612,23 @@ class PropertyTests(SynchronousTestCase):
         st.integers(min_value=1, max_value=64),
     )
     def test_chunkSizeIrrelevant(self, pieces: list[bytes], chunkSize: int) -> None:
-        """Any input, however malformed, walks the same for any read size, and never fails."""
+        """
+        Any input, however malformed, walks the same for any read size: the same parts,
+        or the same ambiguous header block refused after the same parts, never another
+        error.
+        """
         message = b"".join(pieces)
-        self.assertEqual(parts(message, chunkSize), parts(message))
+
+        def outcome(size: int) -> tuple[list[Part], str | None]:
+            found: list[Part] = []
+            try:
+                for part in walk(io.BytesIO(message), chunkSize=size):
+                    found.append(part)
+            except AmbiguousHeaderError as e:
+                return found, e.text
+            return found, None
+
+        self.assertEqual(outcome(chunkSize), outcome(65536))
 
 
 # --- the filter -------------------------------------------------------------------------------

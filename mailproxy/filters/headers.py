@@ -4,7 +4,9 @@ adds the one C{Authentication-Results} header (RFC 8601) that gathers what the o
 filters found (C{envelope.notes["authentication-results"]}).
 
 It reads only the message's own (top-level) header block, bounded, in the reactor's
-thread pool. It runs at the message stage and must be the last filter configured: it
+thread pool, by the header grammar the session checked it with
+(L{mailproxy.headergrammar}); a block that grammar refuses (which only a message that
+did not come through the session can have) is refused here too, 554 5.6.0. It runs at the message stage and must be the last filter configured: it
 reports the results of the filters before it.
 
 RFC 8601 section 5: a receiver trusts an C{Authentication-Results} field that carries its
@@ -32,6 +34,7 @@ from mailproxy.filters import BaseFilter, IFilter, IFilterFactory, OptionError, 
 from mailproxy.filters.options import Options, reKeyed
 from mailproxy.filters.support import (
     DEFAULT_MAX_HEADER_BYTES,
+    AmbiguousHeaderError,
     LineReader,
     MimeStructureError,
     decodeText,
@@ -133,6 +136,9 @@ class HeadersFilter(BaseFilter):
         with message.open() as f:
             try:
                 block = readHeaderBlock(LineReader(f), self.maxHeaderBytes)
+            except AmbiguousHeaderError as e:
+                # Only a message that did not come through the session gets here.
+                return _Findings(Verdict.reject(e.text, 554, "5.6.0"), ())
             except MimeStructureError:
                 text = f"Message header block too large (limit {self.maxHeaderBytes} bytes)"
                 return _Findings(Verdict.reject(text, 554, "5.6.0"), ())

@@ -9,8 +9,13 @@ buffer at a time, for the boundary delimiters of the multiparts around them. It 
 multiparts, no recursion), refuses MIME bombs by depth and part count, and runs in the
 reactor's thread pool, since it is blocking file I/O and CPU work.
 
-Where MIME readers disagree, the walk leans to finding more parts rather than fewer, so
-that no reader shows an attachment the walk missed:
+Every entity's header block is read by the header grammar (L{mailproxy.headergrammar}),
+the one the session checks the message's own with: a part's header block that grammar
+refuses (an invalid field name, whitespace before the colon, a line without a colon, ...)
+is refused, 554 5.6.0, since readers could find different fields in it; the session
+never rewrites a part's header. Where MIME readers disagree otherwise, the walk leans to
+finding more parts rather than fewer, so that no reader shows an attachment the walk
+missed:
   - a delimiter is any line that I{starts} with C{--boundary}, whatever follows it;
   - a closing delimiter does not end the search: later delimiters of the same
     multipart (in its epilogue) still start parts;
@@ -45,11 +50,13 @@ from mailproxy.filters.support import (
     HEADER_END,
     MAX_BOUNDARY,
     PEEK,
+    AmbiguousHeaderError,
     LineReader,
     MimeStructureError,
     Patterns,
     decodeText,
     inThreadPool,
+    readHeaderBlock,
     requireThreads,
     unfold,
 )
@@ -211,7 +218,8 @@ def walk(
 
     Malformed structure is read the way lenient readers do, never refused: a multipart
     whose boundary never appears is all preamble; parts left open at the end of the
-    file end there; a delimiter of an outer multipart closes the inner ones.
+    file end there; a delimiter of an outer multipart closes the inner ones. An
+    ambiguous header block is refused (L{AmbiguousHeaderError}).
 
     @param maxDepth: the deepest nesting allowed (the message is at depth 0).
     @param maxParts: the most entities allowed besides the message itself.
@@ -233,9 +241,17 @@ def walk(
                 parts += 1
                 if parts > maxParts:
                     raise MimeStructureError(f"Too many MIME parts (limit {maxParts})")
-            block = reader.headerBlock(
-                maxHeaderBytes, HEADER_END if delimiters is None else delimiters.headerEnd
-            )
+            end = HEADER_END if delimiters is None else delimiters.headerEnd
+            try:
+                block = readHeaderBlock(reader, maxHeaderBytes, end)
+            except AmbiguousHeaderError as e:
+                if not depth:
+                    raise
+                ambiguity = e.finding
+                raise AmbiguousHeaderError(
+                    ambiguity,
+                    f"Error: {ambiguity.problem.value} in line {ambiguity.line} of a MIME part's header",
+                ) from None
             part, frame, encapsulated = describe(block, depth, inDigest)
             yield part
             if frame is not None:

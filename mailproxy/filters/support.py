@@ -3,8 +3,9 @@ What the built-in filters share, so that no filter module imports another.
 
   - L{Patterns}: case-insensitive glob patterns, for names and addresses;
   - reading a spooled message's header blocks a chunk at a time, bounded
-    (L{LineReader}, L{readHeaderBlock}), and their fields (L{parseHeaders},
-    L{decodeText}), for the mime and headers filters;
+    (L{LineReader}, L{readHeaderBlock}), by the one header grammar
+    (L{mailproxy.headergrammar}: an ambiguous block is L{AmbiguousHeaderError}), and
+    their fields (L{parseHeaders}, L{decodeText}), for the mime and headers filters;
   - running blocking work in the reactor's thread pool (L{inThreadPool}).
 
 A built-in filter imports the filter API (L{mailproxy.filters}), this module,
@@ -20,8 +21,6 @@ import re
 from collections.abc import Callable
 from email.errors import HeaderParseError
 from email.header import decode_header
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 from typing import IO, ParamSpec, TypeVar
 
 import attrs
@@ -29,6 +28,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 
+from mailproxy import headergrammar
 from mailproxy.filters.options import Options
 
 _T = TypeVar("_T")
@@ -61,14 +61,18 @@ CHUNK_SIZE = 64 * 1024
 MAX_BOUNDARY = 998
 #: Bytes of a line looked at to recognise a delimiter or a header line.
 PEEK = MAX_BOUNDARY + 8
-#: The largest header block read by default.
-DEFAULT_MAX_HEADER_BYTES = 128 * 1024
+#: The largest header block read by default (the session's limit too).
+DEFAULT_MAX_HEADER_BYTES = headergrammar.MAX_HEADER_BYTES
 
 #: What ends a header block, tried at each line start: an empty line (consumed), or a
-#: line that is neither a header field's first line nor a continuation (the stdlib feed
-#: parser's rule); a C{%s} for more alternatives (the mime walk adds the delimiter lines
-#: of the open multiparts).
-BLOCK_END = rb"^(?:(?P<empty>\r?\n|\r?\Z)%s|(?![\041-\071\073-\176]*:|[\t ]))"
+#: line that is neither a header field's first line nor a continuation by the header
+#: grammar (L{mailproxy.headergrammar}: the block is then ambiguous, and refused); a
+#: C{%s} for more alternatives (the mime walk adds the delimiter lines of the open
+#: multiparts).
+BLOCK_END = (
+    rb"^(?:(?P<empty>\r?\n|\r?\Z)%s"
+    rb"|(?P<line>(?![\041-\071\073-\176]+:|[\t ]+[^\t \r\n])))"
+)
 #: The end of a message's own header block.
 HEADER_END = re.compile(BLOCK_END % b"", re.MULTILINE)
 # The start of a line too long to see whole, that may still turn out to be a header.
@@ -89,6 +93,14 @@ class MimeStructureError(Exception):
         self.text = text
 
 
+class AmbiguousHeaderError(MimeStructureError):
+    """A header block the header grammar refuses; C{finding} says why and where."""
+
+    def __init__(self, finding: headergrammar.Finding, text: str | None = None) -> None:
+        super().__init__(text or finding.text)
+        self.finding = finding
+
+
 class LineReader:
     """
     Reads a binary file a chunk at a time, by lines, without ever holding more than a
@@ -101,6 +113,9 @@ class LineReader:
         self._buf = bytearray()
         self._pos = 0
         self._eof = False
+        #: How the last L{headerBlock} ended: C{"empty"} (an empty line), C{"end"} (of
+        #: the file), C{"delimiter"}, or C{"line"} (one the grammar does not take).
+        self.stopped = "end"
 
     def _more(self) -> bool:
         """Append a chunk to the buffer, dropping what was consumed; false at the end."""
@@ -190,13 +205,16 @@ class LineReader:
                 raise _tooLarge(limit)
             block = bytes(self._buf[self._pos : stop])
             self._pos = stop
+            self.stopped = "end"
             return block
         at = found.start()
         if at - self._pos > limit:
             raise _tooLarge(limit)
         block = bytes(self._buf[self._pos : at])
+        self.stopped = found.lastgroup or "end"
         if found.group("empty") is not None:
             self._pos = found.end()
+            self.stopped = "empty" if found.end() > at else "end"
         elif (
             found.groupdict().get("delimiter") is None
             and not atEnd
@@ -218,23 +236,38 @@ def _chomp(line: bytes) -> bytes:
     return line[:-1] if line.endswith(b"\r") else line
 
 
-def readHeaderBlock(reader: LineReader, limit: int) -> bytes:
+def readHeaderBlock(
+    reader: LineReader, limit: int, end: re.Pattern[bytes] = HEADER_END
+) -> bytes:
     """
-    Read the header block of a message at C{reader}'s position (see
-    L{LineReader.headerBlock}).
+    Read the header block of a message (or entity) at C{reader}'s position (see
+    L{LineReader.headerBlock}) and check it by the header grammar.
 
+    @raise AmbiguousHeaderError: the grammar refuses the block (then the session would
+        have refused or rewritten it: this is a message that did not come through it,
+        or a MIME part's header).
     @raise MimeStructureError: the block is larger than C{limit}.
     """
-    return reader.headerBlock(limit)
+    block = reader.headerBlock(limit, end)
+    checked = block
+    if reader.stopped == "line":
+        peeked = reader.peekLine(PEEK)
+        assert peeked is not None  # the block stopped at a line
+        ending = b"\n" if block and b"\r\n" not in block else b"\r\n"
+        checked = block + peeked[0] + ending
+    finding = headergrammar.check(checked, len(checked))
+    if finding is not None:
+        raise AmbiguousHeaderError(finding)
+    return block
 
 
 def parseHeaders(block: bytes) -> list[tuple[str, str]]:
     """
-    The fields of a header block: names as written, values unfolded, still encoded
-    (raw 8-bit bytes appear as surrogate escapes).
+    The fields of a header block, read by the header grammar
+    (L{mailproxy.headergrammar.fields}): names as written, values unfolded, still
+    encoded (raw 8-bit bytes appear as surrogate escapes).
     """
-    parsed = BytesHeaderParser(policy=compat32).parsebytes(block + b"\r\n")
-    return [(name, unfold(value)) for name, value in parsed.raw_items()]
+    return headergrammar.fields(block)
 
 
 def decodeText(value: str) -> str:
