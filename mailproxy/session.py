@@ -55,6 +55,15 @@ MTA offered CHUNKING, else DATA dot-stuffed.
 The PROXY protocol is the listener's: it holds the session back until the header is
 read, so L{SessionInfo} has the client's address from the start; nothing here reads the
 transport.
+
+Bounds (L{_bound}, after every event): at most C{limits.commands_per_turn} command lines
+per reactor turn, the rest buffered until L{proceed} (asked for with L{ContinueLater});
+no line handled while the client does not read its replies (L{clientBacklogged}, from the
+driver's producer on its transport) or while MAX_PENDING replies are owed. A session is
+closed with 421 (L{LimitReached}, logged once) at its error limit (counted in reply order,
+as Postfix counts), past its command limit, when a command line is not complete
+C{timeouts.command} after its first byte, at C{timeouts.session} (a whole message is
+answered first), or below C{limits.min_data_rate}.
 """
 
 from __future__ import annotations
@@ -638,6 +647,11 @@ class Session:
         return self._txn.envelope.mailFrom if self._txn is not None else None
 
     @property
+    def commandsHandled(self) -> int:
+        """Command lines the session handled so far (C{limits.commands} counts them)."""
+        return self._commandCount
+
+    @property
     def recipients(self) -> int:
         return len(self._txn.envelope.recipients) if self._txn is not None else 0
 
@@ -701,6 +715,7 @@ class Session:
         return self._take()
 
     def clientData(self, data: bytes) -> list[Effect]:
+        self._newTurn()
         if self.state in (S.CLOSING, S.CLOSED, S.QUITTING):
             return self._take()
         if self.state is S.TLS_HANDSHAKE:
@@ -2168,10 +2183,20 @@ class Session:
     def proceed(self) -> list[Effect]:
         """A later reactor turn, asked for with L{ContinueLater}: the lines left, in turn."""
         self._continuing = False
+        self._newTurn()
         if self.state not in (S.CLOSING, S.CLOSED):
-            self._budget = self._config.limits.commandsPerTurn
             self._advance()
         return self._take()
+
+    def _newTurn(self) -> None:
+        """
+        The client's bytes, or the later turn asked for: a reactor turn's share of lines
+        (C{limits.commands_per_turn}) to handle, in this event and the others of its turn
+        (the MTA's replies, verdicts). Bytes that come while a later turn is asked for
+        wait for it: a flood gets one share a turn, however it arrives.
+        """
+        if not self._continuing:
+            self._budget = self._config.limits.commandsPerTurn
 
     def clientBacklogged(self) -> list[Effect]:
         """
@@ -2261,8 +2286,6 @@ class Session:
             self._stalled = False
             self._continuing = True
             self._emit(ContinueLater())
-        if not self._continuing:
-            self._budget = limits.commandsPerTurn
         if closing:
             return
         if not self._sessionTimed:

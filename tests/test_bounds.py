@@ -10,20 +10,28 @@ client saw, the bytes the MTA received, the spool directory afterwards, the coun
 
 from __future__ import annotations
 
+import os
+import socket
+from collections.abc import Callable
 from typing import Any
 
 import attrs
+from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.task import deferLater
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailproxy import session as core
-from mailproxy.config import Limits
+from mailproxy.config import Config, Limits
 from mailproxy.envelope import Session as SessionInfo
 from mailproxy.filters import Stage, Verdict
-from mailproxy.testing import FakeFilter, RawClient
+from mailproxy.relay import RelayFactory, Settings
+from mailproxy.testing import FakeFilter, RawClient, closeSessions, pipelineOf
 from mailproxy.wire import Reply
+from tests.fakes import ProxyTestCase
 from tests.test_relay import Harness, envelope
 from tests.test_session import CONFIG, visible
 
@@ -427,3 +435,131 @@ class CounterTests(SynchronousTestCase):
         )
         html = render(page(stats.snapshot(), "proxy.test", 10)).decode()
         self.assertIn('id="total-limits-reached" class="n">1<', html)
+
+
+class LoopbackTests(ProxyTestCase):
+    """
+    Back-pressure and fairness over real loopback sockets: the proxy, the stand-in MTA and
+    the clients in this process, on one reactor.
+    """
+
+    def proxy(self, **limits: int) -> tuple[int, RelayFactory]:
+        """Start the proxy with these C{[limits]}; its port and factory (its sessions)."""
+        config = Config(
+            path="test.toml",
+            listen=("tcp:0",),
+            upstream=f"tcp:host=127.0.0.1:port={self.mtaPort}",
+            hostname="proxy.test",
+            spoolDir=self.spool,
+            limits=attrs.evolve(Limits(), **limits),
+        )
+        factory = RelayFactory(
+            Settings(
+                config,
+                pipelineOf([], reactor),  # type: ignore[arg-type]
+                upstream=TCP4ClientEndpoint(reactor, "127.0.0.1", self.mtaPort),
+            ),
+            reactor,  # type: ignore[arg-type]
+        )
+        self.addCleanup(closeSessions, factory)
+        return self.listenTCP(factory), factory
+
+    def noops(self) -> int:
+        """NOOPs the MTA received so far, on every connection."""
+        return sum(bytes(t).count(b"NOOP\r\n") for t in self.mta.transcripts)
+
+    async def settled(self, count: Callable[[], int]) -> int:
+        """C{count()} once it has stopped growing for ten polls 50 ms apart."""
+        last, still = -1, 0
+        for _ in range(400):
+            now = count()
+            still = still + 1 if now == last else 0
+            if still >= 10:
+                return now
+            last = now
+            await deferLater(reactor, 0.05)
+        raise AssertionError(f"still growing: {now}")
+
+    def test_clientThatNeverReads(self) -> None:
+        """
+        A client that pipelines 20,000 NOOPs and never reads the replies: the proxy stops
+        reading it once the replies it has not read fill reply_buffer and the sockets'
+        buffers, so the MTA receives a bounded number of the NOOPs while it does not
+        read; once it reads, everything flows again and every NOOP gets its reply.
+        """
+        total = 20_000
+
+        async def go() -> None:
+            port, factory = self.proxy(commands=10**6, replyBuffer=4096)
+            client = await self.connect(port)
+            assert client.transport is not None
+            client.transport.pauseProducing()  # type: ignore[attr-defined]
+            handle = client.transport.getHandle()  # type: ignore[attr-defined]
+            handle.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            [session] = factory.sessions
+            assert session.transport is not None
+            proxySide = session.transport.getHandle()  # type: ignore[attr-defined]
+            proxySide.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            client.send(b"EHLO client.example\r\n" + b"NOOP\r\n" * total)
+            stalled = await self.settled(self.noops)
+            # What can be owed: the kernel's buffers both ways, the transport's
+            # reply_buffer, the commands in flight (MAX_PENDING) and a turn's share.
+            kernel = handle.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+            kernel += proxySide.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+            bound = (kernel + 64 * 1024 + 4096) // len(b"250 2.0.0 Ok\r\n")
+            bound += core.MAX_PENDING + 2 * Limits().commandsPerTurn
+            self.assertLess(stalled, bound)
+            self.assertLess(stalled, total // 4)
+            self.assertNotIn(session.transport, reactor.getReaders())
+            client.transport.resumeProducing()  # type: ignore[attr-defined]
+            replies = await client.expect(total + 2)
+            self.assertEqual({r.code for r in replies[2:]}, {250})
+            self.assertEqual(self.noops(), total)
+
+        return defer.Deferred.fromCoroutine(go())  # type: ignore[return-value]
+
+    def test_floodDoesNotStarve(self) -> None:
+        """
+        One client floods 20,000 pipelined NOOPs to the fast in-process MTA; another,
+        connecting once the flood's first replies are in, does a whole short session (a
+        message delivered): it is done before the flood is. In no reactor turn does the
+        flooder's session handle more than its share (commands_per_turn, once for the
+        bytes read and once for the later turn it asked for).
+        """
+        total = 20_000
+        share = Limits().commandsPerTurn
+
+        async def go() -> None:
+            port, factory = self.proxy(commands=10**6)
+            flooder = await self.connect(port)
+            [session] = factory.sessions
+            perTurn: list[int] = []
+            last = [session.machine.commandsHandled]
+
+            def tick() -> None:
+                handled = session.machine.commandsHandled
+                perTurn.append(handled - last[0])
+                last[0] = handled
+                if handled < total + 1:
+                    ticking[0] = reactor.callLater(0, tick)  # once per reactor turn
+
+            ticking = [reactor.callLater(0, tick)]
+            self.addCleanup(lambda: ticking[0].active() and ticking[0].cancel())
+            flooder.send(b"EHLO flood.example\r\n" + b"NOOP\r\n" * total)
+            await flooder.expect(1000)
+            other = await self.connect(port)
+            other.send(b"EHLO other.example\r\nMAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n")
+            await other.expect(5)
+            other.send(b"Subject: fair\r\n\r\nhello\r\n.\r\nQUIT\r\n")
+            await other.lost
+            floodDone = len(flooder.replies)
+            self.assertEqual(other.codes, [220, 250, 250, 250, 354, 250, 221])
+            self.assertLess(floodDone, total // 2)
+            await flooder.expect(total + 2)
+            self.assertLessEqual(max(perTurn), 2 * share)
+            self.assertEqual(sum(perTurn), total + 1)
+            self.assertEqual([m.content for m in self.mta.messages], [b"Subject: fair\r\n\r\nhello\r\n"])
+            self.assertEqual(self.noops(), total)
+            self.assertEqual(os.listdir(self.spool), [])
+
+        return defer.Deferred.fromCoroutine(go())  # type: ignore[return-value]
