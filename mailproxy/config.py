@@ -120,6 +120,21 @@ class Limits:
     mtaJunkCommands: int = 8
     #: Failed AUTH attempts one session may make; then 421 4.7.0 and it is closed.
     authFailures: int = 3
+    #: Commands one session may have refused (4xx/5xx: syntax, sequence, filters, the
+    #: MTA) since its last delivered message, as Postfix's smtpd_hard_error_limit; the
+    #: last refusal is followed by 421 4.7.0 and the close.
+    errors: int = 20
+    #: Command lines one session may send; the next one gets 421 4.7.0 and the close.
+    commands: int = 10000
+    #: Bytes of replies written to a client and not yet read by it; past them mailproxy
+    #: stops reading from it (and handling what it sent) until it reads (back-pressure).
+    replyBuffer: int = 262144
+    #: Command lines one session handles per reactor turn; the rest wait for a later
+    #: turn, so that one flooding client cannot starve the others.
+    commandsPerTurn: int = 100
+    #: Bytes per second a client must average while it sends a message (DATA or BDAT),
+    #: checked after the first 30 seconds; below it 421 4.4.2. 0: no minimum.
+    minDataRate: int = 0
 
 
 @attrs.frozen
@@ -140,6 +155,12 @@ class Timeouts:
     #: The client's name (reverse lookup, forward confirmation) for XCLIENT: then
     #: C{[TEMPUNAVAIL]}.
     clientName: float = 10.0
+    #: A command line must be complete this long after its first byte came (a client
+    #: that sends a byte now and then does not keep a session), else 421 4.4.2.
+    command: float = 300.0
+    #: A whole session, from connect to close; then 421 4.4.2 (a message being received
+    #: is cut short, never acknowledged).
+    session: float = 3600.0
 
 
 @attrs.frozen
@@ -312,7 +333,9 @@ def _oneLine(text: str) -> str:
 
 
 def _integer(minimum: int) -> _Check:
-    wanted = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+    wanted = {0: "a non-negative integer", 1: "a positive integer"}.get(
+        minimum, f"an integer >= {minimum}"
+    )
 
     def check(value: object) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -505,6 +528,11 @@ _LIMITS_KEYS: dict[str, _Check] = {
     "connections_per_client": _integer(1),
     "mta_junk_commands": _integer(2),
     "auth_failures": _integer(1),
+    "errors": _integer(1),
+    "commands": _integer(1),
+    "reply_buffer": _integer(4096),
+    "commands_per_turn": _integer(1),
+    "min_data_rate": _integer(0),
 }
 _TIMEOUTS_KEYS: dict[str, _Check] = dict.fromkeys(
     (
@@ -516,6 +544,8 @@ _TIMEOUTS_KEYS: dict[str, _Check] = dict.fromkeys(
         "shutdown_grace",
         "proxy_header",
         "client_name",
+        "command",
+        "session",
     ),
     _seconds,
 )

@@ -19,14 +19,17 @@ from typing import Any
 
 import attrs
 from twisted.internet import defer
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
+    IConsumer,
     IDelayedCall,
     IHalfCloseableProtocol,
     IHandshakeListener,
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
     IProtocol,
+    IPushProducer,
     IReactorTime,
     ISSLTransport,
     IStreamClientEndpoint,
@@ -53,6 +56,9 @@ from mailproxy.stats import Stats
 
 #: Seconds a session closed by the shutdown may take to flush its 421 before it is aborted.
 LINGER = 5.0
+#: Seconds a client may take to read its last replies once its session is closed (a
+#: client that reads nothing would keep them, and its connection, for ever); then aborted.
+CLOSE_LINGER = 30.0
 
 
 @attrs.frozen
@@ -241,6 +247,40 @@ def _sessionId() -> str:
     return os.urandom(5).hex().upper()
 
 
+@implementer(IPushProducer)
+class _ReplyBacklog:
+    """
+    Registered on the client's transport (Twisted's producer/consumer), which tells it
+    when the replies it holds unwritten exceed its buffer size, and when they are all
+    written: the session is told, and stops or resumes reading from the client.
+    """
+
+    def __init__(self, owner: InboundProtocol) -> None:
+        self._owner = owner
+
+    def pauseProducing(self) -> None:
+        self._owner.repliesBacklogged()
+
+    def resumeProducing(self) -> None:
+        self._owner.repliesDrained()
+
+    def stopProducing(self) -> None:
+        """The connection is lost: L{InboundProtocol.connectionLost} cleans up."""
+
+
+def _limitWriteBuffer(transport: object, size: int) -> None:
+    """
+    Make the socket transport under C{transport} (under TLS or the PROXY protocol's
+    wrapper, if any) pause its producer past C{size} unwritten bytes instead of its
+    default 64 KiB (C{FileDescriptor.bufferSize}); other transports keep theirs.
+    """
+    for _ in range(4):
+        if isinstance(transport, FileDescriptor):
+            transport.bufferSize = size
+            return
+        transport = getattr(transport, "transport", None)
+
+
 @implementer(IHalfCloseableProtocol, IHandshakeListener)
 class InboundProtocol(Protocol):
     """
@@ -274,6 +314,11 @@ class InboundProtocol(Protocol):
         self._spool: Spool | None = None
         self._spoolError = False
         self._clientGone = False
+        #: The reactor turn asked for by L{core.ContinueLater}; the abort of a closed
+        #: client that does not read its last replies (L{CLOSE_LINGER}).
+        self._continuation: IDelayedCall | None = None
+        self._lingering: IDelayedCall | None = None
+        self._backlog = _ReplyBacklog(self)
         #: Fires once both the client's and the MTA's connections are closed.
         self.closed: Deferred[None] = Deferred()
 
@@ -287,6 +332,8 @@ class InboundProtocol(Protocol):
         self.session.clientAddress = self._client
         self.session.clientPort = int(getattr(peer, "port", 0))
         implicitTls = ISSLTransport.providedBy(self.transport)  # a listen_tls listener
+        _limitWriteBuffer(self.transport, self.settings.config.limits.replyBuffer)
+        typing.cast(IConsumer, self.transport).registerProducer(self._backlog, True)
         self._feed(self.machine.start(self.factory.admit(self, self._client), implicitTls))
 
     def handshakeCompleted(self) -> None:
@@ -305,9 +352,23 @@ class InboundProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._clientGone = True
+        for call in (self._continuation, self._lingering):
+            if call is not None and call.active():
+                call.cancel()
+        self._continuation = self._lingering = None
         self.factory.release(self, self._client)
         self._feed(self.machine.clientLost())
         self._checkClosed()
+
+    def repliesBacklogged(self) -> None:
+        """The client's transport holds more unwritten replies than C{limits.reply_buffer}."""
+        if not self._clientGone:
+            self._feed(self.machine.clientBacklogged())
+
+    def repliesDrained(self) -> None:
+        """The client's transport wrote every reply it held."""
+        if not self._clientGone:
+            self._feed(self.machine.clientDrained())
 
     # -- events from the service ---------------------------------------------------------
 
@@ -384,9 +445,43 @@ class InboundProtocol(Protocol):
         if self.transport is not None and not self._clientGone:
             self.transport.write(effect.data)
 
+    def disconnect(self) -> None:
+        """
+        Close the client's connection once what was written to it is flushed; abort it if
+        the client has not read that in L{CLOSE_LINGER} seconds.
+        """
+        if self.transport is None or self._clientGone or self._lingering is not None:
+            return
+        # A producer still registered would keep the connection open (TLS never shuts
+        # down under one): the replies left are flushed without it.
+        typing.cast(IConsumer, self.transport).unregisterProducer()
+        self.transport.loseConnection()
+        self._lingering = self._clock.callLater(CLOSE_LINGER, self._abortClient)
+
     def _closeClient(self, effect: core.CloseClient) -> None:
+        self.disconnect()
+
+    def _abortClient(self) -> None:
+        self._lingering = None
         if self.transport is not None and not self._clientGone:
-            self.transport.loseConnection()
+            self._log.info(
+                "{session} aborted: the client did not read its last replies in {seconds} s",
+                session=self.session.id,
+                seconds=CLOSE_LINGER,
+            )
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _continueLater(self, effect: core.ContinueLater) -> None:
+        if self._continuation is None and not self._clientGone:
+            self._continuation = self._clock.callLater(0, self._proceed)
+
+    def _proceed(self) -> None:
+        self._continuation = None
+        if not self._clientGone:
+            self._feed(self.machine.proceed())
+
+    def _limitReached(self, effect: core.LimitReached) -> None:
+        self._stats.limitReached(self.session, effect.what, effect.reply)
 
     def _pauseClient(self, effect: core.PauseClient) -> None:
         if self.transport is not None and not self._clientGone:
@@ -419,7 +514,7 @@ class InboundProtocol(Protocol):
         if self.transport is None or self._clientGone:
             return
         if creator is None:  # the session offers STARTTLS only with a certificate
-            self.transport.loseConnection()
+            self.disconnect()
             return
         self.transport.startTLS(creator)  # type: ignore[attr-defined]
 
@@ -498,8 +593,8 @@ class InboundProtocol(Protocol):
                 self._feed(self.machine.verdict(stage, verdict))
 
         def failed(failure: Failure) -> None:
-            if failure.check(defer.CancelledError) and self._clientGone:
-                return
+            if failure.check(defer.CancelledError) and (self._clientGone or self._checking is not d):
+                return  # cancelled: the client left, or the session closed (CancelCheck)
             self._log.failure("{session} internal error", failure, session=self.session.id)
             if self._checking is d:
                 self._checking = None
@@ -685,4 +780,6 @@ _HANDLERS: dict[type[Any], Callable[[InboundProtocol, Any], None]] = {
     core.Refused: InboundProtocol._refused,
     core.Delivered: InboundProtocol._delivered,
     core.MtaError: InboundProtocol._mtaError,
+    core.ContinueLater: InboundProtocol._continueLater,
+    core.LimitReached: InboundProtocol._limitReached,
 }

@@ -112,6 +112,13 @@ IDLE: Final = closing("4.4.2", "Error: timeout exceeded")
 SHUTTING_DOWN: Final = closing("4.3.2", "Service shutting down")
 TOO_MANY_CONNECTIONS: Final = closing("4.7.0", "Error: too many connections")
 TOO_MANY_FROM_YOU: Final = closing("4.7.0", "Error: too many connections from you")
+# The session's own limits (C{[limits]} errors, commands, min_data_rate; C{[timeouts]}
+# command, session).
+TOO_MANY_ERRORS: Final = closing("4.7.0", "Error: too many errors")
+TOO_MANY_COMMANDS: Final = closing("4.7.0", "Error: too many commands")
+COMMAND_TIMEOUT: Final = closing("4.4.2", "Error: command not completed in time")
+SESSION_TIMEOUT: Final = closing("4.4.2", "Error: session time limit exceeded")
+DATA_TOO_SLOW: Final = closing("4.4.2", "Error: message data too slow")
 
 
 class Reason(enum.Enum):
@@ -138,3 +145,9 @@ class Reason(enum.Enum):
     SYNTAX = "syntax"
     #: A refusal of the filters whose filter is unknown (a stage timed out as a whole).
     FILTERS = "filters"
+    # The session's limits, each of which closes it with 421 (L{mailproxy.stats.LIMITS}).
+    ERROR_LIMIT = "error limit"
+    COMMAND_LIMIT = "command limit"
+    COMMAND_TIMEOUT = "command timeout"
+    SESSION_TIMEOUT = "session timeout"
+    DATA_RATE = "data rate"

@@ -62,6 +62,15 @@ the release sends (its BDAT size counted from what was spooled) the same bytes.
 The PROXY protocol is the listener's: it holds the session back until the header is
 read, so L{SessionInfo} has the client's address from the start; nothing here reads the
 transport.
+
+Bounds (L{_bound}, after every event): at most C{limits.commands_per_turn} command lines
+per reactor turn, the rest buffered until L{proceed} (asked for with L{ContinueLater});
+no line handled while the client does not read its replies (L{clientBacklogged}, from the
+driver's producer on its transport) or while MAX_PENDING replies are owed. A session is
+closed with 421 (L{LimitReached}, logged once) at its error limit (counted in reply order,
+as Postfix counts), past its command limit, when a command line is not complete
+C{timeouts.command} after its first byte, at C{timeouts.session} (a whole message is
+answered first), or below C{limits.min_data_rate}.
 """
 
 from __future__ import annotations
@@ -87,6 +96,10 @@ if TYPE_CHECKING:
 #: Stop reading from a client with this many unprocessed bytes or unanswered commands.
 MAX_BUFFERED = 64 * 1024
 MAX_PENDING = 1000
+#: Seconds of a message's transfer before C{limits.min_data_rate} applies, and how often
+#: its average is checked after that.
+DATA_RATE_GRACE = 30.0
+DATA_RATE_CHECK = 10.0
 
 Headers = tuple[tuple[str, str], ...]
 
@@ -160,6 +173,9 @@ class Timer(enum.Enum):
     IDLE = "idle"
     MTA_REPLY = "mta reply"
     KEEPALIVE = "keepalive"
+    COMMAND = "command"  # the command line begun must be complete (timeouts.command)
+    SESSION = "session"  # the whole session (timeouts.session)
+    DATA_RATE = "data rate"  # the message's average rate (limits.min_data_rate)
 
 
 class Counted(enum.Enum):
@@ -391,11 +407,27 @@ class MtaError:
     kind: str
 
 
+@attrs.frozen
+class ContinueLater:
+    """
+    Answer with L{Session.proceed} in a later reactor turn: command lines are left that
+    this turn may not handle (C{limits.commands_per_turn}), so other sessions go first.
+    """
+
+
+@attrs.frozen
+class LimitReached:
+    """The session met a limit (C{what}: a L{Reason} value) and is closed with C{reply}."""
+
+    what: str
+    reply: Reply
+
+
 Effect = (
     SendClient | CloseClient | PauseClient | ResumeClient | ConnectMta | CancelConnect
     | StartTls | StartMtaTls | TlsEstablished | ResolveClient | SendMta | CloseMta | AbortMta | RunCheck | CancelCheck | SpoolOpen | SpoolWrite
     | SpoolClose | SpoolRemove | Quarantine | Release | StartTimer | CancelTimer | Log
-    | Report | Refused | Delivered | MtaError
+    | Report | Refused | Delivered | MtaError | ContinueLater | LimitReached
 )  # fmt: skip
 
 
@@ -517,6 +549,9 @@ _BETWEEN_CHUNKS = frozenset({"BDAT", "RSET", "QUIT", "NOOP"})
 #: Commands MTAs count against their junk or non-mail limits (Exim's
 #: C{smtp_accept_max_nonmail}, Postfix's C{smtpd_junk_command_limit}).
 _NONMAIL = frozenset({"NOOP", "RSET", "HELP", "VRFY", "EXPN", "ETRN", "EHLO", "HELO"})
+#: A whole message being decided or delivered: a session past its deadline closes once
+#: its answer is relayed, so that no delivery becomes ambiguous.
+_MESSAGE_WHOLE = frozenset({S.FILTERING, S.RELEASING, S.RELEASED})
 
 
 class Session:
@@ -596,12 +631,36 @@ class Session:
         # BDAT: the chunk being read, and whether the MTA's EHLO offered CHUNKING.
         self._chunk: _Chunk | None = None
         self._mtaChunking = False
+        # The session's bounds (L{_bound}): commands and errors counted; the command
+        # lines this turn may still handle, whether some wait for a later turn and
+        # whether it is asked for; the client not reading its replies; the timers.
+        self._commandCount = 0
+        self._errors = 0
+        self._budget = config.limits.commandsPerTurn
+        self._stalled = False
+        self._continuing = False
+        self._backlogged = False
+        self._lineTimed: int | None = None
+        self._sessionTimed = False
+        self._expired = False
+        self._rateTimed: _Transaction | None = None
+        self._rateNext = 0.0
+        self._rateElapsed = 0.0
+        self._limited = False
+        #: A limit met while earlier commands await the MTA's replies: it closes the
+        #: session once they are relayed (L{_advance}).
+        self._limitAfterReplies: Callable[[], None] | None = None
 
     # -- reading the session -------------------------------------------------------------
 
     @property
     def sender(self) -> str | None:
         return self._txn.envelope.mailFrom if self._txn is not None else None
+
+    @property
+    def commandsHandled(self) -> int:
+        """Command lines the session handled so far (C{limits.commands} counts them)."""
+        return self._commandCount
 
     @property
     def recipients(self) -> int:
@@ -667,6 +726,7 @@ class Session:
         return self._take()
 
     def clientData(self, data: bytes) -> list[Effect]:
+        self._newTurn()
         if self.state in (S.CLOSING, S.CLOSED, S.QUITTING):
             return self._take()
         if self.state is S.TLS_HANDSHAKE:
@@ -830,6 +890,8 @@ class Session:
     def spoolOpened(self) -> list[Effect]:
         txn = self._txn
         if self.state is not S.SYNCING or txn is None:
+            if self.state in (S.CLOSING, S.CLOSED):
+                self._emit(SpoolRemove())  # closed while it was being created
             return self._take()
         if self._chunk is not None:
             self._chunksOpened(txn, self._chunk)
@@ -922,6 +984,8 @@ class Session:
                 self._closeWith(replies.MTA_SILENT)
         elif timer is Timer.KEEPALIVE:
             self._keepalive()
+        else:
+            self._boundFired(timer)
         return self._take()
 
     def drain(self) -> list[Effect]:
@@ -985,6 +1049,10 @@ class Session:
 
     def _advance(self) -> None:
         """Handle buffered command lines until one has to wait."""
+        if self._expired and self.state not in _MESSAGE_WHOLE:
+            self._sessionExpired()
+        if self._limitAfterReplies is not None and not self._mtaSlots:
+            self._limitAfterReplies()
         while self.state in (S.COMMAND, S.AUTHENTICATING):
             if self.state is S.AUTHENTICATING:
                 if self._auth is None or not self._auth.awaiting:
@@ -999,8 +1067,12 @@ class Session:
                     self._log("info", "closed: shutting down")
                     self._closeWith(replies.SHUTTING_DOWN)
                 break
+            if self._held():
+                break
             line = self._commands.nextLine()
             if line is None:
+                break
+            if self._overCommandLimit():
                 break
             if line is wire.TOO_LONG:
                 self._local(replies.LINE_TOO_LONG)
@@ -1015,7 +1087,7 @@ class Session:
                 )
                 continue
             self._command(command)
-        if self._inputEnded and self.state is S.COMMAND and not self._mtaSlots:
+        if self._inputEnded and self.state is S.COMMAND and not self._mtaSlots and not self._stalled:
             self._log("info", "client ended its input")
             self._closeNow()
 
@@ -2014,6 +2086,7 @@ class Session:
             slot = self._replies.popleft()
             if slot.reply is not None:
                 out.append(slot.reply.toBytes())
+                self._tally(slot)
             if slot.after is not None:
                 if out:
                     self._emit(SendClient(b"".join(out)))
@@ -2138,13 +2211,227 @@ class Session:
         return effects
 
     def _throttle(self) -> None:
-        """Stop reading from a client that sends faster than we can answer."""
+        """
+        Stop reading from a client that sends faster than we can answer, or that does not
+        read what we answer (L{clientBacklogged}); then the session's bounds (L{_bound}).
+        """
         if self.state is S.CLOSED:
             return
-        pause = len(self._commands) > MAX_BUFFERED or len(self._replies) > MAX_PENDING
+        pause = (
+            len(self._commands) > MAX_BUFFERED
+            or len(self._replies) > MAX_PENDING
+            or self._backlogged
+        )
         if pause != self._paused:
             self._paused = pause
             self._emit(PauseClient() if pause else ResumeClient())
+        self._bound()
+
+    # -- bounds: limits, deadlines, back-pressure, fairness ------------------------------
+
+    def proceed(self) -> list[Effect]:
+        """A later reactor turn, asked for with L{ContinueLater}: the lines left, in turn."""
+        self._continuing = False
+        self._newTurn()
+        if self.state not in (S.CLOSING, S.CLOSED):
+            self._advance()
+        return self._take()
+
+    def _newTurn(self) -> None:
+        """
+        The client's bytes, or the later turn asked for: a reactor turn's share of lines
+        (C{limits.commands_per_turn}) to handle, in this event and the others of its turn
+        (the MTA's replies, verdicts). Bytes that come while a later turn is asked for
+        wait for it: a flood gets one share a turn, however it arrives.
+        """
+        if not self._continuing:
+            self._budget = self._config.limits.commandsPerTurn
+
+    def clientBacklogged(self) -> list[Effect]:
+        """
+        The client's connection holds more replies than it has read (C{limits.reply_buffer}):
+        stop reading from it, and stop handling what it sent, until L{clientDrained}.
+        """
+        if not self._backlogged and self.state not in (S.CLOSING, S.CLOSED):
+            self._backlogged = True
+            self._log("debug", "the client does not read its replies: not reading it either")
+        return self._take()
+
+    def clientDrained(self) -> list[Effect]:
+        """The client read every reply written to it: read it again, handle what waits."""
+        if self._backlogged:
+            self._backlogged = False
+            self._advance()
+        return self._take()
+
+    def _held(self) -> bool:
+        """
+        Whether the buffered command lines wait: this turn handled its share of them, the
+        client does not read its replies, or too many are owed already.
+        """
+        if self._limitAfterReplies is not None:
+            return True  # nothing more is read: the session closes
+        if self._budget > 0 and not self._backlogged and len(self._replies) <= MAX_PENDING:
+            return False
+        self._stalled = len(self._commands) > 0
+        return True
+
+    def _overCommandLimit(self) -> bool:
+        """Count a command line (of this turn's share too); past C{limits.commands}, close."""
+        self._budget -= 1
+        self._commandCount += 1
+        limit = self._config.limits.commands
+        if self._commandCount <= limit:
+            return False
+        # The commands before this one are answered first, the MTA's replies included.
+        self._limitAfterReplies = functools.partial(
+            self._limit, replies.TOO_MANY_COMMANDS, Reason.COMMAND_LIMIT,
+            "more than {limit} commands (limits.commands)", limit=limit,
+        )  # fmt: skip
+        if not self._mtaSlots:
+            self._limitAfterReplies()
+        return True
+
+    def _tally(self, slot: _Slot) -> None:
+        """
+        Count the errors the client makes as Postfix does (C{smtpd_hard_error_limit}):
+        every command answered with 4xx or 5xx, ours or the MTA's, but for the recipients
+        over C{limits.recipients} (Postfix's C{smtpd_recipient_overshoot_limit}); a
+        delivered message forgives those before it. The last one allowed is followed by
+        421 4.7.0, and nothing the client sent after it is answered.
+        """
+        reply = slot.reply
+        assert reply is not None
+        if self.state is S.CLOSING or slot.command == b"(banner)" or reply.code == 421:
+            return
+        if reply.code // 100 == 2 and slot.command in (b".", b"BDAT"):
+            self._errors = 0
+            return
+        if reply.code // 100 not in (4, 5) or _tooManyRecipients(reply):
+            return
+        self._errors += 1
+        limit = self._config.limits.errors
+        if self._errors >= limit:
+            self._replies.clear()
+            self._limit(
+                replies.TOO_MANY_ERRORS, Reason.ERROR_LIMIT,
+                "{count} errors (limits.errors)", count=self._errors,
+            )  # fmt: skip
+
+    def _bound(self) -> None:
+        """
+        After each event: this turn's share of command lines, a later turn for those
+        left; the deadline of the command line begun, the session's, the message's rate.
+        """
+        closing = self.state in (S.CLOSING, S.CLOSED)
+        limits, timeouts = self._config.limits, self._config.timeouts
+        if (
+            self._stalled
+            and not self._continuing
+            and not self._backlogged
+            and len(self._replies) <= MAX_PENDING
+            and not closing
+        ):
+            self._stalled = False
+            self._continuing = True
+            self._emit(ContinueLater())
+        if closing:
+            return
+        if not self._sessionTimed:
+            self._sessionTimed = True
+            self._emit(StartTimer(Timer.SESSION, timeouts.session))
+        # A line is timed from the event that brought its first byte; a line end fed
+        # since means that line is complete, and the one now unfinished is another.
+        if self._commands.unfinished:
+            if self._lineTimed != self._commands.lineEnds:
+                self._lineTimed = self._commands.lineEnds
+                self._emit(StartTimer(Timer.COMMAND, timeouts.command))
+        elif self._lineTimed is not None:
+            self._lineTimed = None
+            self._emit(CancelTimer(Timer.COMMAND))
+        if limits.minDataRate:
+            txn = self._txn
+            receiving = self.state is S.DATA or self._chunking()
+            current = txn if receiving else None
+            if current is not self._rateTimed:
+                self._rateTimed = current
+                if current is None:
+                    self._emit(CancelTimer(Timer.DATA_RATE))
+                else:
+                    self._rateElapsed, self._rateNext = 0.0, DATA_RATE_GRACE
+                    self._emit(StartTimer(Timer.DATA_RATE, DATA_RATE_GRACE))
+
+    def _boundFired(self, timer: Timer) -> None:
+        if self.state is S.CLOSING:
+            return
+        timeouts = self._config.timeouts
+        if timer is Timer.SESSION:
+            if self.state in _MESSAGE_WHOLE:
+                self._expired = True  # closed by _advance once the message is answered
+            else:
+                self._sessionExpired()
+        elif timer is Timer.COMMAND:
+            if not self._commands.unfinished:
+                return
+            if self.state in _WAITING or self._replies or (self._paused and not self._backlogged):
+                # The rest of the line may wait for us (we stopped reading), not the client.
+                self._emit(StartTimer(Timer.COMMAND, timeouts.command))
+                return
+            self._limit(
+                replies.COMMAND_TIMEOUT, Reason.COMMAND_TIMEOUT,
+                "a command line not completed in {seconds} s (timeouts.command)",
+                seconds=timeouts.command,
+            )  # fmt: skip
+        elif timer is Timer.DATA_RATE:
+            txn = self._txn
+            if txn is None or txn is not self._rateTimed:
+                return
+            self._rateElapsed += self._rateNext
+            rate = txn.size / self._rateElapsed
+            minimum = self._config.limits.minDataRate
+            if rate >= minimum:
+                self._rateNext = DATA_RATE_CHECK
+                self._emit(StartTimer(Timer.DATA_RATE, DATA_RATE_CHECK))
+                return
+            self._limit(
+                replies.DATA_TOO_SLOW, Reason.DATA_RATE,
+                "{size} bytes of the message in {seconds:.0f} s, {rate:.0f} bytes/s, below "
+                "{minimum} (limits.min_data_rate)",
+                size=txn.size, seconds=self._rateElapsed, rate=rate, minimum=minimum,
+            )  # fmt: skip
+
+    def _sessionExpired(self) -> None:
+        self._expired = False
+        self._limit(
+            replies.SESSION_TIMEOUT, Reason.SESSION_TIMEOUT,
+            "the session lasted {seconds} s (timeouts.session)",
+            seconds=self._config.timeouts.session,
+        )  # fmt: skip
+
+    def _limit(self, answer: Answer, reason: Reason, format: str, **fields: object) -> None:
+        """
+        Close the session with C{answer} after the replies ready before it: it met a limit,
+        logged and counted once. A message not whole yet goes with it, unacknowledged.
+        """
+        if self._limited or self.state in (S.CLOSING, S.CLOSED):
+            return
+        self._limited = True
+        reply = self._render(answer)
+        self._log(
+            "warn", f"closed, {reason.value}: {format}; {{reply}}",
+            reply=f"{reply.code} {reply.text}", **fields,
+        )  # fmt: skip
+        self._emit(LimitReached(reason.value, reply))
+        if self._check is not None:
+            self._check = None
+            self._emit(CancelCheck())
+        self._closeWith(answer)
+
+
+def _tooManyRecipients(reply: Reply) -> bool:
+    """A 452 4.5.3: more recipients than allowed, ours or the MTA's (never an error)."""
+    first = reply.lines[0] if reply.lines else b""
+    return reply.code == 452 and (first.startswith(b"4.5.3") or b"too many recipients" in first)
 
 
 def _relayed(reply: Reply) -> Reply:

@@ -58,6 +58,10 @@ MTA_ERRORS = ("unreachable", "lost", "timeout", "protocol", "tls")
 #: served (L{mailproxy.proxyprotocol.Refusal}): its peer is not in
 #: C{proxy.proxy_protocol_from}, the header is not valid, or it came too late.
 PROXY_REFUSALS = ("untrusted", "invalid", "timeout")
+#: The session's limits that close it with 421 (L{mailproxy.replies.Reason} values):
+#: C{limits.errors}, C{limits.commands}, C{timeouts.command}, C{timeouts.session},
+#: C{limits.min_data_rate}.
+LIMITS = ("error limit", "command limit", "command timeout", "session timeout", "data rate")
 
 
 @attrs.frozen
@@ -95,6 +99,7 @@ class Counts:
     tls: Counter[str] = attrs.Factory(Counter)
     auth: Counter[str] = attrs.Factory(Counter)  # succeeded, failed
     proxyRefused: Counter[str] = attrs.Factory(Counter)  # by PROXY_REFUSALS reason
+    limitsReached: Counter[str] = attrs.Factory(Counter)  # sessions closed, by LIMITS
 
     def toJSON(self) -> dict[str, Any]:
         return {
@@ -120,6 +125,7 @@ class Counts:
             "tls": dict(self.tls),
             "auth": {"succeeded": self.auth["succeeded"], "failed": self.auth["failed"]},
             "proxy_refused": {why: self.proxyRefused[why] for why in PROXY_REFUSALS},
+            "limits_reached": {what: self.limitsReached[what] for what in LIMITS},
         }
 
 
@@ -410,6 +416,24 @@ class Stats:
         counts in no other connection counter.
         """
         self._add("proxyRefused", why)
+
+    def limitReached(self, session: Session, what: str, reply: Reply) -> None:
+        """
+        A session met one of its L{LIMITS} and was closed with C{reply}: counted, and
+        kept among the refusals (stage C{"session"}).
+        """
+        self._add("limitsReached", what)
+        self.refusals.append(
+            Refusal(
+                time=self._now(),
+                session=session.id,
+                client=session.clientAddress,
+                sender=None,
+                stage="session",
+                by=what,
+                reply=f"{reply.code} {reply.text}",
+            )
+        )
 
     def filterChecked(self, checked: Checked) -> None:
         """The pipeline's observer: one filter's answer and how long it took."""

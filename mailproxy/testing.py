@@ -290,13 +290,19 @@ class MemoryProxy:
         self.flush()
 
     def flush(self) -> None:
-        """Move bytes every way until nothing moves."""
-        for _ in range(10000):
+        """
+        Move bytes every way until nothing moves, and run what is due now (the later
+        reactor turns sessions ask for: C{callLater(0, ...)}), without advancing the clock.
+        """
+        for _ in range(100000):
             moved = False
             for pump in self._pumps + self.endpoint.pumps:
                 moved = pump.pump(advanceClock=False) or moved
             if not moved:
-                return
+                now = self.clock.seconds()
+                if not any(c.getTime() <= now for c in self.clock.getDelayedCalls()):
+                    return
+                self.clock.advance(0)
         raise AssertionError("the connections never went quiet")
 
 
@@ -401,6 +407,5 @@ def closeSessions(factory: RelayFactory) -> Deferred[list[None]]:
     that no connection outlives a test."""
     sessions = list(factory.sessions)
     for session in sessions:
-        if session.transport is not None:
-            session.transport.loseConnection()
+        session.disconnect()
     return defer.gatherResults([s.closed for s in sessions])

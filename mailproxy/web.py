@@ -40,7 +40,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from twisted.web.template import Tag, flatten, tags
 
-from mailproxy.stats import MTA_ERRORS, PROXY_REFUSALS, Stats
+from mailproxy.stats import LIMITS, MTA_ERRORS, PROXY_REFUSALS, Stats
 
 # -- Prometheus -----------------------------------------------------------------------------
 
@@ -127,6 +127,14 @@ class StatsCollector:
         for why in PROXY_REFUSALS:
             proxy.add_metric([why], total.proxyRefused[why])
         yield proxy
+        limits = CounterMetricFamily(
+            "mailproxy_limits_reached",
+            "Sessions closed with 421 because they met one of their limits.",
+            labels=["limit"],
+        )
+        for what in LIMITS:
+            limits.add_metric([what], total.limitsReached[what])
+        yield limits
         checks = CounterMetricFamily(
             "mailproxy_filter_checks", "Filter answers by verdict.", labels=["filter", "verdict"]
         )
@@ -279,6 +287,7 @@ def _counters(snapshot: Mapping[str, Any]) -> Tag:
         ("HELO refused", "helo-refused", lambda c: _sum(c["helo_refused"])),
         ("MTA errors", "mta-errors", lambda c: _sum(c["mta_errors"])),
         ("PROXY headers refused", "proxy-refused", lambda c: _sum(c["proxy_refused"])),
+        ("Sessions over a limit", "limits-reached", lambda c: _sum(c["limits_reached"])),
         ("TLS handshakes", "tls", lambda c: _sum(c["tls"])),
         ("AUTH failed", "auth-failed", lambda c: c["auth"]["failed"]),
     ]
@@ -315,6 +324,7 @@ def _reasons(snapshot: Mapping[str, Any]) -> Tag:
         ("Recipients", lambda c: c["recipients"]["refused"]),
         ("MTA errors", lambda c: {k: v for k, v in c["mta_errors"].items() if v}),
         ("PROXY headers", lambda c: {k: v for k, v in c["proxy_refused"].items() if v}),
+        ("Session limits", lambda c: {k: v for k, v in c["limits_reached"].items() if v}),
         ("TLS", lambda c: c["tls"]),
     ]
     body: list[Tag] = []

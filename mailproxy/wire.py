@@ -151,6 +151,8 @@ class CommandBuffer:
         self._buffer = bytearray()
         self._maxLength = maxLength
         self._discarding = False
+        #: Line ends fed so far: while it stays the same, an unfinished line is the same line.
+        self.lineEnds = 0
 
     def __len__(self) -> int:
         return len(self._buffer)
@@ -158,6 +160,14 @@ class CommandBuffer:
     def feed(self, data: bytes) -> None:
         """Buffer bytes; the caller takes lines promptly or stops reading."""
         self._buffer += data
+        self.lineEnds += data.count(b"\n")
+
+    @property
+    def unfinished(self) -> bool:
+        """Whether the bytes end in a line not yet complete (an over-long one included)."""
+        if self._discarding and b"\n" not in self._buffer:
+            return True
+        return bool(self._buffer) and self._buffer[-1] != 0x0A
 
     def nextLine(self) -> bytes | _TooLong | None:
         """The next complete line, L{TOO_LONG}, or C{None} until more bytes come."""

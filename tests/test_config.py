@@ -146,7 +146,7 @@ class SampleTests(ConfigTestCase):
             *keys(StatsSocket),
             *keys(Web),
         ]
-        self.assertEqual(len(names), 53)
+        self.assertEqual(len(names), 60)
         for name in names:
             self.assertRegex(text, rf"(?m)^#? *{name} *=", name)
 
@@ -352,7 +352,8 @@ class KeyErrorTests(ConfigTestCase):
             path,
             "limits.foo",
             "unknown key; known: message_size, recipients, line_length, connections, "
-            "connections_per_client, mta_junk_commands, auth_failures",
+            "connections_per_client, mta_junk_commands, auth_failures, errors, commands, "
+            "reply_buffer, commands_per_turn, min_data_rate",
         )
 
     def test_relayCommands(self) -> None:
@@ -404,6 +405,44 @@ class ValueErrorTests(ConfigTestCase):
                 self.assertError(path, f"limits.{key}", f"must be a positive integer, not {value}")
         path = self.configure("[limits]\nline_length = 511\n")
         self.assertError(path, "limits.line_length", "must be an integer >= 512, not 511")
+
+    def test_sessionBounds(self) -> None:
+        """
+        The session's bounds: C{errors}, C{commands}, C{commands_per_turn} at least 1,
+        C{reply_buffer} at least 4096 bytes, C{min_data_rate} 0 (off) or more; the command
+        and session deadlines are seconds. Their defaults are Postfix's error limit (20),
+        10000 commands, 256 KiB, 100 a turn, no minimum rate, 300 s and 3600 s.
+        """
+        config = self.load(self.configure())
+        limits, timeouts = config.limits, config.timeouts
+        self.assertEqual(
+            (limits.errors, limits.commands, limits.replyBuffer, limits.commandsPerTurn),
+            (20, 10000, 262144, 100),
+        )
+        self.assertEqual(limits.minDataRate, 0)
+        self.assertEqual((timeouts.command, timeouts.session), (300.0, 3600.0))
+        config = self.load(
+            self.configure(
+                "[limits]\nerrors = 5\ncommands = 50\nreply_buffer = 4096\n"
+                "commands_per_turn = 1\nmin_data_rate = 100\n"
+                "[timeouts]\ncommand = 1.5\nsession = 60\n"
+            )
+        )
+        self.assertEqual(
+            attrs.evolve(Limits(), errors=5, commands=50, replyBuffer=4096, commandsPerTurn=1,
+                         minDataRate=100),
+            config.limits,
+        )  # fmt: skip
+        self.assertEqual((config.timeouts.command, config.timeouts.session), (1.5, 60.0))
+        for key in ("errors", "commands", "commands_per_turn"):
+            path = self.configure(f"[limits]\n{key} = 0\n")
+            self.assertError(path, f"limits.{key}", "must be a positive integer, not 0")
+        path = self.configure("[limits]\nreply_buffer = 4095\n")
+        self.assertError(path, "limits.reply_buffer", "must be an integer >= 4096, not 4095")
+        path = self.configure("[limits]\nmin_data_rate = -1\n")
+        self.assertError(path, "limits.min_data_rate", "must be a non-negative integer, not -1")
+        path = self.configure("[timeouts]\nsession = 0\n")
+        self.assertError(path, "timeouts.session", "must be a positive number of seconds, not 0")
 
     def test_seconds(self) -> None:
         """Timeouts must be positive, finite numbers; not booleans or strings."""
