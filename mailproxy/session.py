@@ -868,7 +868,9 @@ class Session:
 
     def verdict(self, stage: Stage, verdict: Verdict) -> list[Effect]:
         check, self._check = self._check, None
-        if check is None or self.state is S.CLOSED:
+        # Closing (the MTA lost, a timeout, the grace run out while the filters ran): the
+        # transaction is gone and the client has its 4xx; the verdict decides nothing.
+        if check is None or self.state in (S.CLOSING, S.CLOSED):
             return self._take()
         assert check.stage is stage, (check.stage, stage)
         if self.state is S.CHECKING:
