@@ -18,9 +18,14 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
+from twisted.internet import tcp, unix
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IReactorUNIX
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailproxy.startup import StartupError, reason
 
 Snapshot = Callable[[], dict[str, Any]]
 
@@ -85,31 +90,108 @@ def removeStale(path: str) -> bool:
     return True
 
 
-class StatsSocketService(Service):
+class _Port(unix.Port):
     """
-    Listens on the stats socket while running; the socket file is removed on stop.
-
-    @param mode: the socket file's permissions, set before it accepts connections.
+    A listening UNIX socket that may outlive its right to remove its file: bound as root
+    in a directory the C{-u} user cannot write in, the file stays at stop (and is removed as
+    stale at the next start), with a warning rather than an error.
     """
 
     _log = Logger()
 
-    def __init__(self, path: str, mode: int, snapshot: Snapshot, reactor: IReactorUNIX) -> None:
+    def __init__(self, path: str, factory: Factory, mode: int, reactor: IReactorUNIX) -> None:
+        super().__init__(os.fsencode(path), factory, mode=mode, reactor=reactor)
+        self.path = path
+
+    def connectionLost(self, reason: Failure) -> None:
+        path = self.path
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            self._log.warn(
+                "stats socket {path} left in place (removed at the next start): {why}",
+                path=path,
+                why=e.strerror,
+            )
+        # unix.Port's own would try to remove the file again.
+        tcp.Port.connectionLost(self, reason)
+
+
+class StatsSocketService(Service):
+    """
+    Listens on the stats socket while running; the socket file is removed on stop.
+
+    The socket is bound in L{privilegedStartService}, which twistd runs as root before it
+    drops privileges: with its C{-u}, the file is then handed over to that user (and
+    group), so that the proxy's user owns it and the mode decides who else may read.
+
+    @param mode: the socket file's permissions, set before it accepts connections.
+    @param what: what the start-up errors name: the configuration file and key.
+    @param owner: twistd's C{-u} user and group, to hand the socket file to when running
+        as root; L{None}: it stays the creating user's.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        path: str,
+        mode: int,
+        snapshot: Snapshot,
+        reactor: IReactorUNIX,
+        what: str = "stats.socket",
+        owner: tuple[int, int] | None = None,
+    ) -> None:
         self.path = path
         self.mode = mode
+        self.what = what
+        self.owner = owner
         self._snapshot = snapshot
         self._reactor = reactor
         self._port: IListeningPort | None = None
 
+    def privilegedStartService(self) -> None:
+        """
+        Listen (a stale socket file is replaced), and hand the file over to the owner.
+
+        @raise StartupError: a live socket or a non-socket is in the way, or the socket
+            cannot be bound or handed over; one line naming the key and the path.
+        """
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
+        if self._port is not None:
+            return
+        try:
+            if removeStale(self.path):
+                self._log.warn("removed stale stats socket {path}", path=self.path)
+        except StaleSocketError as e:
+            raise StartupError(f"{self.what}: {e}") from None
+        except OSError as e:
+            raise StartupError(
+                f"{self.what}: cannot remove the stale socket {self.path!r}: {reason(e)}"
+            ) from None
+        # The mode is set between bind() and listen(): no client can connect while the file
+        # has the umask's permissions.
+        port = _Port(self.path, SnapshotFactory(self._snapshot), self.mode, self._reactor)
+        try:
+            port.startListening()  # type: ignore[no-untyped-call]
+        except CannotListenError as e:
+            raise StartupError(
+                f"{self.what}: cannot listen on {self.path!r}: {reason(e)}"
+            ) from None
+        self._port = port
+        if self.owner is not None and os.getuid() == 0:
+            try:
+                os.chown(self.path, *self.owner)
+            except OSError as e:
+                raise StartupError(
+                    f"{self.what}: cannot hand {self.path!r} over: {reason(e)}"
+                ) from None
+
     def startService(self) -> None:
-        """Listen, or raise (a live socket or a non-socket in the way stops start-up)."""
-        if removeStale(self.path):
-            self._log.warn("removed stale stats socket {path}", path=self.path)
-        # listenUNIX sets the mode between bind() and listen(): no client can connect
-        # while the file has the umask's permissions.
-        self._port = self._reactor.listenUNIX(
-            self.path, SnapshotFactory(self._snapshot), mode=self.mode
-        )
+        """Listen, if L{privilegedStartService} has not (started without twistd)."""
+        self.privilegedStartService()
         self._log.info("stats socket on {path}", path=self.path)
         super().startService()  # type: ignore[no-untyped-call]
 

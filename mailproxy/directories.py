@@ -16,7 +16,7 @@ import stat
 
 from mailproxy.config import Config, ConfigError
 
-__all__ = ["check", "prepare"]
+__all__ = ["check", "owner", "prepare"]
 
 
 def _directories(config: Config) -> dict[str, str]:
@@ -27,7 +27,7 @@ def _directories(config: Config) -> dict[str, str]:
     return found
 
 
-def _owner(uid: int | None, gid: int | None) -> tuple[int, int] | None:
+def owner(uid: int | None, gid: int | None) -> tuple[int, int] | None:
     """Whom to hand the directories to: twistd's C{-u} user when we run as root, else none."""
     if uid is None or uid == 0 or os.getuid() != 0:
         return None
@@ -43,7 +43,7 @@ def check(config: Config, uid: int | None = None, gid: int | None = None) -> Non
     @param gid: twistd's C{-g} group, or L{None} for the user's own group.
     @raise ConfigError: naming the key of a directory the user could not write in.
     """
-    _handOver(config, _owner(uid, gid), act=False)
+    _handOver(config, owner(uid, gid), act=False)
 
 
 def prepare(config: Config, uid: int | None = None, gid: int | None = None) -> None:
@@ -71,7 +71,7 @@ def prepare(config: Config, uid: int | None = None, gid: int | None = None) -> N
             raise ConfigError(
                 config.path, directories[path], f"cannot create {path!r}: {e.strerror}"
             ) from None
-    _handOver(config, _owner(uid, gid), act=True)
+    _handOver(config, owner(uid, gid), act=True)
 
 
 def _handOver(config: Config, owner: tuple[int, int] | None, act: bool) -> None:

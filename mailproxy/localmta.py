@@ -930,7 +930,7 @@ class _LocalSMTP(ESMTP):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m mailproxy.localmta",
+        prog="mailproxy-localmta",
         description="A stand-in MTA: accepts any mail and stores it in a Maildir.",
     )
     parser.add_argument(

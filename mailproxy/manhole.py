@@ -18,27 +18,38 @@ import contextlib
 import functools
 import io
 import os
+import sys
 import traceback
 from collections.abc import Iterable
 from typing import Any, Protocol, cast
 
 from cryptography.hazmat.primitives.asymmetric import rsa
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.conch import manhole, manhole_ssh
 from twisted.conch.checkers import IAuthorizedKeysDB, SSHPublicKeyChecker, readAuthorizedKeyFile
 from twisted.conch.insults import insults
-from twisted.conch.ssh import keys
+from twisted.conch.ssh import keys, userauth
 from twisted.cred import portal
 from twisted.cred.portal import IRealm
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogFilterPredicate,
+    ILogObserver,
+    LogEvent,
+    Logger,
+    LogLevel,
+    PredicateResult,
+    globalLogPublisher,
+)
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailproxy.config import Config, Manhole
+from mailproxy.startup import Listener, StartupError, reason
 from mailproxy.stats import Stats
 
 #: Bits of a generated host key (4096 takes seconds to make; 2048 is fine for loopback).
@@ -100,6 +111,70 @@ def hostKey(path: str) -> keys.Key:
     with open(fd, "wb") as f:
         f.write(key.toString("OPENSSH"))
     return key
+
+
+@implementer(ILogFilterPredicate)
+class _ConchEvents:
+    """
+    Whether one of conch's events is worth the proxy's log: failures (tracebacks) and
+    warnings are; the routine (debug and info: key exchange, authentication, channels) is
+    not, nor is the client's own goodbye (C{Got remote error, code 11 ... disconnected by
+    user}, logged as an error at the end of every C{ssh host command}).
+    """
+
+    def __call__(self, event: LogEvent) -> object:  # a PredicateResult
+        if event.get("log_failure") is not None:
+            return PredicateResult.yes
+        level = event.get("log_level")
+        if level is None or level < LogLevel.warn:
+            return PredicateResult.no
+        goodbye = str(event.get("log_format", "")).startswith("Got remote error")
+        if goodbye and event.get("code") == 11:
+            return PredicateResult.no
+        return PredicateResult.maybe
+
+
+def quietConch(publisher: ILogObserver = globalLogPublisher) -> None:
+    """
+    Send the events of conch's loggers (its modules' and its classes', which the manhole's
+    SSH server uses) through L{_ConchEvents} to C{publisher}. Idempotent: for the loggers
+    already quieted, nothing changes.
+    """
+    quiet = FilteringLogObserver(publisher, [_ConchEvents()])
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name == "twisted.conch" or name.startswith("twisted.conch.")):
+            continue
+        for value in list(vars(module).values()):
+            loggers: list[object] = [value]
+            if isinstance(value, type) and value.__module__ == name:
+                loggers = list(vars(value).values())
+            for logger in loggers:
+                if isinstance(logger, Logger) and not isinstance(
+                    logger.observer, FilteringLogObserver
+                ):
+                    logger.observer = quiet
+
+
+_loginLog = Logger(namespace="mailproxy.manhole")
+
+
+class _UserAuthServer(userauth.SSHUserAuthServer):
+    """Conch's authentication server, which logs each login in one line of ours."""
+
+    def tryAuth(self, kind: bytes, user: bytes, data: bytes) -> Deferred[Any]:
+        d: Deferred[Any] = super().tryAuth(kind, user, data)
+
+        def loggedIn(result: Any) -> Any:
+            peer = self.transport.transport.getPeer()  # type: ignore[union-attr]
+            _loginLog.info(
+                "manhole: login as {user} ({kind}) from {peer}",
+                user=user.decode("utf-8", "replace"),
+                kind=kind.decode("ascii", "replace"),
+                peer=getattr(peer, "host", peer),
+            )
+            return result
+
+        return d.addCallback(loggedIn)
 
 
 @implementer(IAuthorizedKeysDB)
@@ -171,11 +246,23 @@ class ManholeService(MultiService):
     """
     The SSH manhole on C{settings.listen}. The host key is read (or generated) before
     listening, so with twistd's -u it happens while still root.
+
+    Conch's own log events (about twenty a login: key exchange, authentication, channels,
+    the client's disconnection), are kept out of the log unless they are failures: each
+    login is one line of ours, C{manhole: login as ... from ...}.
+
+    @param what: what the start-up errors name: the configuration file.
     """
 
     _log = Logger()
 
-    def __init__(self, settings: Manhole, names: dict[str, object], reactor: IReactorTime) -> None:
+    def __init__(
+        self,
+        settings: Manhole,
+        names: dict[str, object],
+        reactor: IReactorTime,
+        what: str = "",
+    ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         assert settings.listen is not None
         self.settings = settings
@@ -191,19 +278,30 @@ class ManholeService(MultiService):
         checker = SSHPublicKeyChecker(_AuthorizedKeysFile(settings.authorizedKeys))
         self.factory = manhole_ssh.ConchFactory(portal.Portal(cast(IRealm, realm), [checker]))
         self.factory.noisy = False
+        self.factory.services = {**self.factory.services, b"ssh-userauth": _UserAuthServer}
+        quietConch()
         # Instance attributes: ConchFactory's class-level dicts are shared by all.
         self.factory.publicKeys = {}
         self.factory.privateKeys = {}
-        listener = StreamServerEndpointService(
-            serverFromString(reactor, settings.listen), self.factory
+        self._what = f"{what}: " if what else ""
+        listener = Listener(
+            serverFromString(reactor, settings.listen),
+            self.factory,
+            f"{self._what}manhole.listen",
+            settings.listen,
         )
-        listener._raiseSynchronously = True
-        listener.setServiceParent(self)
+        listener.setServiceParent(self)  # type: ignore[no-untyped-call]
 
     def _loadKey(self) -> None:
         if self.factory.privateKeys:
             return
-        key = hostKey(self.settings.hostKey)
+        try:
+            key = hostKey(self.settings.hostKey)
+        except (OSError, ValueError, keys.BadKeyError) as e:
+            raise StartupError(
+                f"{self._what}manhole.host_key: cannot read or make {self.settings.hostKey!r}:"
+                f" {reason(e)}"
+            ) from None
         self.factory.publicKeys = {key.sshType(): key.public()}
         self.factory.privateKeys = {key.sshType(): key}  # type: ignore[dict-item]
 

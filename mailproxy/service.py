@@ -13,7 +13,7 @@ from types import FrameType
 from typing import Any
 
 import attrs
-from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -21,7 +21,7 @@ from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 
-from mailproxy import directories, proxyprotocol, tls
+from mailproxy import directories, proxyprotocol, startup, tls
 from mailproxy.clientname import ClientNames
 from mailproxy.config import Config, ConfigError, load
 from mailproxy.control import StatsSocketService
@@ -34,6 +34,7 @@ from mailproxy.quarantine import Quarantine
 from mailproxy.relay import RelayFactory, Settings
 from mailproxy.session import Policy
 from mailproxy.spool import sweep
+from mailproxy.startup import Listener, StartupError, oneLine
 from mailproxy.stats import Stats, StatsService
 from mailproxy.web import statusSite
 
@@ -51,8 +52,7 @@ RESTART_ONLY = {
 EXPIRY_INTERVAL = 86400.0
 
 
-class StartupError(Exception):
-    """Start-up stopped: a directory cannot be made or handed over. C{str()} is one line."""
+__all__ = ["RESTART_ONLY", "ProxyService", "StartupError"]
 
 
 def _listener(
@@ -61,7 +61,8 @@ def _listener(
     factory: IProtocolFactory,
     config: Callable[[], Config],
     stats: Stats,
-) -> StreamServerEndpointService:
+    key: str = "proxy.listen",
+) -> Listener:
     """
     The listener of one endpoint string, serving C{factory}'s protocols (the relay's, or a
     TLS factory wrapping it). C{"haproxy:..."}: the endpoint after the prefix, each
@@ -71,15 +72,15 @@ def _listener(
     @param config: the configuration in force, read by the PROXY wrapper per connection
         (C{proxy.proxy_protocol_from}, C{timeouts.proxy_header}).
     @param stats: counts the refused PROXY headers.
+    @param key: the configuration key, named with the file when it cannot listen.
     """
     if description.startswith(proxyprotocol.PREFIX):
         endpoint = serverFromString(reactor, description.removeprefix(proxyprotocol.PREFIX))
         factory = ProxyHeaderFactory(factory, reactor, config, stats)
     else:
         endpoint = serverFromString(reactor, description)
-    listener = StreamServerEndpointService(endpoint, factory)
-    listener._raiseSynchronously = True  # a port in use stops start-up, loudly
-    listener.setName(f"listen {description}")
+    listener = Listener(endpoint, factory, f"{config().path}: {key}", description)
+    listener.setName(f"listen {description}")  # type: ignore[no-untyped-call]
     return listener
 
 
@@ -126,10 +127,10 @@ class ProxyService(MultiService):
         self.factory = RelayFactory(self._settings(config), reactor, self.stats)
         self.logs = LogService(config.logging)
         self.logs.setServiceParent(self)  # type: ignore[no-untyped-call] # first: before others log
-        self.listeners: list[StreamServerEndpointService] = []
+        self.listeners: list[Listener] = []
         for description in config.listen:
             listener = _listener(reactor, description, self.factory, self._config, self.stats)
-            listener.setServiceParent(self)
+            listener.setServiceParent(self)  # type: ignore[no-untyped-call]
             self.listeners.append(listener)
         for description in config.listenTls:
             self.listeners.append(self._listenTls(description, self.factory))
@@ -138,13 +139,13 @@ class ProxyService(MultiService):
         expiry.setServiceParent(self)
         self.manhole: ManholeService | None = None
         if config.manhole.listen is not None:
-            self.manhole = ManholeService(config.manhole, namespace(self), reactor)
+            self.manhole = ManholeService(config.manhole, namespace(self), reactor, config.path)
             self.manhole.setServiceParent(self)  # type: ignore[no-untyped-call]
         self._addStatus(config, reactor)
 
     def _listenTls(
         self, description: str, factory: IProtocolFactory
-    ) -> StreamServerEndpointService:
+    ) -> Listener:
         """
         An implicit-TLS listener (RFC 8314, port 465) on C{description}: C{factory}'s
         protocols behind TLS from the first byte, with the certificate of the settings
@@ -153,9 +154,11 @@ class ProxyService(MultiService):
         current = tls.ReloadableServerOptions(lambda: self.factory.settings.serverTls)
         wrapped = tls.implicitTLS(factory, current, self._reactor)
         # A "haproxy:" one reads the PROXY header in clear first, then TLS starts.
-        listener = _listener(self._reactor, description, wrapped, self._config, self.stats)
-        listener.setName(f"listen_tls {description}")
-        listener.setServiceParent(self)
+        listener = _listener(
+            self._reactor, description, wrapped, self._config, self.stats, "proxy.listen_tls"
+        )
+        listener.setName(f"listen_tls {description}")  # type: ignore[no-untyped-call]
+        listener.setServiceParent(self)  # type: ignore[no-untyped-call]
         return listener
 
     def _addStatus(self, config: Config, reactor: Any) -> None:
@@ -163,16 +166,25 @@ class ProxyService(MultiService):
         StatsService(self.stats).setServiceParent(self)  # type: ignore[no-untyped-call]
         if config.stats.socket is not None:
             sock = StatsSocketService(
-                config.stats.socket, config.stats.mode, self.stats.snapshot, reactor
+                config.stats.socket,
+                config.stats.mode,
+                self.stats.snapshot,
+                reactor,
+                what=f"{config.path}: stats.socket",
+                owner=directories.owner(*self._owner),
             )
             sock.setName("stats socket")  # type: ignore[no-untyped-call]
             sock.setServiceParent(self)  # type: ignore[no-untyped-call]
         if config.web.listen is not None:
             site = statusSite(self.stats, config.hostname, config.web.refresh, reactor)
-            web = StreamServerEndpointService(serverFromString(reactor, config.web.listen), site)
-            web._raiseSynchronously = True  # a port in use stops start-up, loudly
-            web.setName(f"web {config.web.listen}")
-            web.setServiceParent(self)
+            web = Listener(
+                serverFromString(reactor, config.web.listen),
+                site,
+                f"{config.path}: web.listen",
+                config.web.listen,
+            )
+            web.setName(f"web {config.web.listen}")  # type: ignore[no-untyped-call]
+            web.setServiceParent(self)  # type: ignore[no-untyped-call]
 
     def _config(self) -> Config:
         """The configuration in force (for the listeners, which read it per connection)."""
@@ -216,34 +228,45 @@ class ProxyService(MultiService):
     def privilegedStartService(self) -> None:
         """
         What twistd runs as root, before it drops privileges: make the spool and
-        quarantine directories (mode 0700) and hand them over to the C{-u} user, then
-        bind the listeners and open the logs.
+        quarantine directories (mode 0700) and hand them over to the C{-u} user, check
+        the limit on open files, then bind every listener (the stats socket too, handed
+        over to the C{-u} user), open the logs and read the manhole's host key.
 
-        @raise SystemExit: with one line naming the file and the key, when a directory
-            cannot be made or handed over; nothing is bound then.
-        @raise StartupError: the same, when twistd runs in the background.
+        @raise SystemExit: with one line naming what failed (the file and the key, the
+            endpoint, the path), when a directory cannot be made or handed over (nothing
+            is bound then), an address cannot be listened on, a file cannot be opened.
+        @raise StartupError: the same, when twistd runs in the background: twistd's
+            launching process waits for the report that only an exception makes it write
+            (its first 100 bytes; a SystemExit leaves it hanging).
         """
-        self._prepareDirectories(*self._owner)
-        super().privilegedStartService()  # type: ignore[no-untyped-call]
+        with oneLine(self._daemonised):
+            self._prepare(*self._owner)
+            try:
+                super().privilegedStartService()  # type: ignore[no-untyped-call]
+            except OSError as e:  # a log file, the manhole's host key, ...
+                raise StartupError(f"{self.config.path}: cannot start: {e}") from None
 
-    def _prepareDirectories(self, uid: int | None, gid: int | None) -> None:
+    def _prepare(self, uid: int | None, gid: int | None) -> None:
         try:
             directories.prepare(self.config, uid, gid)
         except ConfigError as e:
-            if self._daemonised:
-                # twistd's launching process waits for the report that only an exception
-                # makes it write (its first 100 bytes; a SystemExit leaves it hanging);
-                # the log gets the traceback.
-                raise StartupError(str(e)) from None
-            # In the foreground, an exception is a traceback: exit with our one line.
-            raise SystemExit(f"mailproxy: {e}") from None
+            raise StartupError(str(e)) from None
+        startup.checkDescriptors(self.config.limits.connections)
         self._prepared = True
 
     def startService(self) -> None:
-        if not self._prepared:  # started without twistd (twist, tests): no hand-over
-            self._prepareDirectories(None, None)
-        self.logs.privilegedStartService()  # (done already under twistd)
-        for name in sweep(self.config.spoolDir):
+        with oneLine(self._daemonised):
+            if not self._prepared:  # started without twistd (twist, tests): no hand-over
+                self._prepare(None, None)
+            try:
+                self.logs.privilegedStartService()  # (done already under twistd)
+                swept = sweep(self.config.spoolDir)
+            except OSError as e:
+                raise StartupError(f"{self.config.path}: cannot start: {e}") from None
+            self._startService(swept)
+
+    def _startService(self, swept: list[str]) -> None:
+        for name in swept:
             self._log.warn("removed leftover spool file {name}", name=name)
         self._log.info(
             "mailproxy listening on {listen}, relaying to {upstream}",
@@ -258,7 +281,10 @@ class ProxyService(MultiService):
         if not self._hupInstalled:
             self._previousHup = signal.signal(signal.SIGHUP, self._hangUp)
             self._hupInstalled = True
-        super().startService()  # type: ignore[no-untyped-call]
+        try:
+            super().startService()  # type: ignore[no-untyped-call]
+        except OSError as e:
+            raise StartupError(f"{self.config.path}: cannot start: {e}") from None
 
     def _hangUp(self, signum: int, frame: FrameType | None) -> None:
         # A signal handler: do the work in the reactor's thread, between two events.
@@ -297,6 +323,8 @@ class ProxyService(MultiService):
                 "reload: {keys} changed, which takes a restart: the old values stay",
                 keys=", ".join(restart),
             )
+        if config.limits.connections != old.limits.connections:
+            startup.checkDescriptors(config.limits.connections)
         self.config = config
         self.factory.settings = settings
         if self.manhole is not None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from typing import ClassVar
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
@@ -15,6 +14,7 @@ from mailproxy import directories
 from mailproxy.config import DEFAULT_CONFIG, Config, ConfigError, load
 from mailproxy.filters.pipeline import filterFactories
 from mailproxy.service import ProxyService
+from mailproxy.startup import Listener, oneLine
 
 
 class Options(usage.Options):
@@ -59,6 +59,22 @@ class Options(usage.Options):
 
 
 _log = Logger()
+
+
+class _WithLocalMTA(MultiService):
+    """The stand-in MTA and the proxy; a start-up failure of either is one line."""
+
+    def __init__(self, daemonised: bool) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._daemonised = daemonised
+
+    def privilegedStartService(self) -> None:
+        with oneLine(self._daemonised):
+            super().privilegedStartService()  # type: ignore[no-untyped-call]
+
+    def startService(self) -> None:
+        with oneLine(self._daemonised):
+            super().startService()  # type: ignore[no-untyped-call]
 
 
 def _clientAddress(listen: str) -> str:
@@ -108,13 +124,14 @@ def makeService(options: Options) -> IService:
         host=_clientAddress(config.listen[0]).rpartition(":")[0],
         port=_clientAddress(config.listen[0]).rpartition(":")[2],
     )
-    root = MultiService()
+    root = _WithLocalMTA(daemonised)
     mta = LocalMTA(maildir=os.path.abspath(options["maildir"]), clock=reactor, record=False)
-    listener = StreamServerEndpointService(
-        serverFromString(reactor, options["local-mta"]), mta.buildFactory()
-    )
-    listener._raiseSynchronously = True
-    listener.setServiceParent(root)
+    try:
+        endpoint = serverFromString(reactor, options["local-mta"])
+    except ValueError as e:
+        raise SystemExit(f"mailproxy: --local-mta {options['local-mta']!r}: {e}") from None
+    listener = Listener(endpoint, mta.buildFactory(), "--local-mta", options["local-mta"])
+    listener.setServiceParent(root)  # type: ignore[no-untyped-call]
     proxy.setServiceParent(root)  # type: ignore[no-untyped-call]
     return root
 

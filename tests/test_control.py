@@ -24,9 +24,10 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailproxy import testing
 from mailproxy.config import ConfigError, load
-from mailproxy.control import StaleSocketError, StatsSocketService
+from mailproxy.control import StatsSocketService
 from mailproxy.localmta import LocalMTA
 from mailproxy.service import ProxyService
+from mailproxy.startup import StartupError
 from mailproxy.testing import RawClient, listeningPort, loopbackConfig
 
 ACCESS = '[filters.access]\ndeny_senders = ["*@refused.example"]\n'
@@ -215,8 +216,8 @@ class StatsSocketTests(TestCase):
         live.bind(path)
         live.listen(1)
         service = StatsSocketService(path, 0o660, dict, reactor)  # type: ignore[arg-type]
-        error = self.assertRaises(StaleSocketError, service.startService)
-        self.assertIn("another process is listening", str(error))
+        error = self.assertRaises(StartupError, service.startService)
+        self.assertEqual(str(error), f"stats.socket: another process is listening on {path}")
         self.assertTrue(stat.S_ISSOCK(os.stat(path).st_mode))
 
     def test_notASocket(self) -> None:
@@ -225,7 +226,8 @@ class StatsSocketTests(TestCase):
         with open(path, "w") as f:
             f.write("precious")
         service = StatsSocketService(path, 0o660, dict, reactor)  # type: ignore[arg-type]
-        self.assertRaises(StaleSocketError, service.startService)
+        error = self.assertRaises(StartupError, service.startService)
+        self.assertEqual(str(error), f"stats.socket: {path} exists and is not a socket")
         with open(path) as f:
             self.assertEqual(f.read(), "precious")
 

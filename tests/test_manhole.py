@@ -20,6 +20,8 @@ from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
@@ -179,6 +181,23 @@ class ManholeTests(TestCase):
         self.assertEqual(await self.command(b"print(len(sessions()))"), b"1\n")
         client.send(b"QUIT\r\n")
         await client.lost
+
+    async def test_loginIsOneLine(self) -> None:
+        """
+        A login writes one line to the log, ours, naming the user and the client's
+        address; none of conch's own (key exchange, authentication, channel, the client's
+        goodbye) reaches the log.
+        """
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.assertEqual(await self.command(b"6 * 7"), b"42\n")
+        logins = [formatEvent(e) for e in events if e.get("log_namespace") == "mailproxy.manhole"]
+        self.assertEqual(logins, ["manhole: login as operator (publickey) from 127.0.0.1"])
+        conch = [
+            (e["log_namespace"], formatEvent(e))
+            for e in events
+            if str(e.get("log_namespace", "")).startswith("twisted.conch")
+        ]
+        self.assertEqual(conch, [])
 
     async def test_reload(self) -> None:
         """reload() in the manhole reads the file again and answers whether it applied."""
