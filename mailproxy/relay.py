@@ -498,8 +498,8 @@ class InboundProtocol(Protocol):
                 self._feed(self.machine.verdict(stage, verdict))
 
         def failed(failure: Failure) -> None:
-            if failure.check(defer.CancelledError) and self._clientGone:
-                return
+            if failure.check(defer.CancelledError) and (self._clientGone or self._checking is not d):
+                return  # cancelled: the client left, or the session let go of it (early talker)
             self._log.failure("{session} internal error", failure, session=self.session.id)
             if self._checking is d:
                 self._checking = None
