@@ -7,6 +7,8 @@ effects; then client, proxy and MTA in memory (iosim, a Clock); then real loopba
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import attrs
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -590,6 +592,13 @@ class LoopbackTests(ProxyTestCase):
             await deferLater(reactor, 0.01, lambda: None)
         self.fail(f"never logged: {text}")
 
+    async def waitFor(self, condition: Callable[[], bool]) -> None:
+        for _ in range(500):
+            if condition():
+                return
+            await deferLater(reactor, 0.01, lambda: None)
+        self.fail("never came true")
+
     def test_earlyTalker(self) -> defer.Deferred[None]:
         """Over TCP: EHLO sent at once, during a greeting delay: 554 5.5.0 and closed."""
 
@@ -656,7 +665,7 @@ class LoopbackTests(ProxyTestCase):
             self.assertRegex(
                 line, rf"^upstream tcp:host=127.0.0.1:port={self.mtaPort} is answering: 220 "
             )
-            self.assertEqual(self.mta.transcripts, [bytearray(b"QUIT\r\n")])
+            await self.waitFor(lambda: self.mta.transcripts == [bytearray(b"QUIT\r\n")])
 
         return defer.Deferred.fromCoroutine(run())
 
@@ -679,6 +688,25 @@ class LoopbackTests(ProxyTestCase):
             self.assertEqual(event["log_level"], LogLevel.warn)
             client = await self.connect(self.port)
             self.assertEqual(client.codes, [421])
+
+        return defer.Deferred.fromCoroutine(run())
+
+    def test_probeAfterReload(self) -> defer.Deferred[None]:
+        """A reload that changes the upstream probes the new one; one that does not, nothing."""
+
+        async def run() -> None:
+            service = self.start(probe=True)
+            await self.waitLogged("is answering")
+            self.assertTrue(service.reload())
+            dead = self.deadPort()
+            with open(service.config.path) as f:
+                text = f.read()
+            with open(service.config.path, "w") as f:
+                f.write(text.replace(f"port={self.mtaPort}", f"port={dead}"))
+            self.assertTrue(service.reload())
+            await self.waitLogged(f"upstream tcp:host=127.0.0.1:port={dead} is not answering")
+            self.assertEqual(len(self.logged("is answering")), 1)
+            await self.waitFor(lambda: self.mta.transcripts == [bytearray(b"QUIT\r\n")])
 
         return defer.Deferred.fromCoroutine(run())
 
