@@ -74,6 +74,16 @@ class NulBytes(enum.Enum):
     REJECT = "reject"
     STRIP = "strip"
 
+class Greeting(enum.Enum):
+    """C{proxy.greeting}: whose banner the client gets first."""
+
+    #: The MTA's, relayed: every session holds an MTA connection from its first moment.
+    MTA = "mta"
+    #: mailproxy's own C{220 <hostname> ESMTP}; the MTA is connected only once the client's
+    #: EHLO or HELO passed the HELO filters (postscreen's model), so idle and abusive
+    #: clients hold no MTA process.
+    OWN = "own"
+
 
 class AuthPolicy(enum.Enum):
     """C{proxy.auth}: when AUTH is offered to clients and relayed to the MTA."""
@@ -110,7 +120,9 @@ class Limits:
     messageSize: int = 50 * 1024 * 1024
     recipients: int = 100
     lineLength: int = 2048
-    connections: int = 500
+    #: Below Postfix's default_process_limit (100), which limits its smtpd processes: with
+    #: C{greeting = "mta"} every session holds one, and the 101st client would get no banner.
+    connections: int = 90
     connectionsPerClient: int = 20
     #: Commands other than MAIL, RCPT, DATA and QUIT one MTA connection may hear (our RSET
     #: and NOOP keepalives, the client's NOOP, RSET, HELP, VRFY, a second EHLO) before
@@ -161,6 +173,12 @@ class Timeouts:
     #: A whole session, from connect to close; then 421 4.4.2 (a message being received
     #: is cut short, never acknowledged).
     session: float = 3600.0
+    #: The MTA's banner, once connected (an MTA whose processes are all busy accepts the
+    #: connection and says nothing): then 421 4.3.2.
+    mtaBanner: float = 30.0
+    #: The banner waits this long (0: not at all) while the client must stay silent: any
+    #: byte it sends before the banner, whatever the delay, gets 554 5.5.0 (early talker).
+    greetingDelay: float = 0.0
 
 
 @attrs.frozen
@@ -269,6 +287,7 @@ class Config:
     #: A NUL in the content (DATA, BDAT; in a BINARYMIME message only its header block):
     #: refused (554 5.6.0) or removed before spooling.
     nulBytes: NulBytes = NulBytes.REJECT
+    greeting: Greeting = Greeting.MTA
     #: Commands relayed to the MTA besides those mailproxy handles (EHLO, HELO, MAIL, RCPT,
     #: DATA, RSET, QUIT); any other gets 502 from mailproxy.
     relayCommands: tuple[str, ...] = ("NOOP", "HELP", "VRFY")
@@ -352,6 +371,16 @@ def _seconds(value: object) -> float:
         or not (value > 0 and math.isfinite(value))
     ):
         raise _InvalidValueError(f"must be a positive number of seconds, not {_show(value)}")
+    return float(value)
+
+
+def _delay(value: object) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not (value >= 0 and math.isfinite(value))
+    ):
+        raise _InvalidValueError(f"must be a number of seconds >= 0, not {_show(value)}")
     return float(value)
 
 
@@ -465,6 +494,7 @@ def _proxyKeys(reactor: IReactorTime) -> dict[str, _Check]:
         "hostname": _hostname,
         "spool_dir": _spoolDir,
         "bare_line_endings": _choice(BareLineEndings),
+        "greeting": _choice(Greeting),
         "relay_commands": _relayCommands,
         "listen_tls": _listen(reactor, allowEmpty=True),
         "auth": _choice(AuthPolicy),
@@ -549,6 +579,8 @@ _TIMEOUTS_KEYS: dict[str, _Check] = dict.fromkeys(
     ),
     _seconds,
 )
+#: The greeting's (issue 9): the MTA's banner, and the delay before ours (0 allowed).
+_TIMEOUTS_KEYS.update({"mta_banner": _seconds, "greeting_delay": _delay})
 _FILTER_KEYS: dict[str, _Check] = {
     "timeout": _seconds,
     "on_error": _choice(OnError),

@@ -594,7 +594,7 @@ class InboundProtocol(Protocol):
 
         def failed(failure: Failure) -> None:
             if failure.check(defer.CancelledError) and (self._clientGone or self._checking is not d):
-                return  # cancelled: the client left, or the session closed (CancelCheck)
+                return  # cancelled: the client left, or the session let go of it
             self._log.failure("{session} internal error", failure, session=self.session.id)
             if self._checking is d:
                 self._checking = None

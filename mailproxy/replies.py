@@ -43,6 +43,11 @@ def closing(enhanced: str, text: str) -> Answer:
     return Answer(421, enhanced, text, closing=True)
 
 
+def greeting(hostname: str) -> Reply:
+    """Our own banner (C{proxy.greeting = "own"}), as Postfix's C{smtpd_banner} begins."""
+    return Reply(220, (f"{hostname} ESMTP".encode("utf-8", "replace"),))
+
+
 # Commands.
 START_INPUT: Final = Answer(354, "", "End data with <CR><LF>.<CR><LF>")
 LINE_TOO_LONG: Final = Answer(500, "5.5.2", "Error: line too long")
@@ -85,6 +90,10 @@ def headerSyntax(text: str) -> Answer:
 SPOOL_FAILED: Final = Answer(452, "4.3.1", "Error: insufficient system storage")
 # The session.
 OK: Final = Answer(250, "2.0.0", "Ok")
+#: QUIT answered by mailproxy: before the MTA leg exists (C{greeting = "own"}).
+BYE: Final = Answer(221, "2.0.0", "Bye")
+#: The client sent before the banner (postscreen's pregreet test, Haraka's early_talker).
+EARLY_TALKER: Final = Answer(554, "5.5.0", "Error: talking before the greeting")
 NEED_HELO: Final = Answer(503, "5.5.1", "Error: send HELO/EHLO first")
 IN_TRANSACTION: Final = Answer(503, "5.5.1", "Error: MAIL transaction in progress")
 READY_FOR_TLS: Final = Answer(220, "2.0.0", "Ready to start TLS")
@@ -127,6 +136,8 @@ class Reason(enum.Enum):
     CONNECTION_LIMIT = "connection limit"
     CLIENT_LIMIT = "client limit"
     MTA_DOWN = "mta down"
+    #: The client sent before the banner.
+    EARLY_TALKER = "early talker"
     #: The MTA's own refusal, relayed.
     MTA = "mta"
     RECIPIENT_LIMIT = "recipient limit"

@@ -36,6 +36,7 @@ from mailproxy.session import Policy
 from mailproxy.spool import sweep
 from mailproxy.startup import Listener, StartupError, oneLine
 from mailproxy.stats import Stats, StatsService
+from mailproxy.upstream import UpstreamProbe
 from mailproxy.web import statusSite
 
 #: What a reload cannot change (C{Config} attributes, by their keys): a restart applies them.
@@ -88,6 +89,9 @@ class ProxyService(MultiService):
     """mailproxy in one process: listeners in front of one upstream MTA."""
 
     _log = Logger()
+    #: Probe the upstream at start-up and after a reload that changes it (L{_probeUpstream});
+    #: tests that count the MTA's connections turn it off.
+    probeUpstream = True
 
     def __init__(
         self,
@@ -121,6 +125,8 @@ class ProxyService(MultiService):
         #: The SIGHUP handler before ours, while ours is installed.
         self._previousHup: Any = None
         self._hupInstalled = False
+        #: The start-up probe of the upstream (again after a reload that changes it).
+        self._probe: UpstreamProbe | None = None
         #: The counters: the relay and the filters report to them; the stats socket, the web
         #: and the manhole read them.
         self.stats = Stats(reactor)
@@ -285,6 +291,19 @@ class ProxyService(MultiService):
             super().startService()  # type: ignore[no-untyped-call]
         except OSError as e:
             raise StartupError(f"{self.config.path}: cannot start: {e}") from None
+        self._probeUpstream(self.config)
+
+    def _probeUpstream(self, config: Config) -> None:
+        """
+        Connect to the upstream once (within C{mta_connect}), read its banner, QUIT: a
+        warning naming it when it is down or does not greet with 220. Never stops start-up.
+        """
+        if self._probe is not None:
+            self._probe.stop()
+        if not self.probeUpstream:
+            return
+        self._probe = UpstreamProbe(config.upstream, self.factory.settings.upstream, self._reactor)
+        self._probe.start(config.timeouts.mtaConnect)
 
     def _hangUp(self, signum: int, frame: FrameType | None) -> None:
         # A signal handler: do the work in the reactor's thread, between two events.
@@ -327,6 +346,8 @@ class ProxyService(MultiService):
             startup.checkDescriptors(config.limits.connections)
         self.config = config
         self.factory.settings = settings
+        if config.upstream != old.upstream:
+            self._probeUpstream(config)
         if self.manhole is not None:
             self.manhole.namespace["config"] = config
         try:
@@ -341,6 +362,8 @@ class ProxyService(MultiService):
         Stop listening, let the sessions in flight finish (up to C{shutdown_grace}
         seconds, then 421), then stop the rest. Fires once every session is closed.
         """
+        if self._probe is not None:
+            self._probe.stop()
         if self._hupInstalled:
             # None: the handler was not set from Python; the default is the nearest.
             previous = signal.SIG_DFL if self._previousHup is None else self._previousHup

@@ -14,6 +14,10 @@ move)::
 
     CHECKING_CONNECT --accept--> CONNECTING --connected--> GREETING --220--> COMMAND
     (implicit TLS: CHECKING_CONNECT --> TLS_HANDSHAKE --handshake--> CHECKING_CONNECT)
+    (greeting_delay: CHECKING_CONNECT --accept--> PREGREET --delay over--> CONNECTING)
+    (greeting = "own": CHECKING_CONNECT or PREGREET --our 220--> COMMAND; the MTA leg is
+        made at the first EHLO or HELO that passed the HELO filters, in HELLO)
+    CHECKING_CONNECT, PREGREET, CONNECTING, GREETING --client bytes--> CLOSING (554 5.5.0)
     COMMAND --EHLO/MAIL/RCPT--> CHECKING --verdict--> COMMAND (EHLO: HELLO --250--> COMMAND)
     COMMAND --STARTTLS--> TLS_HANDSHAKE --handshake--> COMMAND, as before EHLO
     COMMAND --AUTH--> AUTHENTICATING (334: the client's lines are SASL responses)
@@ -109,6 +113,7 @@ class State(enum.Enum):
 
     CHECKING_CONNECT = "connect"  # connect filters deciding; client bytes buffered
     TLS_HANDSHAKE = "tls handshake"  # STARTTLS answered, or implicit TLS: client bytes dropped
+    PREGREET = "pregreet"  # connect filters passed; greeting_delay not over: no banner yet
     CONNECTING = "connecting"  # the MTA leg being made
     GREETING = "greeting"  # waiting for the MTA's banner
     COMMAND = "command"  # reading and relaying commands
@@ -130,8 +135,9 @@ class State(enum.Enum):
 S = State
 #: Every move a session may make; L{Session._enter} refuses any other.
 TRANSITIONS: dict[State, frozenset[State]] = {
-    S.CHECKING_CONNECT: frozenset({S.CONNECTING, S.TLS_HANDSHAKE}),
+    S.CHECKING_CONNECT: frozenset({S.CONNECTING, S.TLS_HANDSHAKE, S.PREGREET, S.COMMAND}),
     S.TLS_HANDSHAKE: frozenset({S.CHECKING_CONNECT, S.COMMAND}),
+    S.PREGREET: frozenset({S.CONNECTING, S.COMMAND}),
     S.CONNECTING: frozenset({S.GREETING}),
     S.GREETING: frozenset({S.COMMAND}),
     S.COMMAND: frozenset(
@@ -160,11 +166,13 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     S.CLOSING: frozenset(),
     S.CLOSED: frozenset(),
 }
+#: Before the banner: a client that sends anything now is an early talker (554 5.5.0).
+_PREGREETING = frozenset({S.CHECKING_CONNECT, S.PREGREET, S.CONNECTING, S.GREETING})
 #: States in which the client waits for us: it is not idle.
 _WAITING = frozenset(
     {
         S.CHECKING_CONNECT, S.CONNECTING, S.GREETING, S.CHECKING, S.HELLO, S.SYNCING,
-        S.FILTERING, S.RELEASING, S.RELEASED, S.RECONNECTING, S.QUITTING,
+        S.FILTERING, S.RELEASING, S.RELEASED, S.RECONNECTING, S.QUITTING, S.PREGREET,
     }
 )  # fmt: skip
 
@@ -176,12 +184,16 @@ class Timer(enum.Enum):
     COMMAND = "command"  # the command line begun must be complete (timeouts.command)
     SESSION = "session"  # the whole session (timeouts.session)
     DATA_RATE = "data rate"  # the message's average rate (limits.min_data_rate)
+    #: C{timeouts.greeting_delay}: the banner waits for it, watching for early talkers.
+    GREETING_DELAY = "greeting delay"
+    #: C{timeouts.mta_banner}: the MTA leg is connected and its banner awaited.
+    MTA_BANNER = "mta banner"
 
 
 class Counted(enum.Enum):
     """Simple counter events (L{Report})."""
 
-    CONNECTION_ACCEPTED = "connection accepted"  # the MTA greeted with 220
+    CONNECTION_ACCEPTED = "connection accepted"  # the MTA (or, greeting = "own", we) greeted with 220
     MESSAGE_ATTEMPTED = "message attempted"  # MAIL FROM
     RECIPIENT_ACCEPTED = "recipient accepted"
     RELEASED = "released"  # the final dot went to the MTA; its answer is awaited
@@ -402,7 +414,10 @@ class Delivered:
 
 @attrs.frozen
 class MtaError:
-    """C{"unreachable"}, C{"lost"}, C{"timeout"} or C{"protocol"}."""
+    """
+    C{"unreachable"}, C{"lost"}, C{"timeout"}, C{"protocol"}, C{"tls"} or C{"banner"} (no
+    banner within C{timeouts.mta_banner}: all its processes busy).
+    """
 
     kind: str
 
@@ -650,6 +665,13 @@ class Session:
         #: A limit met while earlier commands await the MTA's replies: it closes the
         #: session once they are relayed (L{_advance}).
         self._limitAfterReplies: Callable[[], None] | None = None
+        # The greeting: ours (C{greeting = "own"}) or the MTA's; the delay before it; no MTA
+        # leg yet (ours, before the first EHLO); one being made; its banner awaited.
+        self._ownGreeting = config.greeting.value == "own"
+        self._delaying = False
+        self._legless = False
+        self._mtaConnecting = False
+        self._bannerPending = False
 
     # -- reading the session -------------------------------------------------------------
 
@@ -698,6 +720,10 @@ class Session:
 
     def _checkConnect(self) -> None:
         self._connectChecked = True
+        delay = self._config.timeouts.greetingDelay
+        if delay > 0:  # from the first moment SMTP is spoken (after implicit TLS)
+            self._delaying = True
+            self._emit(StartTimer(Timer.GREETING_DELAY, delay))
         self._ask(
             _Check(Stage.CONNECT, self._connectAccepted, self._connectRefused),
             RunCheck(Stage.CONNECT, self.info),
@@ -732,6 +758,9 @@ class Session:
         if self.state is S.TLS_HANDSHAKE:
             self._discardInjected(len(data))
             return self._take()
+        if self.state in _PREGREETING:
+            self._earlyTalker(data)
+            return self._take()
         self._touch()
         if self.state is S.DATA:
             self._messageData(data)
@@ -761,7 +790,7 @@ class Session:
         midRelease = self.state in (S.RELEASING, S.RELEASED)
         connecting = self.state is S.CONNECTING or (
             self.state is S.RECONNECTING and not self._mtaConnected
-        )
+        ) or self._mtaConnecting
         self.state = S.CLOSED
         for timer in Timer:
             self._emit(CancelTimer(timer))
@@ -782,18 +811,23 @@ class Session:
 
     def mtaConnected(self) -> list[Effect]:
         self._mtaConnected = True
+        self._mtaConnecting = False
         if self.state is S.CONNECTING:
             self._enter(S.GREETING)
         self._armMtaTimer()
+        if self._bannerPending:  # the banner has its own, shorter, timeout
+            self._emit(CancelTimer(Timer.MTA_REPLY))
+            self._emit(StartTimer(Timer.MTA_BANNER, self._config.timeouts.mtaBanner))
         return self._take()
 
     def mtaUnreachable(self, why: str) -> list[Effect]:
+        self._mtaConnecting = False
         if self.state in (S.CLOSING, S.CLOSED):
             return self._take()
         self._log("error", "cannot reach the MTA: {why}", why=why)
         self._emit(MtaError("unreachable"))
         reply = self._render(replies.MTA_UNREACHABLE)
-        self._emit(Refused(Stage.CONNECT, reply, None, Reason.MTA_DOWN.value))
+        self._emit(Refused(self._legStage(), reply, None, Reason.MTA_DOWN.value))
         self._closeWith(replies.MTA_UNREACHABLE)
         return self._take()
 
@@ -970,6 +1004,9 @@ class Session:
     def timerFired(self, timer: Timer) -> list[Effect]:
         if self.state is S.CLOSED:
             return self._take()
+        if timer in (Timer.GREETING_DELAY, Timer.MTA_BANNER):
+            self._greetingTimer(timer)
+            return self._take()
         if timer is Timer.IDLE:
             if self.state in _WAITING or self._replies:
                 self._touch()  # the client is waiting for us, not idle
@@ -993,7 +1030,7 @@ class Session:
     def drain(self) -> list[Effect]:
         """The service is stopping: finish the transaction in flight, then close with 421."""
         self._draining = True
-        if self.state in (S.CHECKING_CONNECT, S.CONNECTING, S.GREETING):
+        if self.state in _PREGREETING:
             return self.shutDown()
         self._advance()
         return self._take()
@@ -1009,8 +1046,74 @@ class Session:
 
     def _connectAccepted(self, verdict: Verdict) -> None:
         self._sessionHeaders[Stage.CONNECT] = verdict.headers
-        self._enter(S.CONNECTING)
-        self._connectMta()
+        self._greet()
+
+    def _greet(self) -> None:
+        """
+        The connect filters passed: once C{greeting_delay} is over, greet the client with
+        our own banner (C{greeting = "own"}), or connect to the MTA to relay its banner.
+        """
+        if self._delaying:
+            self._enter(S.PREGREET)
+        elif self._ownGreeting:
+            self._enter(S.COMMAND)
+            # No MTA leg until the client's EHLO or HELO passed the HELO filters: until
+            # then nothing is relayed (L{_withoutMta}, and the leg not introduced).
+            self._legless, self._introduced = True, False
+            self._emit(Report(Counted.CONNECTION_ACCEPTED))
+            self._show(replies.greeting(self._hostname))
+        else:
+            self._enter(S.CONNECTING)
+            self._connectMta()
+
+    def _greetingTimer(self, timer: Timer) -> None:
+        if timer is Timer.GREETING_DELAY:
+            self._delaying = False
+            if self.state is S.PREGREET:
+                self._greet()
+        elif self._bannerPending and self._mtaConnected and self.state is not S.CLOSING:
+            seconds = self._config.timeouts.mtaBanner
+            self._log(
+                "error",
+                "the MTA did not greet within {seconds} s (timeouts.mta_banner): are all its "
+                "smtpd processes busy (Postfix: default_process_limit, master.cf maxproc)?",
+                seconds=seconds,
+            )
+            self._emit(MtaError("banner"))
+            reply = self._render(replies.MTA_UNREACHABLE)
+            self._emit(Refused(self._legStage(), reply, None, Reason.MTA_DOWN.value))
+            self._mtaConnected = False
+            self._emit(AbortMta())
+            self._closeWith(replies.MTA_UNREACHABLE)
+
+    def _legStage(self) -> Stage:
+        """The stage an MTA leg that failed refuses the client at: its EHLO with our banner."""
+        return Stage.HELO if self.state is S.HELLO else Stage.CONNECT
+
+    def _earlyTalker(self, data: bytes) -> None:
+        """
+        The client spoke before our banner was written (postscreen's pregreet test): it
+        is no SMTP client that waits for the greeting. 554 5.5.0 and close; the MTA leg,
+        if any, and the connect filters are let go.
+        """
+        self._log(
+            "info",
+            "early talker: [{client}] sent {count} bytes before the greeting: {sample}",
+            count=len(data),
+            sample=repr(data[:40])[2:-1],
+        )
+        reply = self._render(replies.EARLY_TALKER)
+        self._emit(Refused(Stage.CONNECT, reply, None, Reason.EARLY_TALKER.value))
+        if self._check is not None:
+            self._check = None
+            self._emit(CancelCheck())
+        if self._mtaConnecting:
+            self._mtaConnecting = False
+            self._emit(CancelConnect())
+        elif self._mtaConnected:
+            self._mtaConnected = False
+            self._emit(CloseMta(quit=False))  # it has not greeted: QUIT would be early too
+        self._closeWith(replies.EARLY_TALKER)
 
     def _connectRefused(self, verdict: Verdict) -> None:
         answer = _answerOf(verdict)
@@ -1026,7 +1129,15 @@ class Session:
     ) -> None:
         """Open an MTA leg; its banner is the first reply it owes (C{onBanner} takes it)."""
         self._emit(ConnectMta())
-        slot = _Slot(expects=expects, onReply=onBanner or self._banner, command=b"(banner)")
+        self._mtaConnecting, self._bannerPending = True, True
+        handler = onBanner or self._banner
+
+        def greeted(reply: Reply) -> Reply | None:
+            self._bannerPending = False
+            self._emit(CancelTimer(Timer.MTA_BANNER))
+            return handler(reply)
+
+        slot = _Slot(expects=expects, onReply=greeted, command=b"(banner)")
         self._replies.append(slot)
         self._mtaSlots.append(slot)
         self._inFlight = 1
@@ -1046,6 +1157,49 @@ class Session:
 
     def _introducing(self) -> bool:
         return self._policy.introduce or self._policy.mtaTls != "none"
+
+    def _openLeg(self) -> None:
+        """
+        C{greeting = "own"}: the client's first EHLO or HELO passed the HELO filters; only
+        now is the MTA leg made. Its banner is hidden (the client had ours), unless it is
+        a refusal: then it is the answer to the EHLO, and the session ends.
+        """
+        self._legless = False
+        self._connectMta(self._hiddenBanner)
+
+    def _hiddenBanner(self, reply: Reply) -> Reply | None:
+        if reply.code == 220:
+            return None
+        self._log(
+            "warn",
+            "the MTA greeted with {reply}: the client's {verb} gets it, and is closed",
+            reply=f"{reply.code} {reply.text}",
+            verb=self._helo.verb if self._helo is not None else "EHLO",
+        )
+        self._emit(Refused(Stage.HELO, reply, None, Reason.MTA.value))
+        self._mtaConnected = False
+        self._emit(CloseMta(quit=True))
+        self._dropUnready()  # the EHLO, never sent: this reply answers it
+        self._closeAfterFlush()
+        return reply
+
+    def _withoutMta(self, command: wire.Command) -> bool:
+        """
+        Before the MTA leg exists (C{greeting = "own"}, before EHLO) answer what would go
+        to the MTA: QUIT and RSET here; NOOP, HELP, VRFY and the like as on a leg not yet
+        introduced (L{_command}); MAIL needs EHLO anyway. Whether it was answered.
+        """
+        if command.verb not in ("QUIT", "RSET"):
+            return False
+        if command.argument:
+            self._local(replies.NO_ARGUMENTS)
+        elif command.verb == "RSET":
+            self._endTransaction()
+            self._local(replies.OK)
+        else:
+            self._local(replies.BYE)
+            self._closeAfterFlush()
+        return True
 
     # -- commands ------------------------------------------------------------------------
 
@@ -1107,6 +1261,8 @@ class Session:
     def _command(self, command: wire.Command) -> None:
         verb = command.verb
         if self._outOfSequence(verb):
+            return
+        if self._legless and self._withoutMta(command):
             return
         handler = {
             "EHLO": self._ehlo,
@@ -1183,6 +1339,8 @@ class Session:
         Relay the client's EHLO or HELO; on an MTA leg not yet introduced (L{_introduce}),
         it goes as an EHLO that learns what the MTA offers first.
         """
+        if self._legless:
+            self._openLeg()
         if self._introduced:
             self._relay(command.toLine(), onAnswer, barrier=True)
             return

@@ -53,7 +53,7 @@ RECIPIENT_LIMIT = "recipient limit"
 FILTERS = "filters"
 
 #: Kinds of MTA errors, counted once per session (the first one).
-MTA_ERRORS = ("unreachable", "lost", "timeout", "protocol", "tls")
+MTA_ERRORS = ("unreachable", "lost", "timeout", "protocol", "tls", "banner")
 #: Why a connection on a C{haproxy:} listener was closed before its PROXY header was
 #: served (L{mailproxy.proxyprotocol.Refusal}): its peer is not in
 #: C{proxy.proxy_protocol_from}, the header is not valid, or it came too late.
@@ -402,7 +402,8 @@ class Stats:
     def mtaError(self, session: Session, kind: str) -> None:
         """
         The MTA failed this session: C{"unreachable"}, C{"lost"}, C{"timeout"},
-        C{"protocol"} or C{"tls"} (no TLS where upstream_tls requires it). Only the first error of a session counts (a protocol error is
+        C{"protocol"}, C{"tls"} (no TLS where upstream_tls requires it) or C{"banner"} (no
+        banner within C{timeouts.mta_banner}). Only the first error of a session counts (a protocol error is
         followed by the loss of the connection it caused).
         """
         if session.id not in self._mtaFailed:

@@ -369,10 +369,14 @@ def loopbackConfig(
     )
 
 
-def startProxy(case: SynchronousTestCase, configText: str) -> tuple[ProxyService, int]:
+def startProxy(
+    case: SynchronousTestCase, configText: str, probe: bool = False
+) -> tuple[ProxyService, int]:
     """
     Start the proxy as twistd builds it, from a configuration file holding C{configText},
     until C{case} ends: then its sessions are closed (L{closeSessions}) and it is stopped.
+    With C{probe}, it probes the upstream at start-up as twistd's does (off by default: it
+    would be one more connection in what the test's MTA records).
 
     @return: the service, and the port of its first listener (which should listen on a
         C{tcp:0} endpoint, as L{loopbackConfig}'s does).
@@ -389,6 +393,7 @@ def startProxy(case: SynchronousTestCase, configText: str) -> tuple[ProxyService
     options.parseOptions(["--config", path])  # type: ignore[no-untyped-call]
     service = tap.makeService(options)
     assert isinstance(service, ProxyService)
+    service.probeUpstream = probe
     service.startService()
     case.addCleanup(service.stopService)
     case.addCleanup(closeSessions, service.factory)

@@ -24,6 +24,7 @@ from mailproxy.config import (
     Config,
     ConfigError,
     FilterSpec,
+    Greeting,
     HeaderSyntax,
     Limits,
     Logging,
@@ -146,7 +147,7 @@ class SampleTests(ConfigTestCase):
             *keys(StatsSocket),
             *keys(Web),
         ]
-        self.assertEqual(len(names), 60)
+        self.assertEqual(len(names), 63)
         for name in names:
             self.assertRegex(text, rf"(?m)^#? *{name} *=", name)
 
@@ -1094,3 +1095,51 @@ class ProxyHeaderAndClientNameTests(ConfigTestCase):
         for key in ("proxy_header", "client_name"):
             path = self.configure(f"[timeouts]\n{key} = 0\n")
             self.assertError(path, f"timeouts.{key}", "must be a positive number of seconds, not 0")
+
+
+class GreetingKeyTests(ConfigTestCase):
+    """proxy.greeting, timeouts.mta_banner and greeting_delay, and the connections default."""
+
+    def test_defaults(self) -> None:
+        """
+        The MTA's banner, timed by mta_banner (30 s); no delay; 90 connections, below
+        Postfix's default_process_limit of 100.
+        """
+        config = self.load(self.configure())
+        self.assertIs(config.greeting, Greeting.MTA)
+        self.assertEqual((config.timeouts.mtaBanner, config.timeouts.greetingDelay), (30.0, 0.0))
+        self.assertEqual(config.limits.connections, 90)
+
+    def test_mapping(self) -> None:
+        """The keys map to their attributes, seconds as floats; a delay of 0 is allowed."""
+        config = self.load(
+            self.configure(
+                proxy='greeting = "own"',
+                body="[timeouts]\nmta_banner = 5\ngreeting_delay = 6\n",
+            )
+        )
+        self.assertIs(config.greeting, Greeting.OWN)
+        self.assertEqual(config.timeouts.mtaBanner, 5.0)
+        self.assertIsInstance(config.timeouts.greetingDelay, float)
+        self.assertEqual(config.timeouts.greetingDelay, 6.0)
+        config = self.load(self.configure("[timeouts]\ngreeting_delay = 0\n"))
+        self.assertEqual(config.timeouts.greetingDelay, 0.0)
+
+    def test_invalid(self) -> None:
+        """Another greeting, a banner timeout of 0, a negative or infinite delay: refused."""
+        self.assertError(
+            self.configure(proxy='greeting = "postscreen"'),
+            "proxy.greeting",
+            'must be one of "mta", "own", not "postscreen"',
+        )
+        self.assertError(
+            self.configure("[timeouts]\nmta_banner = 0\n"),
+            "timeouts.mta_banner",
+            "must be a positive number of seconds, not 0",
+        )
+        for value in ("-1", "inf", "true"):
+            self.assertError(
+                self.configure(f"[timeouts]\ngreeting_delay = {value}\n"),
+                "timeouts.greeting_delay",
+                f"must be a number of seconds >= 0, not {value}",
+            )

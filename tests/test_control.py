@@ -287,6 +287,7 @@ class TrafficTests(ProxyRun, TestCase):
                 TCP4ClientEndpoint(reactor, "127.0.0.1", self.proxyPort(service)), client
             )
             self.addCleanup(lambda: client.transport and client.transport.loseConnection())
+            await client.expect(1)  # the banner first: who talks before it gets 554
             client.send(
                 b"EHLO waiting.example\r\nMAIL FROM:<w@example.org>\r\nRCPT TO:<b@example.net>\r\n"
             )

@@ -66,6 +66,7 @@ class DeployTests(TestCase):
         client = RawClient()
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=(bind, 0))
         await connectProtocol(endpoint, client)
+        await client.expect(1)  # the banner first: who talks before it gets 554
         return client
 
     async def starttls(self, client: RawClient) -> None:
@@ -129,6 +130,7 @@ class DeployTests(TestCase):
         await connectProtocol(endpoint, client)
         assert client.transport is not None
         client.transport.startTLS(trusting(self.proxyCert))  # type: ignore[attr-defined]
+        await client.expect(1)  # the banner first: who talks before it gets 554
         client.send(b"EHLO client.example\r\n")
         [banner, ehlo] = await client.expect(2)
         self.assertEqual(banner.code, 220)
@@ -257,6 +259,7 @@ class MtaInjectionTests(TestCase):
         self.addCleanup(globalLogPublisher.removeObserver, observe)
         client = RawClient()
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", proxyPort), client)
+        await client.expect(1)  # the banner first: who talks before it gets 554
         client.send(b"EHLO client.example\r\n")
         await client.lost
         self.assertEqual(client.codes[0], 220)

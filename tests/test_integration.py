@@ -107,6 +107,7 @@ class LoopbackFailureTests(ProxyTestCase):
     async def session(self, port: int, commands: bytes, count: int) -> RawClient:
         client = RawClient()
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+        await client.expect(1)  # the banner first: who talks before it gets 554
         client.send(b"EHLO client.example\r\n" + commands)
         await client.expect(count)
         return client

@@ -153,6 +153,7 @@ class ManholeTests(TestCase):
     async def smtpSession(self) -> RawClient:
         client = RawClient()
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.smtpPort), client)
+        await client.expect(1)  # the banner first: who talks before it gets 554
         client.send(b"EHLO client.example\r\nMAIL FROM:<a@example.org>\r\n")
         await client.expect(3)
         return client

@@ -848,6 +848,7 @@ class LoopbackProxy:
         client = RawClient()
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), client)
         self._case.addCleanup(lambda: client.transport and client.transport.loseConnection())
+        await client.expect(1)  # the banner first: who talks before it gets 554
         client.send(
             b"EHLO client.example\r\nMAIL FROM:<a@example.org>\r\n"
             b"RCPT TO:<b@example.net>\r\nDATA\r\n"

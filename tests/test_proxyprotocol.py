@@ -539,7 +539,9 @@ class LoopbackTests(ProxyTestCase):
 
         async def run() -> None:
             service, port = self.startHaproxy(self.DENY)
-            client = await self.connect(port, v2(("198.51.100.7", 40000)) + b"EHLO x\r\n")
+            client = await self.connect(port, v2(("198.51.100.7", 40000)))
+            await client.expect(1)  # the banner first: EHLO behind the header would be early
+            client.send(b"EHLO x\r\n")
             replies = await client.expect(2)
             self.assertEqual([r.code for r in replies], [220, 250])
             [(info, _)] = service.stats.sessions()

@@ -42,6 +42,7 @@ class ReloadTests(ProxyTestCase):
     async def session(self, port: int) -> RawClient:
         client = RawClient()
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+        await client.expect(1)  # the banner first: who talks before it gets 554
         client.send(b"EHLO client.example\r\n")
         await client.expect(2)
         return client

@@ -488,7 +488,7 @@ class RelayCountsTests(SynchronousTestCase):
         self.assertEqual(today["messages"]["ambiguous"], 1)
         self.assertEqual(
             today["mta_errors"],
-            {"unreachable": 0, "lost": 0, "timeout": 1, "protocol": 0, "tls": 0},
+            {"unreachable": 0, "lost": 0, "timeout": 1, "protocol": 0, "tls": 0, "banner": 0},
         )
         self.assertEqual(today["messages"]["accepted"], 0)
 

@@ -201,6 +201,7 @@ class LoopbackStopTests(TestCase):
         client = RawClient()
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
         await connectProtocol(endpoint, client)
+        await client.expect(1)  # the banner first: who talks before it gets 554
         client.send(b"EHLO client.example\r\n" + envelope() + b"DATA\r\n")
         await client.expect(5)
         client.send(STUFFED[:10])

@@ -166,6 +166,7 @@ class WebTests(ProxyRun, TestCase):
             client = RawClient()
             await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
             self.addCleanup(lambda: client.transport and client.transport.loseConnection())
+            await client.expect(1)  # the banner first: who talks before it gets 554
             client.send(b"EHLO " + HOSTILE.encode() + b"\r\nMAIL FROM:<x@example.org>\r\n")
             await client.expect(3).addTimeout(20, reactor)
             code, headers, body = await get(base)

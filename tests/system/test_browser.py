@@ -109,6 +109,7 @@ class StatusPageInBrowserTests(unittest.TestCase):
         waiting = RawClient()
         await connectProtocol(TCP4ClientEndpoint(self.reactor, "127.0.0.1", proxy.port), waiting)
         self.addCleanup(lambda: waiting.transport and waiting.transport.loseConnection())
+        await waiting.expect(1)  # the banner first: who talks before it gets 554
         waiting.send(b"EHLO <b>bold</b>.example\r\nMAIL FROM:<waiting@client.example>\r\n")
         replies = await waiting.expect(3).addTimeout(harness.REPLY_TIMEOUT, self.reactor)
         self.assertEqual([r.code for r in replies], [220, 250, 250])

@@ -150,8 +150,9 @@ class PostfixBehindProxyTests(harness.PostfixCase):
         try:
             envelope = f"MAIL FROM:<sender@client.example>\r\nRCPT TO:<{self.rcpt()}>\r\n"
             commands = b"EHLO client.example\r\n" + envelope.encode() + stream
+            replies = [await reader.nextReply(self.reactor)]  # the banner first: else 554
             reader.transport.write(commands)  # type: ignore[union-attr]
-            replies = [await reader.nextReply(self.reactor) for _ in range(7)]
+            replies += [await reader.nextReply(self.reactor) for _ in range(6)]
         finally:
             reader.transport.loseConnection()  # type: ignore[union-attr]
         transcript = "\n".join(f"{r.code} {r.text}" for r in replies)
