@@ -267,6 +267,7 @@ class FailureTests(PipelineTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
         [event] = self.logged("filter slow failed")
         self.assertEqual(event["log_level"], LogLevel.warn)
+        self.assertEqual(event["why"], "no answer within its timeout of 5 s")
 
     def test_timeoutAccepts(self) -> None:
         """With on_error accept, a filter over its timeout is skipped and the rest run."""

@@ -226,7 +226,7 @@ class Pipeline:
                 session=session.id,
                 stage=stage.value,
                 filter=name,
-                why=str(e) or type(e).__name__,
+                why=_why(e, cf.timeout),
                 policy=cf.onError.value,
             )
             if cf.onError is OnError.ACCEPT:
@@ -293,3 +293,10 @@ def buildPipeline(
             raise ConfigError(config.path, f"filters.{spec.name}.{e.key}", e.message) from e
         configured.append(ConfiguredFilter(built, spec.timeout, spec.onError, spec.dryRun))
     return Pipeline(configured, reactor, config.timeouts.filters, observer)
+
+
+def _why(failure: Exception, timeout: float) -> str:
+    """A filter's failure in a few words: Twisted's TimeoutError shows as a tuple."""
+    if isinstance(failure, defer.TimeoutError):
+        return f"no answer within its timeout of {timeout:g} s"
+    return str(failure) or type(failure).__name__
