@@ -115,7 +115,7 @@ class SampleTests(ConfigTestCase):
         os.chdir(workdir)
         config = self.load(SAMPLE)
         self.assertEqual(config.path, SAMPLE)
-        self.assertEqual(config.listen, ("tcp:2525:interface=127.0.0.1",))
+        self.assertEqual(config.listen, ("tcp:2525:interface=127.0.0.1:backlog=1024",))
         self.assertEqual(config.upstream, UPSTREAM)
         self.assertEqual(config.spoolDir, os.path.join(workdir, "spool"))
         self.assertEqual(os.listdir(workdir), [])
