@@ -295,7 +295,7 @@ def buildPipeline(
     return Pipeline(configured, reactor, config.timeouts.filters, observer)
 
 
-def _why(failure: Exception, timeout: float) -> str:
+def _why(failure: BaseException, timeout: float) -> str:
     """A filter's failure in a few words: Twisted's TimeoutError shows as a tuple."""
     if isinstance(failure, defer.TimeoutError):
         return f"no answer within its timeout of {timeout:g} s"
