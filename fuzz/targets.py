@@ -353,6 +353,60 @@ def headers(data: bytes) -> None:
         support.decodeText(name)
 
 
+# -- the header grammar (issue 9 scope 2, the "headers" work) -------------------------------
+#
+# STUB until mailproxy/headergrammar.py is merged: the target is registered only when the
+# module exists (fuzz.run.available() says so without importing it). Its seeds are the
+# "headers" target's (fuzz.run.seeds falls back to them).
+
+try:
+    from mailproxy import headergrammar
+except ImportError:  # not merged yet
+    headergrammar = None  # type: ignore[assignment]
+
+
+def headerGrammar(data: bytes) -> None:
+    """
+    The one header grammar (L{mailproxy.headergrammar}): L{HeaderChecker} gives the same
+    content, finding and normalisations whatever the cuts; only reading (neither
+    normalising nor stripping NUL) it passes the content through unchanged; what it
+    normalised reads clean to a strict checker, and Python's email parser reads the
+    same field names in it as the grammar's L{fields}.
+
+    Flags: bit 0 normalise; bit 1 strip NUL; bits 2-4 the limit (64 << n).
+    """
+    assert headergrammar is not None
+    given = _Input(data)
+    normalise, stripNul = given.flag(0), given.flag(1)
+    limit = 64 << (given.flags >> 2 & 7)
+
+    def read(pieces: list[bytes], normalise: bool, stripNul: bool) -> tuple[bytes, object, list[object]]:
+        checker = headergrammar.HeaderChecker(normalise, limit, stripNul)
+        out = b"".join(checker.feed(p) for p in pieces) + checker.end()
+        return out, checker.finding, list(checker.normalised)
+
+    whole = read([given.payload], normalise, stripNul)
+    split = read(given.pieces(), normalise, stripNul)
+    # Refused either way, or accepted either way with the same content. (Which problem
+    # refuses it may depend on the cuts: a long line over the limit is "too large" when
+    # it comes in pieces, "ambiguous field name" when whole; the reply's text differs.)
+    assert (split[1] is None) == (whole[1] is None), (given.cuts, whole[1], split[1])
+    if whole[1] is None:
+        assert split == whole, (given.cuts, whole, split)
+    content, finding, _ = whole
+    if not normalise and not stripNul:
+        assert content == given.payload
+    if finding is not None or b"\r\n" not in content:
+        return
+    again = read([content], normalise=False, stripNul=False)
+    assert again[1] is None, ("normalised content refused", content, again[1])
+    block = support.readHeaderBlock(support.LineReader(io.BytesIO(content)), 1 << 20)
+    if headergrammar.check(block, 1 << 20) is None:
+        grammar = [name for name, _ in headergrammar.fields(block)]
+        stdlib = [name for name, _ in support.parseHeaders(block)]
+        assert grammar == stdlib, (block, grammar, stdlib)
+
+
 #: Every target by the name C{fuzz.run} and the corpus directories use.
 TARGETS: Final[dict[str, Callable[[bytes], None]]] = {
     "commands": commands,
@@ -362,3 +416,5 @@ TARGETS: Final[dict[str, Callable[[bytes], None]]] = {
     "mime": mimeWalk,
     "headers": headers,
 }
+if headergrammar is not None:
+    TARGETS["headergrammar"] = headerGrammar

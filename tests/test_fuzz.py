@@ -15,7 +15,8 @@ from fuzz import run, targets
 class CorpusTests(SynchronousTestCase):
     def test_targetsNamed(self) -> None:
         """The runner names every target (it must, before importing them instrumented)."""
-        self.assertEqual(list(run.MAX_LEN), list(targets.TARGETS))
+        self.assertEqual(run.available(), list(targets.TARGETS))
+        self.assertLessEqual(set(targets.TARGETS), set(run.MAX_LEN))
 
     def test_corpus(self) -> None:
         """Every input of each target's corpus passes the target; each corpus has seeds."""
