@@ -31,7 +31,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Mapping
 from email.message import Message as EmailMessage
-from email.utils import collapse_rfc2231_value
+from email.utils import collapse_rfc2231_value, unquote
 from typing import IO
 
 import attrs
@@ -127,12 +127,25 @@ def _params(header: str, value: str) -> list[tuple[str, str]]:
     holder = EmailMessage()
     holder[header] = value.translate(_RAW_TO_PRIVATE)
     params = [
-        (name, collapse_rfc2231_value(raw).translate(_PRIVATE_TO_RAW))
+        (name, _collapse(raw).translate(_PRIVATE_TO_RAW))
         for name, raw in holder.get_params(failobj=[], header=header) or []
     ]
     # The first pair is the value itself ("attachment", ""); kept, as it may be a
     # parameter when the value is missing, and it is neither "name" nor "filename" else.
     return [(name.lower(), raw) for name, raw in params]
+
+
+def _collapse(raw: str | tuple[str | None, str | None, str]) -> str:
+    """
+    An RFC 2231 parameter value, decoded with its charset; one the stdlib cannot decode
+    with (idna, punycode: UnicodeError; a NUL in its name: ValueError) is read as unknown
+    charsets are, the text undecoded. (Found by fuzz/, issue 9: the walk raised.)
+    """
+    try:
+        return collapse_rfc2231_value(raw)
+    except ValueError:
+        assert isinstance(raw, tuple)
+        return unquote(raw[2])
 
 
 def describe(block: bytes, depth: int, inDigest: bool) -> tuple[Part, _Frame | None, bool]:

@@ -291,7 +291,10 @@ def decodeText(value: str) -> str:
                 try:
                     # RFC 2231 section 5 allows a language: =?utf-8*en?q?...?=
                     out.append(piece.decode(charset.split("*", 1)[0], "replace"))
-                except LookupError:
+                except (LookupError, ValueError):
+                    # An unknown charset, or one that cannot decode with "replace" (idna,
+                    # punycode: UnicodeError) or cannot even be named (a NUL: ValueError).
+                    # Found by fuzz/ (issue 9): a filter that raised here let on_error decide.
                     out.append(piece.decode("utf-8", "replace"))
         value = "".join(out)
     return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
