@@ -73,3 +73,14 @@ class UndecodableCharsetTests(SynchronousTestCase):
             verdict = self.scan(f, message)
             self.assertTrue(verdict.refuses, charset)
             self.assertEqual(verdict.text, "Spam subject refused")
+
+
+class MixedContinuationTests(SynchronousTestCase):
+    def test_everyNameFound(self) -> None:
+        """
+        A numbered and an unnumbered RFC 2231 section of one parameter (C{filename*0=}
+        and C{filename*=}), which the stdlib cannot join (TypeError), never makes the walk
+        raise: each parameter is read alone, and every name is found.
+        """
+        message = attachment("attachment; filename*0=x; filename*=utf-8''y.exe; name=\"z.exe\"")
+        self.assertEqual(list(walk(io.BytesIO(message)))[-1].filenames, ("x", "y.exe", "z.exe"))

@@ -32,7 +32,7 @@ import re
 from collections.abc import Iterator, Mapping
 from email.message import Message as EmailMessage
 from email.utils import collapse_rfc2231_value, unquote
-from typing import IO
+from typing import IO, Any
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -124,15 +124,37 @@ def _params(header: str, value: str) -> list[tuple[str, str]]:
     The parameters of one header value, RFC 2231 continuations and charsets applied;
     raw 8-bit bytes stay surrogate escapes.
     """
-    holder = EmailMessage()
-    holder[header] = value.translate(_RAW_TO_PRIVATE)
     params = [
         (name, _collapse(raw).translate(_PRIVATE_TO_RAW))
-        for name, raw in holder.get_params(failobj=[], header=header) or []
+        for name, raw in _rawParams(header, value.translate(_RAW_TO_PRIVATE))
     ]
     # The first pair is the value itself ("attachment", ""); kept, as it may be a
     # parameter when the value is missing, and it is neither "name" nor "filename" else.
     return [(name.lower(), raw) for name, raw in params]
+
+
+def _rawParams(header: str, value: str) -> list[tuple[str, Any]]:
+    """
+    The stdlib's parameters of a header value. Where it cannot join RFC 2231 sections
+    (a numbered and an unnumbered section of one name: it sorts None with an int, a
+    TypeError; found by fuzz/, issue 9), each parameter is read alone, so that every
+    name is still found.
+    """
+    holder = EmailMessage()
+    holder[header] = value
+    try:
+        return holder.get_params(failobj=[], header=header) or []
+    except (TypeError, ValueError):
+        pass
+    out: list[tuple[str, Any]] = []
+    for piece in value.split(";"):
+        alone = EmailMessage()
+        alone[header] = "x;" + piece
+        try:
+            out.extend((alone.get_params(failobj=[], header=header) or [])[1:])
+        except (TypeError, ValueError):
+            continue
+    return out
 
 
 def _collapse(raw: str | tuple[str | None, str | None, str]) -> str:
