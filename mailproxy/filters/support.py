@@ -286,7 +286,12 @@ def decodeText(value: str) -> str:
             if isinstance(piece, str):
                 out.append(piece)
             elif charset is None:
-                out.append(piece.decode("raw-unicode-escape"))
+                try:
+                    out.append(piece.decode("raw-unicode-escape"))
+                except UnicodeDecodeError:
+                    # Text beside encoded words with a literal "\\u" in it: the stdlib
+                    # encodes it so that it does not decode (found by fuzz/, issue 9).
+                    out.append(piece.decode("latin-1"))
             else:
                 try:
                     # RFC 2231 section 5 allows a language: =?utf-8*en?q?...?=
