@@ -97,6 +97,7 @@ class LiteralEscapeTests(_FilterCase):
         that it does not decode) reads as written, and the Subject rule still applies.
         """
         self.assertEqual(decodeText("=?utf-8?q?viagra?= \\u12"), "viagra \\u12")
+        self.assertEqual(decodeText("=?utf-8?q?viagra?= \\udef1"), "viagra \ufffd")
         f = buildHeaders(reject=[SPAM_RULE])
         message = crlf("From: a@example.org\nSubject: =?utf-8?q?viagra?= \\u12\n\nHi.\n")
         verdict = self.scan(f, message)

@@ -270,6 +270,9 @@ def parseHeaders(block: bytes) -> list[tuple[str, str]]:
     return headergrammar.fields(block)
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udc7f\udd00-\udfff]")
+
+
 def decodeText(value: str) -> str:
     """
     A header value or parameter as a reader would show it: RFC 2047 encoded words
@@ -301,7 +304,9 @@ def decodeText(value: str) -> str:
                     # punycode: UnicodeError) or cannot even be named (a NUL: ValueError).
                     # Found by fuzz/ (issue 9): a filter that raised here let on_error decide.
                     out.append(piece.decode("utf-8", "replace"))
-        value = "".join(out)
+        # A literal "\\udXXX" beside encoded words comes back a lone surrogate: only
+        # those of raw 8-bit bytes (U+DC80-U+DCFF) are bytes (found by fuzz/, issue 9).
+        value = _LONE_SURROGATE.sub("\ufffd", "".join(out))
     return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
