@@ -872,6 +872,9 @@ class Session:
             if self.state not in (S.CLOSING, S.CLOSED):
                 for then in waiting:
                     then()
+                # The introduction may have finished (XFORWARD: the client's EHLO answered):
+                # the commands it pipelined behind the EHLO go on now, not at its next bytes.
+                self._advance()
         return self._take()
 
     def mtaProtocolError(self, why: str) -> list[Effect]:

@@ -31,8 +31,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Mapping
 from email.message import Message as EmailMessage
-from email.utils import collapse_rfc2231_value
-from typing import IO
+from email.utils import collapse_rfc2231_value, unquote
+from typing import IO, Any
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -124,15 +124,50 @@ def _params(header: str, value: str) -> list[tuple[str, str]]:
     The parameters of one header value, RFC 2231 continuations and charsets applied;
     raw 8-bit bytes stay surrogate escapes.
     """
-    holder = EmailMessage()
-    holder[header] = value.translate(_RAW_TO_PRIVATE)
     params = [
-        (name, collapse_rfc2231_value(raw).translate(_PRIVATE_TO_RAW))
-        for name, raw in holder.get_params(failobj=[], header=header) or []
+        (name, _collapse(raw).translate(_PRIVATE_TO_RAW))
+        for name, raw in _rawParams(header, value.translate(_RAW_TO_PRIVATE))
     ]
     # The first pair is the value itself ("attachment", ""); kept, as it may be a
     # parameter when the value is missing, and it is neither "name" nor "filename" else.
     return [(name.lower(), raw) for name, raw in params]
+
+
+def _rawParams(header: str, value: str) -> list[tuple[str, Any]]:
+    """
+    The stdlib's parameters of a header value. Where it cannot join RFC 2231 sections
+    (a numbered and an unnumbered section of one name: it sorts None with an int, a
+    TypeError; found by fuzz/, issue 9), each parameter is read alone, so that every
+    name is still found.
+    """
+    holder = EmailMessage()
+    holder[header] = value
+    try:
+        return holder.get_params(failobj=[], header=header) or []
+    except (TypeError, ValueError):
+        pass
+    out: list[tuple[str, Any]] = []
+    for piece in value.split(";"):
+        alone = EmailMessage()
+        alone[header] = "x;" + piece
+        try:
+            out.extend((alone.get_params(failobj=[], header=header) or [])[1:])
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def _collapse(raw: str | tuple[str | None, str | None, str]) -> str:
+    """
+    An RFC 2231 parameter value, decoded with its charset; one the stdlib cannot decode
+    with (idna, punycode: UnicodeError; a NUL in its name: ValueError) is read as unknown
+    charsets are, the text undecoded. (Found by fuzz/, issue 9: the walk raised.)
+    """
+    try:
+        return collapse_rfc2231_value(raw)
+    except ValueError:
+        assert isinstance(raw, tuple)
+        return unquote(raw[2])
 
 
 def describe(block: bytes, depth: int, inDigest: bool) -> tuple[Part, _Frame | None, bool]:

@@ -270,6 +270,9 @@ def parseHeaders(block: bytes) -> list[tuple[str, str]]:
     return headergrammar.fields(block)
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udc7f\udd00-\udfff]")
+
+
 def decodeText(value: str) -> str:
     """
     A header value or parameter as a reader would show it: RFC 2047 encoded words
@@ -286,14 +289,24 @@ def decodeText(value: str) -> str:
             if isinstance(piece, str):
                 out.append(piece)
             elif charset is None:
-                out.append(piece.decode("raw-unicode-escape"))
+                try:
+                    out.append(piece.decode("raw-unicode-escape"))
+                except UnicodeDecodeError:
+                    # Text beside encoded words with a literal "\\u" in it: the stdlib
+                    # encodes it so that it does not decode (found by fuzz/, issue 9).
+                    out.append(piece.decode("latin-1"))
             else:
                 try:
                     # RFC 2231 section 5 allows a language: =?utf-8*en?q?...?=
                     out.append(piece.decode(charset.split("*", 1)[0], "replace"))
-                except LookupError:
+                except (LookupError, ValueError):
+                    # An unknown charset, or one that cannot decode with "replace" (idna,
+                    # punycode: UnicodeError) or cannot even be named (a NUL: ValueError).
+                    # Found by fuzz/ (issue 9): a filter that raised here let on_error decide.
                     out.append(piece.decode("utf-8", "replace"))
-        value = "".join(out)
+        # A literal "\\udXXX" beside encoded words comes back a lone surrogate: only
+        # those of raw 8-bit bytes (U+DC80-U+DCFF) are bytes (found by fuzz/, issue 9).
+        value = _LONE_SURROGATE.sub("\ufffd", "".join(out))
     return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 

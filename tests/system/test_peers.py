@@ -13,11 +13,16 @@ import re
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from twisted.internet import error
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
+from mailproxy import wire
 from tests.system import harness
 
 #: A header that the headers filter refuses messages for, at end of data.
@@ -393,6 +398,8 @@ def _separators() -> dict[str, bytes]:
         "Nul": b"\x00",
         "CarriageReturn": b"\r",
         "SpaceTab": b" \t",
+        "NoSpace": b"",
+        "NonBreakingSpace": b"\xa0",
     }
 
 
@@ -550,3 +557,249 @@ def _addVariantTests() -> None:
 
 
 _addVariantTests()
+
+
+# -- every verb, every spelling: what Postfix hears (issue 9, scope 1) -------------------------
+
+#: An address no client of the tests has: a client's XCLIENT or XFORWARD forging it must
+#: never reach Postfix, which trusts the proxy (smtpd_authorized_xclient_hosts).
+FORGED_ADDRESS = "192.0.2.66"
+FORGED_NAME = "forged.example"
+FORGED = f"ADDR={FORGED_ADDRESS} NAME={FORGED_NAME}".encode()
+
+#: The verbs mailproxy handles or relays, and those it must never relay, with an argument
+#: ({s} the denied sender, {r} the recipient). BDAT's size is 0: if mailproxy read it as
+#: BDAT, no chunk bytes follow that the test would have to send.
+VERB_ARGUMENTS: dict[bytes, bytes] = {
+    b"EHLO": b"client.example", b"HELO": b"client.example", b"MAIL": b"FROM:<{s}>",
+    b"RCPT": b"TO:<{r}>", b"DATA": b"", b"BDAT": b"0 LAST", b"RSET": b"", b"QUIT": b"",
+    b"NOOP": b"", b"HELP": b"MAIL", b"VRFY": b"{r}", b"STARTTLS": b"", b"AUTH": b"PLAIN AGEAYg==",
+    b"XCLIENT": FORGED, b"XFORWARD": FORGED, b"ETRN": b"client.example", b"EXPN": b"{r}",
+}  # fmt: skip
+
+#: The verbs Postfix may hear from mailproxy (besides the message after DATA or BDAT).
+MTA_VERBS = frozenset(
+    {"EHLO", "HELO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "QUIT", "NOOP", "HELP", "VRFY",
+     "XCLIENT", "XFORWARD"}
+)  # fmt: skip
+
+
+def _spellings(verb: bytes, argument: bytes) -> dict[str, bytes]:
+    """Every way of writing one command line tried (its line end not included)."""
+    out = {"plain": verb + (b" " + argument if argument else b"")}
+    for name, sep in _separators().items():
+        out[f"after{name}Verb"] = verb + sep + argument
+        out[f"leading{name}"] = sep + out["plain"]
+        out[f"trailing{name}"] = out["plain"] + sep
+    out["lowerCase"] = verb.lower() + (b" " + argument if argument else b"")
+    out["mixedCase"] = verb.title().swapcase() + (b" " + argument if argument else b"")
+    out["bareLineFeed"] = out["plain"] + b"\n"  # then the CRLF: an empty line after it
+    return out
+
+
+def _lenient(line: bytes) -> tuple[bytes, bytes]:
+    """How Postfix reads a command (its first line): split at the first whitespace, any case."""
+    line = line.split(b"\n", 1)[0]
+    parts = re.split(rb"[ \t\x0b\x0c\r]+", line.strip(b" \t\x0b\x0c\r"), maxsplit=1)
+    return parts[0].upper(), (parts[1] if len(parts) > 1 else b"").upper()
+
+
+class _TapServer(Protocol):
+    """One connection through the tap: forwards both ways, records what Postfix is sent."""
+
+    def __init__(self, tap: _Tap) -> None:
+        self.tap = tap
+        self.received = bytearray()
+        self.peer: Protocol | None = None
+        self.early = bytearray()
+
+    def connectionMade(self) -> None:
+        self.tap.connections.append(self.received)
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+        endpoint = TCP4ClientEndpoint(self.tap.reactor, "127.0.0.1", self.tap.port)
+        connectProtocol(endpoint, _TapClient(self)).addErrback(
+            lambda _: self.transport.loseConnection()  # type: ignore[union-attr]
+        )
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        assert self.peer is not None
+        self.peer.transport.write(data)  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.peer is not None:
+            self.peer.transport.loseConnection()  # type: ignore[union-attr]
+
+
+class _TapClient(Protocol):
+    def __init__(self, server: _TapServer) -> None:
+        self.server = server
+
+    def connectionMade(self) -> None:
+        self.server.peer = self
+        self.server.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.server.transport.write(data)  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.server.transport.loseConnection()  # type: ignore[union-attr]
+
+
+class _Tap(Factory):
+    """A TCP forwarder in front of Postfix that keeps every byte the proxy sent it."""
+
+    def __init__(self, reactor: Any, port: int) -> None:
+        self.reactor = reactor
+        self.port = port
+        self.connections: list[bytearray] = []
+
+    def buildProtocol(self, addr: object) -> _TapServer:
+        return _TapServer(self)
+
+    def commands(self) -> list[bytes]:
+        """The command lines Postfix was sent, on every connection, message content left out."""
+        lines: list[bytes] = []
+        for received in self.connections:
+            data = bytes(received)
+            while data:
+                line, sep, data = data.partition(b"\r\n")
+                if not sep:
+                    lines.append(line)  # unterminated: itself a finding
+                    break
+                lines.append(line)
+                verb = line.split(b" ", 1)[0].upper()
+                if verb == b"DATA":
+                    # The proxy's DATA is answered 354 or not; a message follows only if so,
+                    # and it ends at the first CRLF.CRLF (what Postfix reads).
+                    end = (b"\r\n" + data).find(b"\r\n.\r\n")
+                    if end >= 0 and not data.startswith((b"RSET\r\n", b"QUIT\r\n")):
+                        data = data[end + 3 :]
+                elif verb == b"BDAT":
+                    size = int(line.split(b" ")[1])
+                    data = data[size:]
+        return lines
+
+
+class CommandSpellingTests(harness.PostfixCase):
+    """
+    Every verb mailproxy handles, relays or refuses to relay, written every way a client
+    can (separators, case, stray bytes around it), each in its own session through
+    mailproxy, with a tap recording what Postfix is sent: each line Postfix hears is a
+    command as mailproxy parsed it (one SP, no control byte, a verb it may relay), read by
+    Postfix as it reads the client's line when it reads one at all; the denied sender
+    never reaches it; a client's XCLIENT or XFORWARD never does, and Postfix's maillog
+    never shows the address they forge.
+    """
+
+    async def startTapped(self) -> tuple[harness.ProxyProcess, _Tap]:
+        tap = _Tap(self.reactor, self.postfix.port)
+        listening = self.reactor.listenTCP(0, tap, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        workdir = Path(self.mktemp()).resolve()
+        port = harness.freePort()
+        upstream = f"tcp:host=127.0.0.1:port={listening.getHost().port}"
+        sections = harness.proxyConfig(
+            workdir, port, upstream, filters={"access": {"deny_senders": [f"*@{DENIED_DOMAIN}"]}}
+        )
+        proxy = await harness.runProxy(self, self.reactor, workdir, sections, port)
+        return proxy, tap
+
+    async def trySpellings(self, verb: bytes) -> None:
+        since = self.postfix.maillogSize()
+        proxy, tap = await self.startTapped()
+        sender = f"{uuid.uuid4().hex}@{DENIED_DOMAIN}"
+        allowed = f"{uuid.uuid4().hex}@client.example"
+        fill = {b"{s}": sender.encode(), b"{r}": self.rcpt().encode()}
+        argument = VERB_ARGUMENTS[verb]
+        for key, value in fill.items():
+            argument = argument.replace(key, value)
+        transcripts = []
+        tokens = []
+        for name, line in _spellings(verb, argument).items():
+            before = len(tap.connections)
+            session = await harness.SmtpSession.open(self.reactor, proxy.port)
+            self.addCleanup(session.close)
+            script: list[bytes] = []
+            if verb not in (b"EHLO", b"HELO"):
+                script.append(b"EHLO client.example")
+            if verb == b"RCPT":
+                script.append(f"MAIL FROM:<{allowed}>".encode())
+            script.append(line)
+            if verb in (b"XCLIENT", b"XFORWARD"):
+                # A message after it: Postfix logs the client it believes it came from.
+                token = self.token()
+                tokens.append(token)
+                script += [f"MAIL FROM:<{allowed}>".encode(), f"RCPT TO:<{self.rcpt()}>".encode(),
+                           b"DATA"]  # fmt: skip
+            try:
+                await session.reply(VARIANT_REPLY_TIMEOUT)
+                for command in script:
+                    reply = await session.command(command, VARIANT_REPLY_TIMEOUT)
+                    for _ in range(command.count(b"\n")):  # more lines: more replies
+                        reply = await session.reply(VARIANT_REPLY_TIMEOUT)
+                if verb in (b"XCLIENT", b"XFORWARD") and reply.code == 354:
+                    session.write(harness.message(tokens[-1], allowed, self.rcpt()))
+                    await session.reply(VARIANT_REPLY_TIMEOUT)
+                await session.command(b"QUIT", VARIANT_REPLY_TIMEOUT)
+            except (error.ConnectionDone, error.ConnectionLost, error.TimeoutError):
+                pass
+            session.close()
+            transcripts.append((name, line, before, session.transcript()))
+        await self.sendDirect(self.token())
+        # (anvil's periodic statistics may name clients of earlier sessions: not a client.)
+        maillog = "\n".join(
+            line for line in self.postfix.maillogText(since).splitlines() if "/anvil[" not in line
+        )
+        explain = lambda name, text: (  # noqa: E731
+            f"spelling {name}\n--- transcript:\n{text}\n--- proxy log:\n{proxy.log()}"
+        )
+        for name, line, before, text in transcripts:
+            spelled = _lenient(line)
+            for heard in [ln for c in tap.connections[before : before + 1] for ln in _split(c)]:
+                self.assertIsNone(re.search(rb"[\x00-\x1f\x7f]", heard), explain(name, text))
+                command = wire.parseCommand(heard)
+                self.assertEqual(command.toLine(), heard, explain(name, text))
+                self.assertIn(command.verb, MTA_VERBS, explain(name, text))
+                if command.verb in ("XCLIENT", "XFORWARD"):
+                    self.assertNotIn(FORGED_ADDRESS.encode(), heard, explain(name, text))
+                    self.assertIn(b"ADDR=127.0.0.1", heard, explain(name, text))
+                if command.verb == verb.decode() and verb in (b"RCPT", b"NOOP", b"HELP", b"VRFY"):
+                    # The client's own command, relayed: Postfix reads it as the client wrote it.
+                    self.assertEqual(_lenient(heard), spelled, explain(name, text))
+        for line in tap.commands():
+            self.assertIsNone(re.search(rb"[\x00-\x1f\x7f]", line), line)
+            self.assertIn(wire.parseCommand(line).verb, MTA_VERBS, line)
+        heard = b"".join(tap.connections)
+        self.assertNotIn(sender.encode(), heard.lower())
+        self.assertNotIn(sender.split("@")[0], maillog)
+        self.assertNotIn(FORGED_ADDRESS, maillog)
+        self.assertNotIn(FORGED_NAME, maillog)
+        missing = [t for t in tokens if not self.maildir.find(t)]
+        # The message after each forged XCLIENT came through (so Postfix logged a client).
+        self.assertEqual(missing, [], "\n".join(explain(n, t) for n, _, _, t in transcripts))
+
+
+def _split(received: bytearray) -> list[bytes]:
+    """The command lines of one connection through the tap (L{_Tap.commands} for one)."""
+    tap = _Tap(None, 0)
+    tap.connections.append(received)
+    return tap.commands()
+
+
+def _addSpellingTests() -> None:
+    for verb in VERB_ARGUMENTS:
+
+        async def test(self: CommandSpellingTests, verb: bytes = verb) -> None:
+            await self.trySpellings(verb)
+
+        name = verb.decode().title()
+        test.__name__ = f"test_{name[0].lower()}{name[1:]}"
+        test.__doc__ = (
+            f"{verb.decode()}, written every way: Postfix hears only commands mailproxy "
+            "parsed, never the denied sender, never a client's XCLIENT or XFORWARD."
+        )
+        setattr(CommandSpellingTests, test.__name__, test)
+
+
+_addSpellingTests()
