@@ -103,3 +103,29 @@ class LiteralEscapeTests(_FilterCase):
         verdict = self.scan(f, message)
         self.assertEqual(verdict.text, "Spam subject refused")
 
+
+class ForeignCodecTests(_FilterCase):
+    """
+    Python decodes with codecs no mail client applies to a header: =?punycode?q?...?= is
+    CJK text to Python and plain ASCII to a mail client. A filter reading it Python's way
+    would miss a name the recipient sees (found by fuzz/, issue 9): only the charsets mail
+    clients know are decoded as such; the others read as UTF-8.
+    """
+
+    def test_encodedWord(self) -> None:
+        for charset in ("punycode", "utf-7", "unicode_escape", "rot13", "hz"):
+            self.assertEqual(decodeText(f"=?{charset}?q?invoice.exe?="), "invoice.exe", charset)
+        self.assertEqual(decodeText("=?iso-8859-1?q?caf=E9?="), "café")
+        self.assertEqual(decodeText("=?windows-1251?b?z/Do4uXy?="), "Привет")
+
+    def test_blockedAttachment(self) -> None:
+        f = buildMime(block_filenames=["*.exe"])
+        for disposition in ("attachment; filename*=punycode''invoice.exe",
+                            'attachment; filename="=?punycode?q?invoice.exe?="'):  # fmt: skip
+            verdict = self.scan(f, attachment(disposition))
+            self.assertTrue(verdict.refuses, disposition)
+
+    def test_subjectRule(self) -> None:
+        f = buildHeaders(reject=[SPAM_RULE])
+        message = crlf("From: a@example.org\nSubject: =?punycode?q?viagra?=\n\nHi.\n")
+        self.assertTrue(self.scan(f, message).refuses)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Mapping
 from email.message import Message as EmailMessage
-from email.utils import collapse_rfc2231_value, unquote
+from email.utils import collapse_rfc2231_value
 from typing import IO, Any
 
 import attrs
@@ -56,6 +56,7 @@ from mailproxy.filters.support import (
     Patterns,
     decodeText,
     inThreadPool,
+    mailCharset,
     readHeaderBlock,
     requireThreads,
     unfold,
@@ -159,15 +160,15 @@ def _rawParams(header: str, value: str) -> list[tuple[str, Any]]:
 
 def _collapse(raw: str | tuple[str | None, str | None, str]) -> str:
     """
-    An RFC 2231 parameter value, decoded with its charset; one the stdlib cannot decode
-    with (idna, punycode: UnicodeError; a NUL in its name: ValueError) is read as unknown
-    charsets are, the text undecoded. (Found by fuzz/, issue 9: the walk raised.)
+    An RFC 2231 parameter value, decoded with its charset as mail clients would
+    (L{mailCharset}: one they do not know, or Python's idna and punycode, reads as
+    UTF-8; the stdlib's own collapse raised on some, found by fuzz/, issue 9).
     """
-    try:
+    if not isinstance(raw, tuple):
         return collapse_rfc2231_value(raw)
-    except ValueError:
-        assert isinstance(raw, tuple)
-        return unquote(raw[2])
+    charset, _, text = raw
+    data = bytes(text, "raw-unicode-escape")
+    return data.decode(mailCharset(charset or "us-ascii"), "replace")
 
 
 def describe(block: bytes, depth: int, inDigest: bool) -> tuple[Part, _Frame | None, bool]:
@@ -333,7 +334,7 @@ _NOTHING = Patterns(())
 
 def _shown(text: str, limit: int = 80) -> str:
     """A name from the message, safe in an SMTP reply: printable ASCII, no quotes, short."""
-    safe = "".join(c if " " <= c <= "~" and c not in "\"\\" else "?" for c in text)
+    safe = "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in text)
     return safe if len(safe) <= limit else safe[: limit - 3] + "..."
 
 
@@ -368,7 +369,9 @@ class MimeFilter(BaseFilter):
     name = "mime"
     stages = frozenset({Stage.MESSAGE})
 
-    def checkMessage(self, session: Session, envelope: Envelope, message: Message) -> Deferred[Verdict]:
+    def checkMessage(
+        self, session: Session, envelope: Envelope, message: Message
+    ) -> Deferred[Verdict]:
         def noted(scan: _Scan) -> Verdict:
             envelope.notes["mime"] = {
                 "parts": scan.parts,
@@ -387,7 +390,9 @@ class MimeFilter(BaseFilter):
         verdict = Verdict.accept()
         with message.open() as f:
             try:
-                for part in walk(f, self.maxDepth, self.maxParts, self.maxHeaderBytes, self.chunkSize):
+                for part in walk(
+                    f, self.maxDepth, self.maxParts, self.maxHeaderBytes, self.chunkSize
+                ):
                     count += 1
                     types.update(dict.fromkeys(part.contentTypes))
                     filenames.extend(part.filenames[: self.maxParts - len(filenames)])

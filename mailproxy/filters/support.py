@@ -16,6 +16,7 @@ C{tests/test_layering.py} checks it.
 
 from __future__ import annotations
 
+import codecs
 import fnmatch
 import re
 from collections.abc import Callable
@@ -236,9 +237,7 @@ def _chomp(line: bytes) -> bytes:
     return line[:-1] if line.endswith(b"\r") else line
 
 
-def readHeaderBlock(
-    reader: LineReader, limit: int, end: re.Pattern[bytes] = HEADER_END
-) -> bytes:
+def readHeaderBlock(reader: LineReader, limit: int, end: re.Pattern[bytes] = HEADER_END) -> bytes:
     """
     Read the header block of a message (or entity) at C{reader}'s position (see
     L{LineReader.headerBlock}) and check it by the header grammar.
@@ -273,6 +272,34 @@ def parseHeaders(block: bytes) -> list[tuple[str, str]]:
 _LONE_SURROGATE = re.compile("[\ud800-\udc7f\udd00-\udfff]")
 
 
+#: The charsets mail clients decode (the WHATWG Encoding Standard's, as Python names their
+#: codecs, and the usual aliases: gb2312, cp932, tis-620, iso-8859-9, latin-1). Python knows
+#: many more codecs that no mail client applies to a header (punycode, idna, utf-7, the
+#: *_escape ones): decoding with them would show a filter another name than the recipient
+#: sees (=?punycode?q?invoice.exe?= is CJK text to Python), so they read as UTF-8.
+MAIL_CHARSETS: frozenset[str] = frozenset(
+    {
+        "utf-8", "utf-16", "utf-16-be", "utf-16-le", "ascii", "iso8859-1", "cp866",
+        "iso8859-2", "iso8859-3", "iso8859-4", "iso8859-5", "iso8859-6", "iso8859-7",
+        "iso8859-8", "iso8859-9", "iso8859-10", "iso8859-13", "iso8859-14", "iso8859-15",
+        "iso8859-16", "koi8-r", "koi8-u", "mac-roman", "cp874", "cp1250", "cp1251", "cp1252",
+        "cp1253", "cp1254", "cp1255", "cp1256", "cp1257", "cp1258", "mac-cyrillic", "gbk",
+        "gb2312", "gb18030", "big5", "euc_jp", "iso2022_jp", "shift_jis", "cp932", "euc_kr",
+        "tis-620",
+    }
+)  # fmt: skip
+
+
+def mailCharset(charset: str) -> str:
+    """The codec to decode an encoded word's C{charset} with: UTF-8 unless mail clients know it."""
+    name = charset.split("*", 1)[0]  # RFC 2231 section 5 allows a language: utf-8*en
+    try:
+        codec = codecs.lookup(name).name
+    except (LookupError, ValueError):  # unknown, or not even a name (a NUL: ValueError)
+        return "utf-8"
+    return codec if codec in MAIL_CHARSETS else "utf-8"
+
+
 def decodeText(value: str) -> str:
     """
     A header value or parameter as a reader would show it: RFC 2047 encoded words
@@ -296,14 +323,7 @@ def decodeText(value: str) -> str:
                     # encodes it so that it does not decode (found by fuzz/, issue 9).
                     out.append(piece.decode("latin-1"))
             else:
-                try:
-                    # RFC 2231 section 5 allows a language: =?utf-8*en?q?...?=
-                    out.append(piece.decode(charset.split("*", 1)[0], "replace"))
-                except (LookupError, ValueError):
-                    # An unknown charset, or one that cannot decode with "replace" (idna,
-                    # punycode: UnicodeError) or cannot even be named (a NUL: ValueError).
-                    # Found by fuzz/ (issue 9): a filter that raised here let on_error decide.
-                    out.append(piece.decode("utf-8", "replace"))
+                out.append(piece.decode(mailCharset(charset), "replace"))
         # A literal "\\udXXX" beside encoded words comes back a lone surrogate: only
         # those of raw 8-bit bytes (U+DC80-U+DCFF) are bytes (found by fuzz/, issue 9).
         value = _LONE_SURROGATE.sub("\ufffd", "".join(out))
