@@ -897,7 +897,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slow-ms", type=float, default=20.0, help="slow clients: ms a byte")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument(
-        "--backlog", type=int, help="the listener's backlog= (default: Twisted's, 50)"
+        "--backlog",
+        type=int,
+        default=1024,
+        help="the listener's backlog= (default 1024, as the sample configuration; 0: Twisted's 50)",
     )
     parser.add_argument("--only", help="comma-separated session kinds (default: all)")
     parser.add_argument("--spamd", action="store_true", help=argparse.SUPPRESS)
