@@ -447,6 +447,8 @@ class ProxyTestCase(TestCase):
             reactor,  # type: ignore[arg-type]
         )
         self.addCleanup(closeSessions, factory)
+        #: The relay factory of the last proxy started (its sessions, for tests that look).
+        self.factory = factory
         return self.listenTCP(factory)
 
     async def connect(self, port: int) -> RawClient:

@@ -18,18 +18,17 @@ from typing import Any
 import attrs
 from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import deferLater
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailproxy import session as core
-from mailproxy.config import Config, Limits
+from mailproxy.config import Limits
 from mailproxy.envelope import Session as SessionInfo
 from mailproxy.filters import Stage, Verdict
-from mailproxy.relay import RelayFactory, Settings
-from mailproxy.testing import FakeFilter, RawClient, closeSessions, pipelineOf
+from mailproxy.relay import RelayFactory
+from mailproxy.testing import FakeFilter, RawClient
 from mailproxy.wire import Reply
 from tests.fakes import ProxyTestCase
 from tests.test_relay import Harness, envelope
@@ -445,24 +444,8 @@ class LoopbackTests(ProxyTestCase):
 
     def proxy(self, **limits: int) -> tuple[int, RelayFactory]:
         """Start the proxy with these C{[limits]}; its port and factory (its sessions)."""
-        config = Config(
-            path="test.toml",
-            listen=("tcp:0",),
-            upstream=f"tcp:host=127.0.0.1:port={self.mtaPort}",
-            hostname="proxy.test",
-            spoolDir=self.spool,
-            limits=attrs.evolve(Limits(), **limits),
-        )
-        factory = RelayFactory(
-            Settings(
-                config,
-                pipelineOf([], reactor),  # type: ignore[arg-type]
-                upstream=TCP4ClientEndpoint(reactor, "127.0.0.1", self.mtaPort),
-            ),
-            reactor,  # type: ignore[arg-type]
-        )
-        self.addCleanup(closeSessions, factory)
-        return self.listenTCP(factory), factory
+        port = self.proxyWith(**limits)
+        return port, self.factory
 
     def noops(self) -> int:
         """NOOPs the MTA received so far, on every connection."""
