@@ -5,7 +5,6 @@ hypothesis over where the client's bytes are cut and in which order events arriv
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Any
 
 import attrs
@@ -425,26 +424,7 @@ STREAM = (
 class ChunkOrderTests(SynchronousTestCase):
     def replay(self, chunking: bool, cuts: list[int], choices: list[int]) -> tuple[Any, ...]:
         w = ChunkWorld(chunking)
-        w.run(w.s.start())
-        pieces: deque[bytes] = deque()
-        last = 0
-        for cut in [*sorted({c % len(STREAM) for c in cuts}), len(STREAM)]:
-            if cut > last:
-                pieces.append(STREAM[last:cut])
-                last = cut
-        picks = iter(choices)
-        for _ in range(10_000):
-            sources: list[deque[Any]] = [q for q in (w.mta, w.checks) if q]
-            if pieces and w.toClient:  # a client waits for the banner (else: 554, early)
-                sources.append(pieces)
-            if not sources or w.closed:
-                break
-            source = sources[next(picks, 0) % len(sources)]
-            if source is pieces:
-                w.run(w.s.clientData(pieces.popleft()))
-            else:
-                w.run(source.popleft()())
-        replies = [r.code for r in ReplyParser().feed(bytes(w.toClient))]
+        replies = w.replay(STREAM, cuts, choices)
         return bytes(w.mtaReceived), replies, w.spools
 
     def test_reference(self) -> None:

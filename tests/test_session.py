@@ -165,6 +165,33 @@ class World:
             self.mta.append(lambda: self.s.mtaReply(Reply(250, (b"2.0.0 queued as Q",))))
         return more
 
+    def replay(self, stream: bytes, cuts: list[int], choices: list[int]) -> list[int]:
+        """
+        Start, then deliver C{stream} cut at C{cuts}, the MTA's replies and the verdicts, in
+        the order C{choices} picks among the sources with something pending (the client's
+        bytes only once the banner is out: else it is an early talker); the reply codes.
+        """
+        self.run(self.s.start())
+        pieces: deque[bytes] = deque()
+        last = 0
+        for cut in [*sorted({c % len(stream) for c in cuts}), len(stream)]:
+            if cut > last:
+                pieces.append(stream[last:cut])
+                last = cut
+        picks = iter(choices)
+        for _ in range(10_000):
+            sources: list[deque[Any]] = [q for q in (self.mta, self.checks) if q]
+            if pieces and self.toClient:
+                sources.append(pieces)
+            if not sources or self.closed:
+                break
+            source = sources[next(picks, 0) % len(sources)]
+            if source is pieces:
+                self.run(self.s.clientData(pieces.popleft()))
+            else:
+                self.run(source.popleft()())
+        return [r.code for r in ReplyParser().feed(bytes(self.toClient))]
+
     def released(self, e: core.Release) -> bytes:
         """What the MTA is noted to have received for a release."""
         return b"<message>.\r\n"
@@ -191,26 +218,7 @@ STREAM = (
 class EventOrderTests(SynchronousTestCase):
     def replay(self, cuts: list[int], choices: list[int]) -> tuple[bytes, list[int]]:
         w = World()
-        w.run(w.s.start())
-        chunks: deque[bytes] = deque()
-        last = 0
-        for cut in [*sorted({c % len(STREAM) for c in cuts}), len(STREAM)]:
-            if cut > last:
-                chunks.append(STREAM[last:cut])
-                last = cut
-        picks = iter(choices)
-        for _ in range(10_000):
-            sources = [q for q in (w.mta, w.checks) if q]
-            if chunks and w.toClient:  # a client waits for the banner (else: 554, early)
-                sources.append(chunks)  # type: ignore[arg-type]
-            if not sources or w.closed:
-                break
-            source = sources[next(picks, 0) % len(sources)]
-            if source is chunks:
-                w.run(w.s.clientData(chunks.popleft()))
-            else:
-                w.run(source.popleft()())  # type: ignore[operator]
-        codes = [r.code for r in ReplyParser().feed(bytes(w.toClient))]
+        codes = w.replay(STREAM, cuts, choices)
         return bytes(w.mtaReceived), codes
 
     @settings(max_examples=150, deadline=None)
