@@ -223,7 +223,9 @@ class HeaderChecker:
         self._stripNul = stripNul
         #: Whether the output may differ from the input; if not, it is the input at once.
         self._rewrites = normalise or stripNul
-        self._pending = b""
+        #: An incomplete line, held until its CRLF comes (appended to: a line sent a byte
+        #: at a time must not cost a copy and a scan of all of it per byte).
+        self._pending = bytearray()
         self._size = 0  # header block bytes passed on
         self._line = 0
         self._afterField = False
@@ -242,7 +244,16 @@ class HeaderChecker:
         return out if self._rewrites else data
 
     def _feed(self, data: bytes) -> bytes:
-        buffer, self._pending = self._pending + data, b""
+        pending = self._pending
+        if (
+            pending
+            and _CRLF not in data
+            and not (pending.endswith(b"\r") and data.startswith(b"\n"))
+            and self._size + len(pending) + len(data) <= self._limit
+        ):
+            pending += data  # the same line goes on: nothing to look at yet
+            return b""
+        buffer, self._pending = bytes(pending) + data, bytearray()
         out: list[bytes] = []
         pos = 0
         while not self.done:
@@ -271,14 +282,14 @@ class HeaderChecker:
             self._refuse(Problem.TOO_LARGE, 0)
             out.append(rest)
         else:
-            self._pending = rest
+            self._pending = bytearray(rest)
         return b"".join(out)
 
     def end(self) -> bytes:
         """The content is complete: @return: what was still held (a last line without CRLF)."""
         if self.done:
             return b""
-        rest, self._pending = self._pending, b""
+        rest, self._pending = bytes(self._pending), bytearray()
         out: list[bytes] = []
         if rest:
             self._line += 1
