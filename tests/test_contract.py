@@ -17,7 +17,15 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailproxy import relay, wire
-from mailproxy.filters import Action, IFilter, InvalidVerdictError, Stage, Verdict
+from mailproxy.filters import (
+    Action,
+    EditKind,
+    HeaderEdit,
+    IFilter,
+    InvalidVerdictError,
+    Stage,
+    Verdict,
+)
 from mailproxy.filters.access import AccessFilterFactory
 from mailproxy.filters.size import SizeFilter
 from mailproxy.testing import (
@@ -59,6 +67,28 @@ class VerdictTests(SynchronousTestCase):
         ):
             self.assertRaises(InvalidVerdictError, bad)
         self.assertEqual(Verdict.reject("no").code, 550)
+
+    def test_headerEditsChecked(self) -> None:
+        """
+        A header edit that could break the header block cannot be made: a name with a
+        colon or a space, a value with CR, LF or NUL, a removal with a value, an addition
+        without one; and a refusal changes no header.
+        """
+        for bad in (
+            lambda: HeaderEdit.add("X-Spam:", "yes"),
+            lambda: HeaderEdit.add("X Spam", "yes"),
+            lambda: HeaderEdit.add("X-Spam", "yes\r\nBcc: victim@example.org"),
+            lambda: HeaderEdit.replace("Subject", "a\nb"),
+            lambda: HeaderEdit.add("X-Spam", "\0"),
+            lambda: HeaderEdit(EditKind.REMOVE, "X-Spam", "yes"),
+            lambda: HeaderEdit(EditKind.ADD, "X-Spam"),
+            lambda: HeaderEdit(EditKind.ADD, "X-Spam", "yes", matching=re.compile("y")),
+            lambda: Verdict(Action.REJECT, 550, "5.7.1", "no", edits=(HeaderEdit.remove("X"),)),
+            lambda: Verdict(Action.TEMPFAIL, 451, "4.7.1", "later", headers=(("X", "y"),)),
+        ):
+            self.assertRaises(InvalidVerdictError, bad)
+        edit = HeaderEdit.remove("X-Spam", -1, re.compile("yes"))
+        self.assertEqual(Verdict.accept(edits=(edit,)).edits, (edit,))
 
     def test_invalidVerdictNeverAccepts(self) -> None:
         """

@@ -15,12 +15,21 @@ from twisted.internet.interfaces import IReactorTime
 from zope.interface import Attribute, Interface
 
 from mailproxy.envelope import Envelope, Message, Session
-from mailproxy.verdict import Action, InvalidVerdictError, Stage, Verdict
+from mailproxy.verdict import (
+    Action,
+    EditKind,
+    HeaderEdit,
+    InvalidVerdictError,
+    Stage,
+    Verdict,
+)
 
 __all__ = [
     "Action",
     "BaseFilter",
+    "EditKind",
     "FilterError",
+    "HeaderEdit",
     "IFilter",
     "IFilterFactory",
     "InvalidVerdictError",
