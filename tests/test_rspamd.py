@@ -20,6 +20,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IPullProducer
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import resource, server
@@ -607,6 +608,22 @@ class _Recording:
             yield f
 
 
+class _OldHTTP(Protocol):
+    """An HTTP/1.0 server: reads the whole request, answers GTUBE's verdict, closes."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        head, blank, body = self.data.partition(b"\r\n\r\n")
+        length = re.search(rb"(?im)^content-length: *(\d+)", head)
+        if blank and length and len(body) >= int(length.group(1)):
+            assert self.transport is not None
+            self.transport.write(b"HTTP/1.0 200 OK\r\n\r\n" + GTUBE_ANSWER)
+            self.transport.loseConnection()
+
+
 class ExchangeTests(ProxyTestCase):
     """The filter asking a fake rspamd over loopback HTTP."""
 
@@ -688,9 +705,17 @@ class ExchangeTests(ProxyTestCase):
         self.fail("no FilterError")
 
     async def test_httpError(self) -> None:
-        """An HTTP error status is a FilterError, whatever the body says."""
+        """
+        An HTTP error status is a FilterError, whatever the body says; rspamd's error text
+        is in it, on one line.
+        """
         _, built = self.fake(answer=GTUBE_ANSWER, status=500)
         await self.assertFails(built, "answered HTTP 500")
+        _, built = self.fake(answer=b'{"error": "Message has\\nno body"}', status=400)
+        await self.assertFails(built, "answered HTTP 400: Message has no body")
+        _, built = self.fake(answer=b"x" * 5000, status=503)
+        e = await self.assertFails(built, "answered HTTP 503")
+        self.assertTrue(str(e).endswith("503"), str(e))
 
     async def test_malformed(self) -> None:
         """A 200 with something else than rspamd's JSON is a FilterError."""
@@ -698,6 +723,14 @@ class ExchangeTests(ProxyTestCase):
         await self.assertFails(built, "not JSON")
         _, built = self.fake(answer=b'{"action": "quarantine", "score": 3}')
         await self.assertFails(built, "unknown action")
+
+    async def test_closeDelimited(self) -> None:
+        """An answer without a length, ended by closing the connection (HTTP/1.0), is read."""
+        port = self.listenTCP(Factory.forProtocol(_OldHTTP))
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+        built = RspamdFilter(client=RspamdClient.connecting(reactor, endpoint, "old"))
+        verdict = await built.checkMessage(session(), envelope(), self.spooled())
+        self.assertEqual(verdict, Verdict.reject("Gtube pattern"))
 
     async def test_floodCapped(self) -> None:
         """

@@ -37,6 +37,7 @@ from twisted.web.client import (
     HTTPConnectionPool,
     ResponseDone,
 )
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory, IResponse
 from zope.interface import implementer
@@ -278,7 +279,8 @@ class _CappedBody(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._done.called:
             return
-        if reason.check(ResponseDone):
+        # PotentialDataLoss: a body without a length, ended by closing (HTTP/1.0's way).
+        if reason.check(ResponseDone, PotentialDataLoss):
             self._done.callback(bytes(self._buffer))
         else:
             self._done.errback(FilterError(f"rspamd's answer was cut short: {reason.value}"))
@@ -366,8 +368,7 @@ class RspamdClient:
                 b"POST", b"http://rspamd/checkv2", headers, producer
             )
             if response.code != 200:
-                response.deliverBody(_Discard())
-                raise FilterError(f"{where} answered HTTP {response.code}")
+                raise FilterError(f"{where} answered HTTP {response.code}{await _error(response)}")
             if response.length is not UNKNOWN_LENGTH and response.length > self.maxAnswer:
                 response.deliverBody(_Discard())
                 raise FilterError(f"{where}: its answer is over {self.maxAnswer} bytes")
@@ -380,6 +381,28 @@ class RspamdClient:
             if isinstance(e, error.ConnectError | OSError):
                 raise FilterError(f"{where} unreachable: {e}") from e
             raise FilterError(f"{where} failed: {_why(e)}") from e
+
+
+#: How much of an HTTP error's body we read, for its reason.
+MAX_ERROR = 4096
+
+
+async def _error(response: IResponse) -> str:
+    """What an HTTP error's body says (rspamd's C{{"error": ...}}), for the log: C{""} when
+    it says nothing we can show."""
+    if response.length is not UNKNOWN_LENGTH and response.length > MAX_ERROR:
+        response.deliverBody(_Discard())
+        return ""
+    try:
+        body = await _readCapped(response, MAX_ERROR)
+    except FilterError:
+        return ""
+    try:
+        said = json.loads(body).get("error")
+    except (ValueError, AttributeError, RecursionError):
+        said = None
+    text = said if isinstance(said, str) else body.decode("utf-8", "replace")
+    return f": {oneLine(text, MAX_REASON)}" if text.strip() else ""
 
 
 class _Discard(Protocol):

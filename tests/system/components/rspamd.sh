@@ -18,14 +18,15 @@
 # rspamd's own rules (GTUBE among them), SPF, DKIM, DMARC, ARC, hfilter stay. No Redis: the
 # modules that need it (bayes, greylist, ratelimit, ...) log "cannot init redis" and are off.
 # The compiled rules (BASE/rspamd/db) are kept across stop and start: a restart takes 0.5 s,
-# the first start about 8 s. Needs root (rspamd drops to _rspamd, which must be able to reach
+# the first start 8 s or more. Needs root (rspamd drops to _rspamd, which must be able to reach
 # BASE/rspamd: every directory above it searchable by others, as .ci/run's work directory is).
 set -euo pipefail
 
 port=${MAILPROXY_RSPAMD_PORT:-11333}
 dns_port=${MAILPROXY_RSPAMD_DNS_PORT:-10353}
-# Readiness and stop waits: tenths of a second.
-START_WAIT=${MAILPROXY_DAEMON_START_WAIT:-600}
+# Readiness and stop waits: tenths of a second. A first start compiles the rules (hyperscan):
+# about 8 s on an idle machine, 33 s seen on a loaded one.
+START_WAIT=${MAILPROXY_RSPAMD_START_WAIT:-1200}
 STOP_WAIT=100
 
 usage() { echo "usage: $0 start|stop|env|log BASE" >&2; exit 2; }
