@@ -400,13 +400,17 @@ class RequestHeadersTests(SynchronousTestCase):
     def test_least(self) -> None:
         """
         Before HELO, no name, no login, no TLS, the null sender: only what is known is
-        sent, the null sender as <>.
+        sent, the null sender as <>; no IP for a client that has none (a UNIX socket).
         """
         headers = requestHeaders(session(helo=None), envelope(mailFrom=""))
         self.assertEqual(
             sorted(name for name, _ in headers.getAllRawHeaders()),
             [b"From", b"Ip", b"Queue-Id", b"Rcpt"],
         )
+        unix = requestHeaders(session(clientAddress="unknown"), envelope())
+        self.assertFalse(unix.hasHeader(b"IP"))
+        v6 = requestHeaders(session(clientAddress="2001:db8::7"), envelope())
+        self.assertEqual(v6.getRawHeaders(b"IP"), [b"2001:db8::7"])
         self.assertEqual(headers.getRawHeaders(b"From"), [b"<>"])
 
     def test_noLineBreaks(self) -> None:

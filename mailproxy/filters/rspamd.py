@@ -16,6 +16,7 @@ Adds go in the verdict's C{headers}, removals and the rewritten subject in its C
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import re
@@ -229,7 +230,12 @@ def requestHeaders(
         if value:
             headers.setRawHeaders(name, [" ".join(value.split())])
 
-    put("IP", session.clientAddress)
+    # Only an address: not the relay's "unknown" (a client on a UNIX socket); rspamd 3.4
+    # takes that as no address, but another version need not.
+    try:
+        put("IP", str(ipaddress.ip_address(session.clientAddress)))
+    except ValueError:
+        pass
     put("Helo", session.helo)
     put("Hostname", session.clientName)
     put("From", envelope.mailFrom or "<>")
