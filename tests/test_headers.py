@@ -162,8 +162,8 @@ class HeadersProxyTests(SynchronousTestCase):
     def test_resultsAddedOnTop(self) -> None:
         """
         The one Authentication-Results header, gathering the results noted at MAIL and by
-        message filters before it, is at the top of what the MTA receives; the message
-        follows byte for byte.
+        message filters before it, is at the top of what the MTA receives, folded to 78
+        columns after a ";"; the message follows byte for byte.
         """
         results = Results(("spf=pass smtp.mailfrom=example.org",), ("dnsbl=pass",))
         h = Harness(self, results, build())
@@ -171,8 +171,8 @@ class HeadersProxyTests(SynchronousTestCase):
         [received] = h.mta.messages
         self.assertEqual(
             received.content,
-            b"Authentication-Results: mx.example.org; spf=pass smtp.mailfrom=example.org; "
-            b"dnsbl=pass\r\n" + PLAIN,
+            b"Authentication-Results: mx.example.org; spf=pass smtp.mailfrom=example.org;\r\n"
+            b" dnsbl=pass\r\n" + PLAIN,
         )
 
     def test_noResults(self) -> None:
