@@ -14,15 +14,21 @@ import attrs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer, reactor
+from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from mailproxy import headeredit, headergrammar
+from mailproxy import session as core
 from mailproxy.envelope import Envelope, Message, Session
 from mailproxy.filters import BaseFilter, EditKind, HeaderEdit, IFilter, Stage, Verdict
 from mailproxy.filters.headers import HeadersFilterFactory, authservId, authservPattern
-from mailproxy.testing import FakeFilter, RawClient
+from mailproxy.testing import FakeFilter, RawClient, pipelineOf
+from mailproxy.wire import Reply
 from tests.fakes import ProxyTestCase
+from tests.test_chunking import CHUNKING, PLAIN, inTransaction
 from tests.test_headers import Results
 
 # -- the pure editing ---------------------------------------------------------------------
@@ -242,6 +248,63 @@ class AuthservPatternTests(SynchronousTestCase):
         self.assertEqual(
             authservPattern("mx.e").search(value) is not None, authservId(value) == "mx.e", value
         )
+
+
+# -- who carries the edits: the pipeline, the session ------------------------------------
+
+REMOVE_A = HeaderEdit.remove("X-A")
+ADD_B = HeaderEdit.add("X-B", "b")
+
+
+class CarriedTests(SynchronousTestCase):
+    """How a filter's edits reach the release: the pipeline, then the session's Release."""
+
+    def setUp(self) -> None:
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+
+    def test_pipelineGathers(self) -> None:
+        """
+        At the message stage, the accepting filters' edits are gathered in filter order,
+        beside their headers; at an earlier stage they are ignored, and that is logged.
+        """
+        first = FakeFilter(
+            name="first",
+            verdicts={
+                Stage.MESSAGE: Verdict.accept(headers=(("X-H", "1"),), edits=(REMOVE_A,)),
+                Stage.RCPT: Verdict.accept(headers=(("X-R", "r"),), edits=(ADD_B,)),
+            },
+        )
+        second = FakeFilter(name="second", verdicts={Stage.MESSAGE: Verdict.accept(edits=(ADD_B,))})
+        pipeline = pipelineOf([first, second], Clock())
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(b"X-A: a\r\n\r\n")
+        session, envelope = Session("S1", "192.0.2.1", 25), Envelope("a@x")
+        verdict = self.successResultOf(
+            pipeline.checkMessage(session, envelope, Message(path, 10))
+        )
+        self.assertEqual(verdict, Verdict.accept(headers=(("X-H", "1"),), edits=(REMOVE_A, ADD_B)))
+        verdict = self.successResultOf(pipeline.checkRcpt(session, envelope, "b@y"))
+        self.assertEqual(verdict, Verdict.accept(headers=(("X-R", "r"),)))
+        [logged] = [e for e in self.events if "header edits" in formatEvent(e)]
+        self.assertEqual(logged["filter"], "first")
+
+    def test_sessionReleases(self) -> None:
+        """
+        The message stage's edits ride in the Release with every stage's headers and the
+        spooled size, after DATA and with BDAT (whose count the driver makes).
+        """
+        edits = (REMOVE_A, ADD_B)
+        for mta, chunked in ((PLAIN, False), (CHUNKING, True)):
+            s = inTransaction(mta)
+            s.clientData(b"BDAT 8 LAST\r\nX-A: a\r\n")
+            s.spoolOpened()
+            s.spoolClosed()
+            effects = s.verdict(Stage.MESSAGE, Verdict.accept(headers=(("X-H", "1"),), edits=edits))
+            if not chunked:
+                effects = s.mtaReply(Reply(354, (b"go",)))
+            [release] = [e for e in effects if isinstance(e, core.Release)]
+            self.assertEqual(release, core.Release((("X-H", "1"),), 8, edits=edits, chunked=chunked))
 
 
 # -- the release, over loopback ----------------------------------------------------------
@@ -474,6 +537,32 @@ class ReleaseTests(Delivering):
             port = self.proxyWith(filter)
             await self.deliver(port, b"Subject: x\r\n\r\nend\r\n")
             self.assertEqual(self.mta.messages[0].content, b"X-Added: yes\r\nSubject: x\r\n\r\nend!!\r\n")
+
+        return defer.Deferred.fromCoroutine(go())
+
+
+    def test_spoolOfAnotherSize(self) -> defer.Deferred[None]:
+        """
+        A spool that is not the size the session counted (something wrote to it) is never
+        sent: with BDAT that count would end the message early or late. The client gets
+        421, the MTA no message.
+        """
+
+        def grow(message: Message) -> None:
+            with open(message.path, "ab") as f:
+                f.write(b"more\r\n")
+
+        async def go() -> None:
+            for chunking in (False, True):
+                self.chunking(chunking)
+                filter = Overwriting(grow, Verdict.accept(edits=(HeaderEdit.remove("X"),)))
+                port = self.proxyWith(filter)
+                client = await self.connect(port)
+                await self.send(client, b"EHLO c\r\nMAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\n", 4)
+                client.send(b"BDAT 14 LAST\r\nX: y\r\n\r\nbody\r\n")
+                await client.lost
+                self.assertEqual(client.codes[-1], 421)
+            self.assertEqual(self.mta.messages, [])
 
         return defer.Deferred.fromCoroutine(go())
 
