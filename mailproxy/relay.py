@@ -730,7 +730,8 @@ class InboundProtocol(Protocol):
         the header block with the edits applied when they need it (read from the spool,
         no more than the header grammar's limit), else only what goes on top.
 
-        @raise _UnreleasableError: the spool is not the message the session counted.
+        @raise _UnreleasableError: the spool is not the message the session counted, or
+            its header block not one the header grammar reads.
         """
         size = os.fstat(f.fileno()).st_size
         if size != effect.spooled:
