@@ -288,7 +288,7 @@ class _UnreleasableError(Exception):
 class _Stream:
     """
     The bytes of a release as they go to the MTA (L{FileSender}'s transform): dot-stuffed
-    after DATA, counted, and whether they end a line.
+    after DATA, and counted.
 
     @ivar sent: the bytes given, before stuffing (BDAT's count).
     """
@@ -296,19 +296,20 @@ class _Stream:
     def __init__(self, stuff: bool) -> None:
         self._stuffer = wire.Stuffer() if stuff else None
         self.sent = 0
-        self._last = wire.CRLF  # what the DATA command line ended with
 
     def __call__(self, chunk: bytes) -> bytes:
         self.sent += len(chunk)
-        out = chunk if self._stuffer is None else self._stuffer(chunk)
-        if out:
-            self._last = (self._last + out[-2:])[-2:]
-        return out
+        return chunk if self._stuffer is None else self._stuffer(chunk)
 
-    @property
-    def endsLine(self) -> bool:
-        """Whether what was sent is nothing, or ends with CRLF."""
-        return self._last == wire.CRLF
+
+def _endOfData(head: bytes, f: typing.BinaryIO, offset: int, size: int) -> bytes:
+    """
+    What ends a release after DATA: the dot line, after a CRLF when the message (C{head},
+    then the spool from C{offset} to its C{size}) does not end its last line. Stuffing
+    never changes that; the spool's last bytes are read without moving its position.
+    """
+    tail = os.pread(f.fileno(), 2, max(offset, size - 2))
+    return b".\r\n" if (wire.CRLF + head[-2:] + tail)[-2:] == wire.CRLF else b"\r\n.\r\n"
 
 
 @implementer(IHalfCloseableProtocol, IHandshakeListener)
@@ -700,7 +701,10 @@ class InboundProtocol(Protocol):
         size = len(head) + effect.spooled - offset
         if effect.chunked:
             transport.write(wire.bdatLine(size) + stream(head))
+            end = b""
         else:
+            # End of data is CRLF.CRLF whether or not the message ends its last line.
+            end = _endOfData(head, f, offset, effect.spooled)
             transport.write(stream(head))
         d = FileSender().beginFileTransfer(f, transport, stream)
 
@@ -708,13 +712,11 @@ class InboundProtocol(Protocol):
             f.close()
             if self._mta is not mta or mta.transport is None:
                 return
-            if effect.chunked:
-                if stream.sent != size:
-                    self._feed(self.machine.releaseFailed("the spool changed while sent"))
-                    return
-            else:
-                # End of data is CRLF.CRLF whether or not the message ended its last line.
-                mta.transport.write(b".\r\n" if stream.endsLine else b"\r\n.\r\n")
+            if stream.sent != size:  # BDAT's count, or the end of data's CRLF, is wrong
+                self._feed(self.machine.releaseFailed("the spool changed while sent"))
+                return
+            if end:
+                mta.transport.write(end)
             self._feed(self.machine.releaseSent())
 
         def failed(failure: Failure) -> None:
