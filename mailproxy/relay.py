@@ -42,7 +42,7 @@ from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailproxy import replies, tls, wire
+from mailproxy import headeredit, headergrammar, replies, tls, wire
 from mailproxy import session as core
 from mailproxy.config import Config
 from mailproxy.envelope import Session as SessionInfo
@@ -279,6 +279,37 @@ def _limitWriteBuffer(transport: object, size: int) -> None:
             transport.bufferSize = size
             return
         transport = getattr(transport, "transport", None)
+
+
+class _UnreleasableError(Exception):
+    """The spooled message cannot be released as the session asked (a bug, or a disk)."""
+
+
+class _Stream:
+    """
+    The bytes of a release as they go to the MTA (L{FileSender}'s transform): dot-stuffed
+    after DATA, and counted.
+
+    @ivar sent: the bytes given, before stuffing (BDAT's count).
+    """
+
+    def __init__(self, stuff: bool) -> None:
+        self._stuffer = wire.Stuffer() if stuff else None
+        self.sent = 0
+
+    def __call__(self, chunk: bytes) -> bytes:
+        self.sent += len(chunk)
+        return chunk if self._stuffer is None else self._stuffer(chunk)
+
+
+def _endOfData(head: bytes, f: typing.BinaryIO, offset: int, size: int) -> bytes:
+    """
+    What ends a release after DATA: the dot line, after a CRLF when the message (C{head},
+    then the spool from C{offset} to its C{size}) does not end its last line. Stuffing
+    never changes that; the spool's last bytes are read without moving its position.
+    """
+    tail = os.pread(f.fileno(), 2, max(offset, size - 2))
+    return b".\r\n" if (wire.CRLF + head[-2:] + tail)[-2:] == wire.CRLF else b"\r\n.\r\n"
 
 
 @implementer(IHalfCloseableProtocol, IHandshakeListener)
@@ -647,42 +678,46 @@ class InboundProtocol(Protocol):
 
     def _release(self, effect: core.Release) -> None:
         """
-        Stream the added headers and the spooled message, dot-stuffed, then the dot; or,
-        for C{bdat}, its BDAT command, the headers and the spooled bytes as they are.
+        Stream the message to the MTA: our trace header and the filters' headers, the
+        spooled header block with the filters' edits applied, then the rest of the spool
+        as it is (L{mailproxy.headeredit}); dot-stuffed, then the dot; or, for
+        C{chunked}, after one BDAT whose size is counted here, from exactly these bytes.
         """
         spool, mta = self._spool, self._mta
         if spool is None or mta is None or mta.transport is None:
             self._feed(self.machine.releaseFailed("the MTA or the spool is gone"))
             return
         transport = mta.transport
-        trace = b""
-        if effect.trace is not None:
-            date = formatdate(self._clock.seconds(), localtime=True)
-            trace = wire.headerBytes((effect.trace.header(date),))
-        headers = trace + wire.headerBytes(effect.headers)
         f = open(spool.path, "rb")  # closed when the transfer ends
-        if effect.bdat is not None:
-            # The MTA reads exactly this many bytes as the message: a spool of another
-            # size would end it early or late, so it is never sent.
-            size = effect.bdat + len(trace)  # the session counts all but the dated trace
-            if len(headers) + os.fstat(f.fileno()).st_size != size:
-                f.close()
-                self._feed(self.machine.releaseFailed("the spool is not the message's size"))
-                return
-            transport.write(wire.bdatLine(size) + headers)
-            d = FileSender().beginFileTransfer(f, transport)
+        try:
+            head, offset = self._releasedHead(effect, f)
+        except _UnreleasableError as e:
+            f.close()
+            self._feed(self.machine.releaseFailed(str(e)))
+            return
+        stream = _Stream(stuff=not effect.chunked)
+        # BDAT: the MTA reads exactly this many bytes as the message; the count is of
+        # what is sent (checked once it is), never a guess made before the edits.
+        size = len(head) + effect.spooled - offset
+        if effect.chunked:
+            transport.write(wire.bdatLine(size) + stream(head))
             end = b""
         else:
-            transport.write(headers)
-            d = FileSender().beginFileTransfer(f, transport, wire.Stuffer())
-            end = b".\r\n"
+            # End of data is CRLF.CRLF whether or not the message ends its last line.
+            end = _endOfData(head, f, offset, effect.spooled)
+            transport.write(stream(head))
+        d = FileSender().beginFileTransfer(f, transport, stream)
 
         def sent(_: object) -> None:
             f.close()
-            if self._mta is mta and mta.transport is not None:
-                if end:
-                    mta.transport.write(end)
-                self._feed(self.machine.releaseSent())
+            if self._mta is not mta or mta.transport is None:
+                return
+            if stream.sent != size:  # BDAT's count, or the end of data's CRLF, is wrong
+                self._feed(self.machine.releaseFailed("the spool changed while sent"))
+                return
+            if end:
+                mta.transport.write(end)
+            self._feed(self.machine.releaseSent())
 
         def failed(failure: Failure) -> None:
             f.close()
@@ -690,6 +725,36 @@ class InboundProtocol(Protocol):
                 self._feed(self.machine.releaseFailed(failure.getErrorMessage()))
 
         d.addCallbacks(sent, failed)
+
+    def _releasedHead(self, effect: core.Release, f: typing.BinaryIO) -> tuple[bytes, int]:
+        """
+        What goes before the rest of the spool, and where in the spool that rest starts:
+        the header block with the edits applied when they need it (read from the spool,
+        no more than the header grammar's limit), else only what goes on top.
+
+        @raise _UnreleasableError: the spool is not the message the session counted, or
+            its header block not one the header grammar reads.
+        """
+        size = os.fstat(f.fileno()).st_size
+        if size != effect.spooled:
+            raise _UnreleasableError("the spool is not the message's size")
+        added = effect.headers
+        if effect.trace is not None:
+            date = formatdate(self._clock.seconds(), localtime=True)
+            added = (effect.trace.header(date), *added)
+        block, end = b"", 0
+        if headeredit.needsBlock(effect.edits):
+            block = f.read(headergrammar.MAX_HEADER_BYTES)
+            found = headeredit.headerEnd(block, complete=len(block) == size)
+            if found is None:
+                raise _UnreleasableError("the header block is over the header grammar's limit")
+            end = found
+            f.seek(end)
+        try:
+            edited = headeredit.editBlock(block[:end], effect.edits)
+        except headeredit.HeaderBlockError as e:
+            raise _UnreleasableError(f"the spooled header block: {e}") from None
+        return headeredit.addedBytes(added) + edited, end
 
     def _startTimer(self, effect: core.StartTimer) -> None:
         timer = self._timers.get(effect.timer)

@@ -56,12 +56,17 @@ bytes are read and discarded all the same. Our 250 answers each chunk but the la
 BDAT LAST joins DATA's path at FILTERING, and the release is one C{BDAT n LAST} when the
 MTA offered CHUNKING, else DATA dot-stuffed.
 
+The release (L{Release}) carries what goes on top of the spooled message (our trace
+header, the filters' C{headers} of every stage) and the message filters' header edits;
+the driver applies them to the spooled header block, and counts BDAT's size from what
+it sends, so that the count is the bytes the MTA reads.
+
 Between the scanner and the spool, every message's content goes through the header
 grammar (L{headergrammar.HeaderChecker}, contract 12): at C{spoolClosed}, after the size
 and the bare CR/LF checks, a NUL (C{nul_bytes = "reject"}) or an ambiguous header block
 (C{header_syntax = "reject"}) is refused with 554 5.6.0 before any filter runs; with
 C{"normalise"} the spool gets the rewritten header block, so that the filters read and
-the release sends (its BDAT size counted from what was spooled) the same bytes.
+the release sends (its BDAT size counted from what it sends) the same bytes.
 
 The PROXY protocol is the listener's: it holds the session back until the header is
 read, so L{SessionInfo} has the client's address from the start; nothing here reads the
@@ -91,7 +96,7 @@ from mailproxy import headergrammar, replies, wire
 from mailproxy.envelope import Envelope
 from mailproxy.envelope import Session as SessionInfo
 from mailproxy.replies import Answer, Reason
-from mailproxy.verdict import Stage, Verdict
+from mailproxy.verdict import HeaderEdit, Stage, Verdict
 from mailproxy.wire import Reply
 
 if TYPE_CHECKING:
@@ -350,18 +355,27 @@ class Trace:
 @attrs.frozen
 class Release:
     """
-    Stream C{headers} and the spooled message, dot-stuffed, then the final dot, to the
-    MTA; answer with L{Session.releaseSent} or L{Session.releaseFailed}. C{trace}, if
-    set, is the first header (the driver dates it).
+    Stream the message to the MTA, dot-stuffed, then the final dot; answer with
+    L{Session.releaseSent} or L{Session.releaseFailed}. On top: C{trace}, if set (the
+    driver dates it), then C{headers}; then the spooled message with C{edits} applied to
+    its header block (L{mailproxy.headeredit}: only the block is read and rewritten, the
+    body streamed from the spool as it is).
 
-    With C{bdat} (the size of the headers and the spooled message together, the trace
-    header not counted), send L{wire.bdatLine} of it instead, then the headers and the
-    spooled bytes as they are.
+    With C{chunked}, send one C{BDAT n LAST} (L{wire.bdatLine}) instead, then those bytes
+    as they are: the driver counts C{n}, exactly the bytes it sends, from the edited
+    header block and the rest of the spool.
+
+    @ivar spooled: the size of the spooled message; the driver refuses to send a spool
+        of another size (not the message the filters passed).
+    @ivar edits: the message filters' header edits, in filter order. Only the message
+        stage's count: the earlier stages' filters add C{headers}, never edit.
     """
 
     headers: Headers
+    spooled: int
     trace: Trace | None = None
-    bdat: int | None = None
+    edits: tuple[HeaderEdit, ...] = ()
+    chunked: bool = False
 
 
 @attrs.frozen
@@ -1837,7 +1851,7 @@ class Session:
         early = [
             h for stage in (Stage.CONNECT, Stage.HELO) for h in self._sessionHeaders.get(stage, ())
         ]
-        self._release((*early, *txn.headers, *verdict.headers), self._trace())
+        self._release((*early, *txn.headers, *verdict.headers), self._trace(), verdict.edits)
 
     def _messageRefused(self, verdict: Verdict) -> None:
         txn = self._txn
@@ -1878,7 +1892,9 @@ class Session:
             self.info.tls, self.info.id,
         )  # fmt: skip
 
-    def _release(self, headers: Headers, trace: Trace | None = None) -> None:
+    def _release(
+        self, headers: Headers, trace: Trace | None = None, edits: tuple[HeaderEdit, ...] = ()
+    ) -> None:
         """Send DATA and then the spooled message to the MTA; relay its final reply."""
         txn = self._txn
         assert txn is not None
@@ -1902,7 +1918,7 @@ class Session:
             return reply
 
         if txn.bdat:
-            self._releaseChunked(headers, finalReply, trace)
+            self._releaseChunked(Release(headers, txn.size, trace, edits, chunked=True), finalReply)
             return
 
         def dataReply(reply: Reply) -> Reply | None:
@@ -1919,7 +1935,7 @@ class Session:
             self._replies.append(txn.final)
             self._mtaSlots.append(txn.final)
             self._inFlight += 1
-            self._emit(Release(headers, trace))
+            self._emit(Release(headers, txn.size, trace, edits))
             return None
 
         self._relay(b"DATA", dataReply, expects=_MORE, barrier=True)
@@ -2086,24 +2102,22 @@ class Session:
             return True
         return False
 
-    def _releaseChunked(
-        self, headers: Headers, finalReply: Callable[[Reply], Reply], trace: Trace | None
-    ) -> None:
+    def _releaseChunked(self, release: Release, finalReply: Callable[[Reply], Reply]) -> None:
         """
         Release with one C{BDAT n LAST}: its reply is the MTA's reply to the message, and
-        none is right before the last byte is sent. It goes once our keepalives are answered.
+        none is right before the last byte is sent. It goes once our keepalives are
+        answered. The driver counts C{n}: only it knows the edited header block's size.
         """
         txn = self._txn
         assert txn is not None
         final = txn.final = _Slot(expects=frozenset(), onReply=finalReply, command=b"BDAT")
         self._replies.append(final)
-        size = len(wire.headerBytes(headers)) + txn.size
 
         def send() -> None:
             txn.pendingRelease = None
             self._mtaSlots.append(final)
             self._inFlight += 1
-            self._emit(Release(headers, trace, bdat=size))
+            self._emit(release)
 
         txn.pendingRelease = send
         self._releaseWhenSynced()

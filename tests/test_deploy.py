@@ -26,6 +26,7 @@ from mailproxy.testing import (
     listeningPort,
     loopbackConfig,
     startProxy,
+    unfolded,
 )
 from mailproxy.wire import Reply
 from tests.certs import CertificateAuthority, Issued
@@ -95,7 +96,7 @@ class DeployTests(TestCase):
         total = self.service.stats.snapshot()["total"]
         self.assertEqual(sum(total["tls"].values()), 1)
         self.assertRegex(next(iter(total["tls"])), r"^client TLSv1\.[23]$")
-        received, _, rest = message.content.partition(b"\r\n")
+        received, _, rest = unfolded(message.content).partition(b"\r\n")
         self.assertEqual(rest, MESSAGE)
         self.assertRegex(
             received,
@@ -138,7 +139,7 @@ class DeployTests(TestCase):
         client.send(envelope() + b"DATA\r\n" + STUFFED + b"QUIT\r\n")
         await client.lost
         self.assertEqual(client.codes, [220, 250, 250, 250, 354, 250, 221])
-        self.assertIn(b"with ESMTPS (TLSv1.", self.mta.messages[0].content)
+        self.assertIn(b"with ESMTPS (TLSv1.", unfolded(self.mta.messages[0].content))
 
     def mtaWithTls(self) -> Issued:
         issued = self.ca.issue("mta.test")
@@ -205,7 +206,7 @@ class DeployTests(TestCase):
         self.assertEqual(
             self.service.stats.snapshot()["total"]["auth"], {"succeeded": 1, "failed": 0}
         )
-        self.assertIn(b"with ESMTPSA (TLSv1.", self.mta.messages[0].content)
+        self.assertIn(b"with ESMTPSA (TLSv1.", unfolded(self.mta.messages[0].content))
 
     async def test_xclient(self) -> None:
         """An MTA offering XCLIENT hears the client's own address and port, not ours."""

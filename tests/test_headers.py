@@ -16,7 +16,13 @@ from zope.interface.verify import verifyObject
 from mailproxy.config import ConfigError, load
 from mailproxy.envelope import Envelope, Message, Session
 from mailproxy.filters import BaseFilter, IFilter, OptionError, Stage, Verdict
-from mailproxy.filters.headers import HeadersFilter, HeadersFilterFactory, authservId, resultsValue
+from mailproxy.filters.headers import (
+    ForgedResults,
+    HeadersFilter,
+    HeadersFilterFactory,
+    authservId,
+    resultsValue,
+)
 from mailproxy.filters.pipeline import buildPipeline, filterFactories
 from mailproxy.testing_threads import ThreadedClock
 from mailproxy.wire import Reply
@@ -59,14 +65,19 @@ class OptionTests(SynchronousTestCase):
     """The filter's options."""
 
     def test_defaults(self) -> None:
-        """A minimal section: an IFilter of the message stage, adding results, always run."""
+        """
+        A minimal section: an IFilter of the message stage, adding results, removing
+        forged ones, always run.
+        """
         f = build()
         self.assertTrue(verifyObject(IFilter, f))
         self.assertEqual(f.stages, frozenset({Stage.MESSAGE}))
         self.assertEqual(
-            (f.authservId, f.rules, f.addResults, f.rejectForged, f.always, f.maxHeaderBytes),
-            ("mx.example.org", (), True, True, True, 131072),
+            (f.authservId, f.rules, f.addResults, f.forgedResults, f.always, f.maxHeaderBytes),
+            ("mx.example.org", (), True, ForgedResults.REMOVE, True, 131072),
         )
+        for choice in ForgedResults:
+            self.assertIs(build(forged_results=choice.value).forgedResults, choice)
 
     def test_rules(self) -> None:
         """Reject rules are an array of inline tables; text is optional."""
@@ -162,8 +173,8 @@ class HeadersProxyTests(SynchronousTestCase):
     def test_resultsAddedOnTop(self) -> None:
         """
         The one Authentication-Results header, gathering the results noted at MAIL and by
-        message filters before it, is at the top of what the MTA receives; the message
-        follows byte for byte.
+        message filters before it, is at the top of what the MTA receives, folded to 78
+        columns after a ";"; the message follows byte for byte.
         """
         results = Results(("spf=pass smtp.mailfrom=example.org",), ("dnsbl=pass",))
         h = Harness(self, results, build())
@@ -171,8 +182,8 @@ class HeadersProxyTests(SynchronousTestCase):
         [received] = h.mta.messages
         self.assertEqual(
             received.content,
-            b"Authentication-Results: mx.example.org; spf=pass smtp.mailfrom=example.org; "
-            b"dnsbl=pass\r\n" + PLAIN,
+            b"Authentication-Results: mx.example.org; spf=pass smtp.mailfrom=example.org;\r\n"
+            b" dnsbl=pass\r\n" + PLAIN,
         )
 
     def test_noResults(self) -> None:
@@ -217,14 +228,42 @@ class HeadersProxyTests(SynchronousTestCase):
         )
         self.assertEqual(self.transaction(h, message).code, 550)
 
+    def test_forgedRemoved(self) -> None:
+        """
+        By default, every Authentication-Results arriving with the message that claims
+        our authserv-id (any case, after a comment, in quotes, folded) is removed from
+        the released copy, which has ours on top; fields of other authserv-ids, and the
+        rest of the message, stay byte for byte.
+        """
+        forged = crlf(
+            "Authentication-Results: MX.Example.Org; spf=pass\n"
+            "Subject: x\n"
+            "Authentication-Results: mx.sender.example; dkim=pass\n"
+            "Authentication-Results: (hop 1)\n \"mx.example.org\"; dkim=pass\n"
+            "Authentication-Results: mx.example.org.evil; none\n"
+            "\nx\n"
+        )
+        h = Harness(self, build())
+        self.assertEqual(self.transaction(h, forged).code, 250)
+        self.assertEqual(
+            h.mta.messages[0].content,
+            crlf(
+                "Authentication-Results: mx.example.org; none\n"
+                "Subject: x\n"
+                "Authentication-Results: mx.sender.example; dkim=pass\n"
+                "Authentication-Results: mx.example.org.evil; none\n"
+                "\nx\n"
+            ),
+        )
+
     def test_forgedRefused(self) -> None:
         """
-        A message arriving with an Authentication-Results that claims our authserv-id
-        (any case) is refused by default, and let through with forged_results = "accept",
-        our own header then on top.
+        With forged_results = "reject", a message arriving with an Authentication-Results
+        that claims our authserv-id is refused; with "accept" it is let through as it
+        came, our own header then on top.
         """
         forged = crlf("Authentication-Results: MX.Example.Org; spf=pass\nSubject: x\n\nx\n")
-        h = Harness(self, build())
+        h = Harness(self, build(forged_results="reject"))
         reply = self.transaction(h, forged)
         self.assertEqual(reply.code, 550)
         self.assertEqual(

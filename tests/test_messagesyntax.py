@@ -225,7 +225,8 @@ class BypassTests(SynchronousTestCase):
     def test_forgedResultsHidden(self) -> None:
         """
         A forged Authentication-Results with our authserv-id, spaced or behind an
-        invalid name: 554 5.6.0; normalised, the headers filter refuses the spaced one.
+        invalid name: 554 5.6.0; normalised, the headers filter sees the spaced one: it
+        is removed on release (or, with forged_results = "reject", refused).
         """
         forged = "Authentication-Results : mx.example.org; spf=pass\n"
         spaced = crlf(f"From: a@example.org\n{forged}Subject: hi\n\nbody\n")
@@ -234,12 +235,19 @@ class BypassTests(SynchronousTestCase):
             sent = Sent(self, headersFilter())
             self.assertEqual(sent.data(message)[0], 554)
             sent.mtaGotNothing(self)
-        sent = Sent(self, headersFilter(), **NORMALISE)
+        sent = Sent(self, headersFilter(forged_results="reject"), **NORMALISE)
         self.assertEqual(
             sent.data(spaced),
             (550, b"5.7.1 Message carries a forged Authentication-Results header (mx.example.org)"),
         )
         sent.mtaGotNothing(self)
+        sent = Sent(self, headersFilter(), **NORMALISE)
+        self.assertEqual(sent.data(spaced)[0], 250)
+        [received] = sent.h.mta.messages
+        self.assertEqual(
+            received.content,
+            crlf("Authentication-Results: mx.example.org; none\nFrom: a@example.org\nSubject: hi\n\nbody\n"),
+        )
 
 
 class NulTests(SynchronousTestCase):

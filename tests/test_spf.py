@@ -30,6 +30,7 @@ from mailproxy.filters.spf import (
     evaluate,
     receivedSPF,
 )
+from mailproxy.testing import unfolded
 from tests.dnsserver import DNSServer, a, freePort, txt
 from tests.fakes import ProxyTestCase
 
@@ -413,7 +414,7 @@ class SPFLoopbackTests(ProxyTestCase):
         port = self.spfProxy(server)
         self.assertEqual((await self.deliver(port, "a@pass.example"))[0], "250 2.1.0 Ok")
         [message] = self.mta.messages
-        first = message.content.split(b"\r\n")[0].decode()
+        first = unfolded(message.content).split(b"\r\n")[0].decode()
         self.assertEqual(
             first,
             "Received-SPF: pass (proxy.test: domain of pass.example designates 127.0.0.1 as"
@@ -450,7 +451,7 @@ class SPFLoopbackTests(ProxyTestCase):
         port = self.spfProxy(server)
         await self.deliver(port, "", helo="helo.example")
         [message] = self.mta.messages
-        first = message.content.split(b"\r\n")[0]
+        first = unfolded(message.content).split(b"\r\n")[0]
         self.assertTrue(first.startswith(b"Received-SPF: pass (proxy.test: domain of helo.example"))
         self.assertIn(b"identity=helo;", first)
         self.assertEqual(server.queries, [("helo.example", "TXT")])
@@ -478,7 +479,7 @@ class SPFLoopbackTests(ProxyTestCase):
         port = self.spfProxy(server)
         await self.deliver(port, "a@many.example")
         [message] = self.mta.messages
-        first = message.content.split(b"\r\n")[0]
+        first = unfolded(message.content).split(b"\r\n")[0]
         self.assertTrue(
             first.startswith(b"Received-SPF: permerror (proxy.test: permanent error"), first
         )

@@ -9,16 +9,24 @@ thread pool, by the header grammar the session checked it with
 did not come through the session can have) is refused here too, 554 5.6.0. It runs at the message stage and must be the last filter configured: it
 reports the results of the filters before it.
 
+The one C{Authentication-Results} field gathers every method result the filters before
+it noted (spf, dkim per signature, dmarc, arc, ...), deduplicated, in the order noted;
+the release folds it to 78 columns, after a C{";"} between results where it can (RFC
+8601 section 2.2).
+
 RFC 8601 section 5: a receiver trusts an C{Authentication-Results} field that carries its
 own authserv-id, so one that arrives with the message, claiming that id, is forged (or
-left from an earlier pass). The RFC asks to delete it; mailproxy releases the message's
-bytes as received and cannot, so by default such a message is refused
-(C{forged_results = "reject"}). With C{"accept"} it goes through and a warning is logged:
-then only the topmost field (the one mailproxy adds) is to be trusted downstream.
+left from an earlier pass), and must be deleted. By default (C{forged_results =
+"remove"}) the filter asks the release to remove every such field (a L{HeaderEdit}
+matching our authserv-id in the field's value, in any case, comments skipped: the
+reading of L{authservId}), and logs that it did; fields of other authserv-ids stay. With
+C{"reject"} such a message is refused (550 5.7.1); with C{"accept"} it goes through as it
+came, with a warning: then only the topmost field (ours) is to be trusted downstream.
 """
 
 from __future__ import annotations
 
+import enum
 import re
 from collections.abc import Mapping
 
@@ -30,7 +38,15 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from mailproxy.envelope import Envelope, Message, Session
-from mailproxy.filters import BaseFilter, IFilter, IFilterFactory, OptionError, Stage, Verdict
+from mailproxy.filters import (
+    BaseFilter,
+    HeaderEdit,
+    IFilter,
+    IFilterFactory,
+    OptionError,
+    Stage,
+    Verdict,
+)
 from mailproxy.filters.options import Options, reKeyed
 from mailproxy.filters.support import (
     DEFAULT_MAX_HEADER_BYTES,
@@ -49,6 +65,14 @@ AUTHENTICATION_RESULTS = "Authentication-Results"
 # quoted string too, which nobody uses).
 _AUTHSERV_ID = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+\Z")
 _COMMENTS = re.compile(r"\((?:[^()\\]|\\.)*\)")
+
+
+class ForgedResults(enum.Enum):
+    """C{forged_results}: what to do with a message's fields that claim our authserv-id."""
+
+    REMOVE = "remove"
+    REJECT = "reject"
+    ACCEPT = "accept"
 
 
 @attrs.frozen
@@ -72,6 +96,24 @@ def authservId(value: str) -> str:
     return re.split(r"[\s;]", bare, maxsplit=1)[0].strip('"').lower()
 
 
+def authservPattern(authserv: str) -> re.Pattern[str]:
+    """
+    What finds an C{Authentication-Results} value whose authserv-id is C{authserv}, as
+    L{authservId} reads it: after whitespace and comments, the id (any ASCII case, in
+    quotes or not), then whitespace, a C{";"}, a comment or the end. For the release's
+    removal (L{HeaderEdit.remove}'s C{matching}), which reads the value unfolded.
+
+    @param authserv: an authserv-id as the filter accepts it (no quote, parenthesis,
+        semicolon or whitespace).
+    """
+    letters = "".join(
+        f"[{c.lower()}{c.upper()}]" if c.isascii() and c.isalpha() else re.escape(c)
+        for c in authserv
+    )
+    comment = _COMMENTS.pattern
+    return re.compile(rf'\A(?:\s|{comment})*"*{letters}"*(?=[\s;]|\Z|{comment})')
+
+
 def resultsValue(authserv: str, results: object) -> str:
     """
     The value of the C{Authentication-Results} field: C{authserv; r1; r2} or
@@ -90,14 +132,15 @@ def resultsValue(authserv: str, results: object) -> str:
 @attrs.frozen
 class HeadersFilter(BaseFilter):
     """
-    Refuses (550 5.7.1) a message whose header matches a rule, or that carries a forged
-    C{Authentication-Results}; else adds C{Authentication-Results}.
+    Refuses (550 5.7.1) a message whose header matches a rule; else adds the one
+    C{Authentication-Results}, and has the forged ones removed (or refuses or keeps the
+    message, as C{forgedResults} says).
     """
 
     authservId: str
     rules: tuple[Rule, ...] = ()
     addResults: bool = True
-    rejectForged: bool = True
+    forgedResults: ForgedResults = ForgedResults.REMOVE
     maxHeaderBytes: int = DEFAULT_MAX_HEADER_BYTES
     always: bool = True
     #: The reactor whose thread pool the blocking read runs in (L{inThreadPool}).
@@ -111,23 +154,32 @@ class HeadersFilter(BaseFilter):
         def decide(findings: _Findings) -> Verdict:
             if findings.refusal is not None:
                 return findings.refusal
+            edits: tuple[HeaderEdit, ...] = ()
             if findings.forged:
+                removing = self.forgedResults is ForgedResults.REMOVE
                 self._log.warn(
                     "{session} headers: the message carries Authentication-Results with our "
-                    "authserv-id {authserv}: {values}",
+                    "authserv-id {authserv}{removed}: {values}",
                     session=session.id,
                     authserv=self.authservId,
+                    removed=" (removed on release)" if removing else "",
                     values=list(findings.forged),
                 )
-                if self.rejectForged:
+                if self.forgedResults is ForgedResults.REJECT:
                     return Verdict.reject(
                         f"Message carries a forged {AUTHENTICATION_RESULTS} header "
                         f"({self.authservId})"
                     )
+                if removing:
+                    edits = (
+                        HeaderEdit.remove(
+                            AUTHENTICATION_RESULTS, matching=authservPattern(self.authservId)
+                        ),
+                    )
             if not self.addResults:
-                return Verdict.accept()
+                return Verdict.accept(edits=edits)
             value = resultsValue(self.authservId, envelope.notes.get("authentication-results"))
-            return Verdict.accept(headers=((AUTHENTICATION_RESULTS, value),))
+            return Verdict.accept(headers=((AUTHENTICATION_RESULTS, value),), edits=edits)
 
         return inThreadPool(self.threads, self.examine, message).addCallback(decide)
 
@@ -189,7 +241,9 @@ class HeadersFilterFactory:
             authservId=authserv,
             rules=tuple(rules),
             addResults=o.boolean("authentication_results", True),
-            rejectForged=o.choice("forged_results", ("reject", "accept"), "reject") == "reject",
+            forgedResults=ForgedResults(
+                o.choice("forged_results", tuple(f.value for f in ForgedResults), "remove")
+            ),
             maxHeaderBytes=o.integer("max_header_bytes", DEFAULT_MAX_HEADER_BYTES, minimum=1024),
             always=o.boolean("always", True),
             threads=requireThreads(reactor),

@@ -1,7 +1,10 @@
 """
 The filter pipeline: runs the configured filters of a stage in configuration order,
 each under its own timeout, the first refusal winning; applies each filter's
-C{on_error} policy and C{dry_run} switch; gathers the headers accepting filters add.
+C{on_error} policy and C{dry_run} switch; gathers the headers accepting filters add,
+and at the message stage their header edits (L{HeaderEdit}), in filter order, for the
+release to apply. Header edits are a message-stage answer: those of a filter of an earlier
+stage (which has not read the message) are logged and ignored; its C{headers} are added.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from mailproxy.envelope import Envelope, Message, Session
 from mailproxy.filters import (
     Action,
     FilterError,
+    HeaderEdit,
     IFilter,
     IFilterFactory,
     OptionError,
@@ -163,6 +167,7 @@ class Pipeline:
         args: tuple[object, ...],
     ) -> Verdict:
         headers: list[tuple[str, str]] = []
+        edits: list[HeaderEdit] = []
         for cf in configured:
             name = cf.filter.name
             if session.allowedBy is not None and not getattr(cf.filter, "always", False):
@@ -202,7 +207,17 @@ class Pipeline:
                 )
                 return attrs.evolve(verdict, filter=name)
             headers.extend(verdict.headers)
-        return Verdict.accept(tuple(headers))
+            if stage is Stage.MESSAGE:
+                edits.extend(verdict.edits)
+            elif verdict.edits:
+                self._log.warn(
+                    "{session} {stage}: header edits of {filter} ignored: only message "
+                    "filters edit the header block",
+                    session=session.id,
+                    stage=stage.value,
+                    filter=name,
+                )
+        return Verdict.accept(tuple(headers), tuple(edits))
 
     def _observe(self, checked: Checked) -> None:
         if self._observer is None:
