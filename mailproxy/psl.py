@@ -35,4 +35,3 @@ def registeredDomain(name: str, icannOnly: bool = False) -> str | None:
         return None
     found = _list(icannOnly).privatesuffix(name)
     return str(found) if found is not None else None
-
