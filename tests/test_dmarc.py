@@ -6,6 +6,8 @@ the From: field as RFC 7489 6.6.1 wants it, and its place after spf and dkim.
 from __future__ import annotations
 
 import re
+import tomllib
+from pathlib import Path
 from typing import Any, ClassVar
 
 from twisted.internet import reactor
@@ -273,11 +275,25 @@ class FilterTests(TestCase):
             self.assertEqual(envelope.notes["authentication-results"], [result])
 
     async def test_temperror(self) -> None:
-        """SERVFAIL: dmarc=temperror, accepted."""
-        self.server.servfail.add("_dmarc.example.org")
-        verdict, envelope = await self.check(self.build(), "a@example.org")
-        self.assertEqual(verdict.action, Action.ACCEPT)
-        self.assertTrue(envelope.notes["authentication-results"][0].startswith("dmarc=temperror"))
+        """
+        SERVFAIL for the policy record, or an aligned DKIM key that could not be fetched:
+        dmarc=temperror, 451 4.7.1 (the sender retries), or accepted with
+        temperror_action = "accept".
+        """
+        unknownKey = {"dkim": [{"result": "temperror", "domain": "example.org"}]}
+        for sender, notes in [("a@temp.example.org", {}), ("a@example.org", unknownKey)]:
+            self.server.servfail.add("_dmarc.temp.example.org")
+            verdict, envelope = await self.check(self.build(), sender, notes)
+            self.assertEqual((verdict.code, verdict.enhanced), (451, "4.7.1"), sender)
+            self.assertTrue(
+                envelope.notes["authentication-results"][0].startswith("dmarc=temperror")
+            )
+            verdict, _ = await self.check(self.build(temperror_action="accept"), sender, notes)
+            self.assertEqual(verdict.action, Action.ACCEPT)
+        # A failed aligned signature is no excuse: that is a fail.
+        failed = {"dkim": [{"result": "fail", "domain": "example.org"}]}
+        verdict, _ = await self.check(self.build(), "a@example.org", failed)
+        self.assertEqual(verdict.code, 550)
 
     async def test_severalAuthors(self) -> None:
         """One From: with several domains: each evaluated, the strictest failing policy applies."""
@@ -412,3 +428,19 @@ class LoopbackTests(ProxyTestCase):
             " policy.arc-override=forwarder.example",
             ar,
         )
+
+
+class SampleTests(SynchronousTestCase):
+    """conf/mailproxy.toml's commented dkim and dmarc sections build as they are written."""
+
+    def test_sampleSections(self) -> None:
+        """Uncommented, each section's keys are all known to its filter and valid."""
+        from mailproxy.filters.dkim import DKIMFilterFactory
+
+        text = (Path(__file__).parent.parent / "conf" / "mailproxy.toml").read_text()
+        for name, factory in [("dkim", DKIMFilterFactory()), ("dmarc", DMARCFilterFactory())]:
+            block = text.split(f"# [filters.{name}]\n")[1].split("\n\n")[0]
+            lines = [line[2:] for line in block.splitlines() if re.match(r"# [a-z_]+ = ", line)]
+            options = tomllib.loads("\n".join(lines))
+            self.assertGreaterEqual(len(options), 8, name)
+            factory.build(options, ThreadedClock())

@@ -24,7 +24,8 @@ The steps (RFC 7489 §6.6):
      organisational domain's), sampled by C{pct} (§6.6.4: a message outside the sample
      gets the next policy down), then the local overrides: allow-listed domains, and a
      passing ARC chain whose newest sealer is trusted (RFC 8617 §7.2);
-  5. the action configured for the policy: reject (550 5.7.1), quarantine (refused
+  5. the action configured for the policy (a C{temperror} -- the policy record, or an
+     aligned DKIM key or SPF record, could not be fetched now -- tempfails by default): reject (550 5.7.1), quarantine (refused
      with 550 5.7.1 like a reject, so that the section's C{quarantine = true} keeps
      it), tag (a header added, the message delivered) or accept.
 
@@ -340,6 +341,21 @@ def evaluate(
         sealers = arc.get("sealers") or ()
         if arc.get("result") == "pass" and sealers and trustedSealers.match(sealers[0]):
             return Evaluation(domain, "fail", policy, Policy.NONE, "trusted_forwarder", sealers[0])
+        # An aligned identifier that could not be checked now might have passed: a DNS
+        # hiccup at the signer's must not bounce its mail (RFC 7489 6.6.2).
+        unknown = [
+            r.get("domain", "")
+            for r in notes.get("dkim", ())
+            if r.get("result") == "temperror"
+            and _aligned(r.get("domain", ""), domain, record.adkim)
+        ]
+        if spf.get("result") == "temperror" and _aligned(
+            spf.get("domain", ""), domain, record.aspf
+        ):
+            unknown.append(spf.get("domain", ""))
+        if unknown:
+            reason = f"no aligned pass; {unknown[0]} could not be checked"
+            return Evaluation(domain, "temperror", policy, reason=reason)
     return Evaluation(domain, "fail", policy, disposition)
 
 
@@ -368,6 +384,8 @@ class DMARCFilter(BaseFilter):
     allowDomains: Patterns = attrs.Factory(lambda: Patterns(()))
     trustedSealers: Patterns = attrs.Factory(lambda: Patterns(()))
     badFrom: Disposition = Disposition.REJECT
+    #: For a temperror: L{Disposition.REJECT} tempfails (451 4.7.1), ACCEPT accepts.
+    temperror: Disposition = Disposition.REJECT
     tagHeader: str = "X-DMARC"
     maxHeaderBytes: int = DEFAULT_MAX_HEADER_BYTES
     random: Callable[[], float] = _random.random
@@ -432,6 +450,13 @@ class DMARCFilter(BaseFilter):
             )
         failing = [e for e in evaluations if e.disposition is not None]
         if not failing:
+            temporary = [e for e in evaluations if e.result == "temperror"]
+            if temporary and self.temperror is Disposition.REJECT:
+                return Verdict.tempfail(
+                    f"DMARC check of {temporary[0].domain} failed temporarily, try again later",
+                    451,
+                    "4.7.1",
+                )
             return Verdict.accept()
         worst = max(failing, key=lambda e: _STRICTNESS[e.disposition])  # type: ignore[index]
         assert worst.disposition is not None
@@ -475,6 +500,7 @@ class DMARCFilterFactory:
         badFrom = _readAction(o, "bad_from", Disposition.REJECT)
         if badFrom not in (Disposition.REJECT, Disposition.ACCEPT):
             raise OptionError("bad_from", 'must be "reject" or "accept"')
+        temperror = o.choice("temperror_action", ("tempfail", "accept"), "tempfail")
         tagHeader = o.string("tag_header", "X-DMARC")
         if not _HEADER_NAME.match(tagHeader):
             raise OptionError("tag_header", f"not a header field name: {tagHeader!r}")
@@ -489,6 +515,7 @@ class DMARCFilterFactory:
             allowDomains=allow,
             trustedSealers=sealers,
             badFrom=badFrom,
+            temperror=Disposition.REJECT if temperror == "tempfail" else Disposition.ACCEPT,
             tagHeader=tagHeader,
             maxHeaderBytes=maxHeaderBytes,
         )
