@@ -27,6 +27,9 @@ class Session:
     #: The client's TLS, once established: its protocol version and cipher
     #: (C{("TLSv1.3", "TLS_AES_256_GCM_SHA384")}); None in cleartext.
     tls: tuple[str, str] | None = None
+    #: The client's forward-confirmed host name, once looked up (for the MTA's XCLIENT or
+    #: XFORWARD); None while unknown, and when the lookup found none.
+    clientName: str | None = None
     #: The login name the client authenticated as (SMTP AUTH, accepted by the MTA).
     login: str | None = None
     #: The filter that allowed (allow-listed) this session; later filters are skipped.

@@ -868,6 +868,7 @@ class Session:
         """The client's name (forward-confirmed) and its reverse name, or Postfix's placeholders."""
         if self._clientName is None:
             self._clientName = (name, reverseName)
+            self.info.clientName = None if name.startswith("[") else name
             waiting, self._naming = self._naming, []
             if self.state not in (S.CLOSING, S.CLOSED):
                 for then in waiting:

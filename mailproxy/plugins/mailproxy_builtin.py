@@ -8,6 +8,7 @@ from mailproxy.filters.dnsbl import DNSBLFilterFactory
 from mailproxy.filters.headers import HeadersFilterFactory
 from mailproxy.filters.mime import MimeFilterFactory
 from mailproxy.filters.p0f import P0fFilterFactory
+from mailproxy.filters.rspamd import RspamdFilterFactory
 from mailproxy.filters.size import SizeFilterFactory
 from mailproxy.filters.spamd import SpamdFilterFactory
 from mailproxy.filters.spf import SPFFilterFactory
@@ -21,6 +22,7 @@ dnsbl = DNSBLFilterFactory()
 headers = HeadersFilterFactory()
 mime = MimeFilterFactory()
 p0f = P0fFilterFactory()
+rspamd = RspamdFilterFactory()
 size = SizeFilterFactory()
 spamd = SpamdFilterFactory()
 spf = SPFFilterFactory()
