@@ -17,6 +17,7 @@ import dkim  # type: ignore[import-untyped]
 import nacl.signing
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicNumbers
 from dkim import canonicalization
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -332,6 +333,32 @@ class SignatureTests(DKIMCase):
         envelope = await self.check(f, sign(MESSAGE))
         self.assertEqual(envelope.notes["dkim"][0]["result"], "policy")
 
+    async def test_costlyKey(self) -> None:
+        """
+        A key over max_key_bits, or with a public exponent over 32 bits (its owner sets the
+        cost of the check): policy, the signature not checked.
+        """
+        f = self.build(self.keys(), max_key_bits=1024)
+        envelope = await self.check(f, sign(MESSAGE))
+        self.assertEqual(envelope.notes["dkim"][0]["result"], "policy")
+        self.assertIn("over the limit of 1024", envelope.notes["dkim"][0]["reason"])
+        modulus = rsaKey()[1]
+        # An RSA public key DER with a 33-bit exponent, the modulus of the test key.
+        public = serialization.load_der_public_key(base64.b64decode(modulus.split("p=")[1]))
+        numbers = public.public_numbers()  # type: ignore[union-attr]
+        big = RSAPublicNumbers(2**32 + 15, numbers.n).public_key()
+        der = big.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        server = self.serve(
+            keyRecords(
+                **{"sel._domainkey.example.org": "v=DKIM1; p=" + base64.b64encode(der).decode()}
+            )
+        )
+        envelope = await self.check(self.build(server), sign(MESSAGE))
+        self.assertEqual(envelope.notes["dkim"][0]["result"], "policy")
+        self.assertIn("exponent", envelope.notes["dkim"][0]["reason"])
+
     async def test_maxSignatures(self) -> None:
         """Only the first max_signatures signatures are checked (and asked for)."""
         server = self.keys()
@@ -370,6 +397,7 @@ class SignatureTests(DKIMCase):
             ("max_signatures", 0),
             ("max_arc_sets", 51),
             ("arc", "yes"),
+            ("max_key_bits", 512),
             ("nope", 1),
         ]:
             e = self.assertRaises(

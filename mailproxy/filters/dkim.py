@@ -68,6 +68,12 @@ MAX_SIGNATURES = 5
 MAX_ARC_SETS = 10
 #: The shortest RSA key accepted (RFC 8301 §3.2: at least 1024 bits); shorter: policy.
 MIN_KEY_BITS = 1024
+#: The longest RSA key checked (RFC 8301 §3.1: verifiers must take up to 4096 bits); longer,
+#: or with a public exponent over 32 bits, is policy: the key's owner (any domain a sender
+#: registers) chooses the cost of the check, and a 16384-bit key with a 16384-bit exponent
+#: costs ten seconds of CPU a signature.
+MAX_KEY_BITS = 4096
+MAX_EXPONENT = 2**32
 
 _DOMAIN = re.compile(
     r"(?=.{1,253}\Z)(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9_-]{1,63}\Z"
@@ -499,8 +505,27 @@ def _keyFunction(keys: Mapping[str, KeyAnswer]) -> Callable[..., bytes | None]:
     return dnsfunc
 
 
+def keyTooCostly(txt: bytes, maxKeyBits: int) -> str | None:
+    """Why checking with this (well-formed) key record would cost too much, if it would."""
+    try:
+        pk, bits, ktag, _ = dkim.evaluate_pk("key", txt)
+    except (dkim.KeyFormatError, binascii.Error):
+        return None  # dkimpy says why when it checks
+    if ktag != b"rsa":
+        return None
+    if bits > maxKeyBits:
+        return f"RSA key of {bits} bits, over the limit of {maxKeyBits}"
+    if pk["publicExponent"] > MAX_EXPONENT:
+        return "RSA key with a public exponent over 32 bits"
+    return None
+
+
 def _verifyOne(
-    verifier: Any, signature: Signature, keys: Mapping[str, KeyAnswer], dnsfunc: Any
+    verifier: Any,
+    signature: Signature,
+    keys: Mapping[str, KeyAnswer],
+    dnsfunc: Any,
+    maxKeyBits: int = MAX_KEY_BITS,
 ) -> Result:
     def result(name: str, reason: str = "") -> Result:
         return Result(name, signature.domain, signature.selector, signature.b, reason)
@@ -516,6 +541,9 @@ def _verifyOne(
         dkim.evaluate_pk(signature.keyName, answer.txt)
     except (dkim.KeyFormatError, binascii.Error) as e:
         return result("permerror", f"bad key record: {e}")
+    tooCostly = keyTooCostly(answer.txt, maxKeyBits)
+    if tooCostly is not None:
+        return result("policy", tooCostly)
     try:
         ok = verifier.verify(signature.index, dnsfunc=dnsfunc)
     except BodyHashMismatch:
@@ -536,6 +564,7 @@ def verifyMessage(
     minKeyBits: int = MIN_KEY_BITS,
     arc: bool = True,
     maxArcSets: int = MAX_ARC_SETS,
+    maxKeyBits: int = MAX_KEY_BITS,
 ) -> Outcome:
     """Step 3 (blocking: in a thread): the body hashes, then each signature and the chain."""
     wanted = [s.body for s in scan.signatures if s.body is not None and s.problem is None]
@@ -554,10 +583,12 @@ def verifyMessage(
     if scan.signatures:
         verifier = _DKIM(headers + b"\r\n", minkey=minKeyBits)
         verifier.bodyHashes = digests
-        results = [_verifyOne(verifier, s, keys, dnsfunc) for s in scan.signatures]
+        results = [_verifyOne(verifier, s, keys, dnsfunc, maxKeyBits) for s in scan.signatures]
     arcResult = None
     if arc:
-        arcResult = _verifyChain(headers, scan, keys, digests, minKeyBits, maxArcSets, dnsfunc)
+        arcResult = _verifyChain(
+            headers, scan, keys, digests, minKeyBits, maxArcSets, maxKeyBits, dnsfunc
+        )
     return Outcome(tuple(results), arcResult)
 
 
@@ -568,6 +599,7 @@ def _verifyChain(
     digests: Mapping[BodyKey, bytes],
     minKeyBits: int,
     maxArcSets: int,
+    maxKeyBits: int,
     dnsfunc: Any,
 ) -> ArcResult:
     if scan.arcSets == 0:
@@ -575,6 +607,11 @@ def _verifyChain(
     if scan.arcSets > maxArcSets:
         return ArcResult("fail", reason=f"{scan.arcSets} ARC sets, over the limit of {maxArcSets}")
     temporary = [keys[n].temporary for n in scan.arcKeys if n in keys and keys[n].temporary]
+    for name in scan.arcKeys:
+        txt = keys[name].txt if name in keys else None
+        tooCostly = keyTooCostly(txt, maxKeyBits) if txt is not None else None
+        if tooCostly is not None:
+            return ArcResult("fail", reason=f"{name}: {tooCostly}")
     verifier = _ARC(headers + b"\r\n", minkey=minKeyBits)
     verifier.bodyHashes = digests
     try:
@@ -614,6 +651,7 @@ class DKIMFilter(BaseFilter):
     maxArcSets: int = MAX_ARC_SETS
     maxHeaderBytes: int = DEFAULT_MAX_HEADER_BYTES
     minKeyBits: int = MIN_KEY_BITS
+    maxKeyBits: int = MAX_KEY_BITS
     maxSize: int = 0
     arc: bool = True
     name = "dkim"
@@ -660,6 +698,7 @@ class DKIMFilter(BaseFilter):
                 self.minKeyBits,
                 self.arc,
                 self.maxArcSets,
+                self.maxKeyBits,
             )
         self._note(session, envelope, scan, outcome)
         return Verdict.accept()
@@ -713,6 +752,7 @@ class DKIMFilterFactory:
         if maxArcSets > 50:
             raise OptionError("max_arc_sets", f"must be at most 50 (RFC 8617), not {maxArcSets}")
         minKeyBits = o.integer("min_key_bits", MIN_KEY_BITS, minimum=512)
+        maxKeyBits = o.integer("max_key_bits", MAX_KEY_BITS, minimum=minKeyBits)
         maxSize = o.integer("max_size", 0, minimum=0)
         maxHeaderBytes = o.integer("max_header_bytes", DEFAULT_MAX_HEADER_BYTES, minimum=1024)
         arc = o.boolean("arc", True)
@@ -725,6 +765,7 @@ class DKIMFilterFactory:
             maxArcSets=maxArcSets,
             maxHeaderBytes=maxHeaderBytes,
             minKeyBits=minKeyBits,
+            maxKeyBits=maxKeyBits,
             maxSize=maxSize,
             arc=arc,
         )
