@@ -379,7 +379,10 @@ class DNSBLTests(SynchronousTestCase):
 
 class DomainTests(SynchronousTestCase):
     def test_registrableDomain(self) -> None:
-        """Two labels, or three under a known multi-label suffix; None for what cannot be one."""
+        """
+        The name under its public suffix (the ICANN section of the Public Suffix List:
+        any suffix, not a hand-kept few); None for what cannot be one.
+        """
         for host, expected in [
             ("www.example.com", "example.com"),
             ("a.b.c.Example.COM.", "example.com"),
@@ -387,6 +390,9 @@ class DomainTests(SynchronousTestCase):
             ("example.co.uk", "example.co.uk"),
             ("x.y.example.com.au", "example.com.au"),
             ("co.uk", None),
+            ("www.example.ac.at", "example.ac.at"),  # not in the old hand-kept list
+            ("a.b.example.kawasaki.jp", "b.example.kawasaki.jp"),  # a wildcard rule
+            ("x.blogspot.com", "blogspot.com"),  # a private-section suffix: not used
             ("localhost", None),
             ("example.123", None),
             ("a..example.com", None),

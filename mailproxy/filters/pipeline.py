@@ -294,7 +294,7 @@ def buildPipeline(
         is discovered here.
     @raise ConfigError: a filter is not installed, or its options are wrong.
     """
-    configured = []
+    configured: list[ConfiguredFilter] = []
     for spec in config.filters:
         factory = factories.get(spec.name)
         if factory is None:
@@ -306,8 +306,29 @@ def buildPipeline(
             built = factory.build(spec.options, reactor)
         except OptionError as e:
             raise ConfigError(config.path, f"filters.{spec.name}.{e.key}", e.message) from e
+        _checkOrder(config, spec.name, built, configured)
         configured.append(ConfiguredFilter(built, spec.timeout, spec.onError, spec.dryRun))
     return Pipeline(configured, reactor, config.timeouts.filters, observer)
+
+
+def _checkOrder(
+    config: Config, name: str, built: IFilter, before: Sequence[ConfiguredFilter]
+) -> None:
+    """
+    A filter that reads other filters' results (its optional C{after} attribute names
+    them: dmarc reads spf's and dkim's) must come after them in the configuration.
+
+    @raise ConfigError: one of them is missing or comes later.
+    """
+    earlier = {cf.filter.name for cf in before}
+    for needed in getattr(built, "after", ()):
+        if needed not in earlier:
+            raise ConfigError(
+                config.path,
+                f"filters.{name}",
+                f"reads the results of the {needed} filter: put a [filters.{needed}] "
+                "section before it",
+            )
 
 
 def _why(failure: BaseException, timeout: float) -> str:

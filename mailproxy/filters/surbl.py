@@ -10,9 +10,10 @@ At most C{max_uris} distinct domains are looked up, in every zone at once; a lis
 refuses the message: C{554 5.7.1 Message refused: URI example.com blocked by
 multi.surbl.org}.
 
-Limitations (kept on purpose, documented in the README): the registrable domain comes
-from a small built-in list of multi-label public suffixes (C{co.uk}, C{com.au}, ...),
-otherwise the last two labels; text in charsets that are not ASCII-compatible (UTF-16)
+The registrable domain comes from the ICANN section of the Public Suffix List
+(L{mailproxy.psl}; the private section's hosting suffixes, C{blogspot.com}, are not
+used: URI lists list the hosting domain). Limitations (kept on purpose, documented in
+the README): text in charsets that are not ASCII-compatible (UTF-16)
 is not searched; links hidden by HTML entities or in attachments are not found.
 """
 
@@ -53,47 +54,7 @@ from mailproxy.filters import (
 )
 from mailproxy.filters.options import Options
 from mailproxy.filters.support import inThreadPool, requireThreads
-
-#: Public suffixes of more than one label under which names are commonly registered:
-#: a domain under one of these is reduced to three labels, any other to two.
-MULTI_LABEL_SUFFIXES = frozenset(
-    """
-    co.uk org.uk me.uk ltd.uk plc.uk net.uk sch.uk ac.uk gov.uk nhs.uk police.uk
-    com.au net.au org.au edu.au gov.au asn.au id.au
-    co.nz net.nz org.nz ac.nz govt.nz geek.nz school.nz
-    co.jp ne.jp or.jp ac.jp go.jp ad.jp ed.jp gr.jp lg.jp
-    co.kr or.kr ne.kr re.kr go.kr ac.kr
-    co.za org.za net.za gov.za ac.za web.za
-    co.in net.in org.in firm.in gen.in ind.in ac.in gov.in
-    co.il org.il net.il ac.il gov.il
-    co.id or.id web.id ac.id go.id
-    co.th in.th ac.th go.th
-    com.br net.br org.br gov.br edu.br art.br blog.br
-    com.ar net.ar org.ar gob.ar
-    com.mx net.mx org.mx gob.mx edu.mx
-    com.cn net.cn org.cn gov.cn edu.cn ac.cn
-    com.hk net.hk org.hk edu.hk gov.hk
-    com.tw net.tw org.tw edu.tw gov.tw idv.tw
-    com.sg net.sg org.sg edu.sg gov.sg
-    com.my net.my org.my edu.my gov.my
-    com.ph net.ph org.ph gov.ph
-    com.vn net.vn org.vn
-    com.tr net.tr org.tr gen.tr biz.tr web.tr
-    com.ua net.ua org.ua in.ua kiev.ua
-    com.pl net.pl org.pl info.pl biz.pl waw.pl
-    com.ru net.ru org.ru msk.ru spb.ru
-    com.co net.co org.co
-    com.pe net.pe org.pe
-    com.ve co.ve
-    com.ec com.uy com.py com.bo com.do com.gt com.pa com.sv com.ni
-    com.eg com.sa com.pk com.bd com.ng com.gh com.np com.lb com.kw com.qa
-    co.ke or.ke co.tz co.ug co.zw co.ma
-    com.es nom.es org.es
-    co.at or.at
-    com.gr com.cy com.mt com.ro com.hr
-    co.cc co.vu
-    """.split()
-)
+from mailproxy.psl import registeredDomain
 
 _TLD = re.compile(r"[a-z]{2,63}|xn--[a-z0-9-]{1,59}")
 _LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
@@ -107,15 +68,15 @@ def registrableDomain(host: str) -> str | None:
     """
     name = host.lower().strip(".")
     labels = name.split(".")
-    if len(labels) < 2 or len(name) > 253 or not all(labels):
+    if len(labels) < 2 or len(name) > 253 or not all(labels) or not _TLD.fullmatch(labels[-1]):
         return None
-    size = 3 if ".".join(labels[-2:]) in MULTI_LABEL_SUFFIXES else 2
-    if len(labels) < size:
+    found = registeredDomain(name, icannOnly=True)
+    if found is None:
         return None  # a bare public suffix
-    kept = labels[-size:]
-    if not all(_LABEL.fullmatch(label) for label in kept) or not _TLD.fullmatch(kept[-1]):
+    kept = found.split(".")
+    if not all(_LABEL.fullmatch(label) for label in kept):
         return None
-    return ".".join(kept)
+    return found
 
 
 # -- finding links in text --------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from mailproxy.filters.access import AccessFilterFactory
 from mailproxy.filters.clamd import ClamdFilterFactory
+from mailproxy.filters.dkim import DKIMFilterFactory
+from mailproxy.filters.dmarc import DMARCFilterFactory
 from mailproxy.filters.dnsbl import DNSBLFilterFactory
 from mailproxy.filters.headers import HeadersFilterFactory
 from mailproxy.filters.mime import MimeFilterFactory
@@ -14,6 +16,8 @@ from mailproxy.filters.surbl import SURBLFilterFactory
 
 access = AccessFilterFactory()
 clamd = ClamdFilterFactory()
+dkim = DKIMFilterFactory()
+dmarc = DMARCFilterFactory()
 dnsbl = DNSBLFilterFactory()
 headers = HeadersFilterFactory()
 mime = MimeFilterFactory()
