@@ -87,10 +87,6 @@ MESSAGE = (
 )
 
 
-#: Whether the release applies HeaderEdits (the "edits" work of issue 11); until it does,
-#: only the headers filters add reach the MTA.
-EDITS_RELEASED = "edits" in attrs.fields_dict(core.Release)
-
 CONFIG = Config(
     path="test.toml",
     listen=("tcp:0",),
@@ -850,8 +846,6 @@ class ThroughProxyTests(ProxyTestCase):
         milter.remove_headers and rewrite subject reach the MTA: the client's X-Spam is
         gone, its Subject replaced in place, the body untouched.
         """
-        if not EDITS_RELEASED:
-            raise self.skipTest("the release applies no HeaderEdit yet (issue 11, edits)")
         data = answer(
             "rewrite subject",
             subject="*** SPAM *** lunch",

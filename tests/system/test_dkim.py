@@ -217,8 +217,3 @@ class OpenDKIMTests(harness.PostfixCase):
         [ar] = self.ourResults(delivered)
         self.assertIn(f"dkim=pass header.d={DOMAIN}", ar)
         self.assertNotIn("bank.example", ar)
-
-    test_forgedResultsRemoved.todo = (  # type: ignore[attr-defined]
-        "the headers filter refuses a forged Authentication-Results until the 'edits' work "
-        "(issue 11 scope 4: removed on release) is merged"
-    )
