@@ -367,7 +367,7 @@ class OrderTests(SynchronousTestCase):
 class LoopbackTests(ProxyTestCase):
     """spf, dkim, dmarc and headers through the proxy over real sockets, DNS served in-process."""
 
-    def proxy(self, server: DNSServer) -> int:
+    def proxy(self, server: DNSServer, dmarc: str = "") -> int:
         common = f'resolver = "{server.resolver}"\ndns_timeout = 0.5\n'
         return self.startProxy(
             "[filters.spf]\n" + common + 'receiver = "proxy.test"\n'
@@ -376,7 +376,8 @@ class LoopbackTests(ProxyTestCase):
             + "[filters.dmarc]\n"
             + common
             + 'trusted_sealers = ["forwarder.example"]\n'
-            '[filters.headers]\nauthserv_id = "proxy.test"\n'
+            + dmarc
+            + '[filters.headers]\nauthserv_id = "proxy.test"\n'
         )
 
     def records(self) -> DNSServer:
@@ -428,6 +429,20 @@ class LoopbackTests(ProxyTestCase):
             " policy.arc-override=forwarder.example",
             ar,
         )
+
+    async def test_tagged(self) -> None:
+        """
+        With reject_action = "tag", the message that p=reject would refuse is relayed with
+        the tag header on top and its body as sent.
+        """
+        port = self.proxy(self.records(), 'reject_action = "tag"\n')
+        client = await self.sendMessage(port, sign(MESSAGE, domain="other.example"))
+        final = self.lines(client.replies)[-1]
+        self.assertTrue(final.startswith("250"), final)
+        [message] = self.mta.messages
+        head, _, body = message.content.partition(b"\r\n\r\n")
+        self.assertIn(b"\r\nX-DMARC: ", b"\r\n" + head)
+        self.assertEqual(body, MESSAGE.partition(b"\r\n\r\n")[2])
 
 
 class SampleTests(SynchronousTestCase):
