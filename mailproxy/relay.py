@@ -38,7 +38,6 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger, LogLevel
-from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -50,7 +49,7 @@ from mailproxy.filters import Stage, Verdict
 from mailproxy.filters.pipeline import Pipeline
 from mailproxy.quarantine import Quarantine
 from mailproxy.replies import Answer, Reason
-from mailproxy.spool import Spool
+from mailproxy.spool import Spool, SpoolSender
 from mailproxy.stats import SessionInfo as StatusRow
 from mailproxy.stats import Stats
 
@@ -669,19 +668,14 @@ class InboundProtocol(Protocol):
                 f.close()
                 self._feed(self.machine.releaseFailed("the spool is not the message's size"))
                 return
-            transport.write(wire.bdatLine(size) + headers)
-            d = FileSender().beginFileTransfer(f, transport)
-            end = b""
+            sender = SpoolSender(f, prefix=wire.bdatLine(size) + headers)
         else:
-            transport.write(headers)
-            d = FileSender().beginFileTransfer(f, transport, wire.Stuffer())
-            end = b".\r\n"
+            sender = SpoolSender(f, prefix=headers, suffix=b".\r\n", transform=wire.Stuffer())
+        d = sender.beginTransfer(typing.cast(IConsumer, transport))
 
         def sent(_: object) -> None:
             f.close()
             if self._mta is mta and mta.transport is not None:
-                if end:
-                    mta.transport.write(end)
                 self._feed(self.machine.releaseSent())
 
         def failed(failure: Failure) -> None:
