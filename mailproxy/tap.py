@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import ClassVar
 
 from twisted.application.service import IService, MultiService
@@ -37,6 +38,7 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
+        _installReactor()
         from twisted.internet import reactor
 
         path = self["config"]
@@ -59,6 +61,18 @@ class Options(usage.Options):
 
 
 _log = Logger()
+
+
+def _installReactor() -> None:
+    """
+    Run on epoll on Linux, chosen here rather than left to Twisted's default; a reactor
+    already installed (twistd's C{-r}, trial's) is kept.
+    """
+    if "twisted.internet.reactor" in sys.modules or not sys.platform.startswith("linux"):
+        return
+    from twisted.internet import epollreactor
+
+    epollreactor.install()
 
 
 class _WithLocalMTA(MultiService):
