@@ -53,6 +53,10 @@ from mailproxy.spool import Spool, SpoolSender
 from mailproxy.stats import SessionInfo as StatusRow
 from mailproxy.stats import Stats
 
+#: The log of every session's steps: one Logger (a class attribute makes one per use),
+#: in the namespace these events always had.
+_sessionLog = Logger(namespace="mailproxy.relay.InboundProtocol")
+_LEVELS = {level.name: level for level in LogLevel.iterconstants()}
 #: Seconds a session closed by the shutdown may take to flush its 421 before it is aborted.
 LINGER = 5.0
 #: Seconds a client may take to read its last replies once its session is closed (a
@@ -704,11 +708,8 @@ class InboundProtocol(Protocol):
             timer.cancel()
 
     def _logEffect(self, effect: core.Log) -> None:
-        self._log.emit(
-            LogLevel.levelWithName(effect.level),
-            effect.format,
-            session=self.session.id,
-            **effect.fields,
+        _sessionLog.emit(
+            _LEVELS[effect.level], effect.format, session=self.session.id, **effect.fields
         )
 
     def _report(self, effect: core.Report) -> None:
