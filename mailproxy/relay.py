@@ -308,7 +308,12 @@ class InboundProtocol(Protocol):
         self._client = "unknown"
         self._effects: deque[core.Effect] = deque()
         self._running = False
+        #: The session's timers. One cancelled while the client is connected stays
+        #: scheduled, disarmed (not in L{_armed}), so that starting it again moves it
+        #: (C{reset}) instead of making a new one: the MTA's reply timer, say, is
+        #: started and cancelled for every command.
         self._timers: dict[core.Timer, IDelayedCall] = {}
+        self._armed: set[core.Timer] = set()
         self._mta: UpstreamProtocol | None = None
         #: MTA connections not yet closed (an old one may still be closing after a reconnect).
         self._legs: set[UpstreamProtocol] = set()
@@ -361,6 +366,7 @@ class InboundProtocol(Protocol):
         self._continuation = self._lingering = None
         self.factory.release(self, self._client)
         self._feed(self.machine.clientLost())
+        self._dropDisarmed()
         self._checkClosed()
 
     def repliesBacklogged(self) -> None:
@@ -697,15 +703,25 @@ class InboundProtocol(Protocol):
             self._timers[effect.timer] = self._clock.callLater(
                 effect.seconds, self._timerFired, effect.timer
             )
+        self._armed.add(effect.timer)
 
     def _timerFired(self, timer: core.Timer) -> None:
         self._timers.pop(timer, None)
-        self._feed(self.machine.timerFired(timer))
+        if timer in self._armed:
+            self._armed.discard(timer)
+            self._feed(self.machine.timerFired(timer))
 
     def _cancelTimer(self, effect: core.CancelTimer) -> None:
-        timer = self._timers.pop(effect.timer, None)
-        if timer is not None and timer.active():
-            timer.cancel()
+        self._armed.discard(effect.timer)
+        if self._clientGone:
+            self._dropDisarmed()
+
+    def _dropDisarmed(self) -> None:
+        """Cancel the disarmed timers: no session goes on to start them again."""
+        for name in [name for name in self._timers if name not in self._armed]:
+            timer = self._timers.pop(name)
+            if timer.active():
+                timer.cancel()
 
     def _logEffect(self, effect: core.Log) -> None:
         _sessionLog.emit(

@@ -535,3 +535,62 @@ class ChunkingTests(SynchronousTestCase):
                 # The client waits for 354 before sending the message, as RFC 5321 says.
                 h.send(client, chunk)
         return client.codes, bytes(h.mta.transcripts[0]), [m.content for m in h.mta.messages]
+
+
+class TimerReuseTests(SynchronousTestCase):
+    """The session's timers are moved when started again, not made anew per command."""
+
+    def sessionTimers(self, h: Harness) -> list[object]:
+        """The delayed calls scheduled for the sessions' timers."""
+        return [
+            call
+            for call in h.clock.getDelayedCalls()
+            if getattr(call.func, "__name__", "") == "_timerFired"
+        ]
+
+    def test_secondMessageNoNewTimers(self) -> None:
+        """
+        A second message on the connection schedules no new timer: those the first one
+        started and cancelled (the MTA's reply timer, for every command) are moved.
+        """
+        h = Harness(self)
+        made: list[object] = []
+        callLater = h.clock.callLater
+
+        def counting(delay: float, f: Any, *a: object, **kw: object) -> Any:
+            made.append(f)
+            return callLater(delay, f, *a, **kw)
+
+        h.clock.callLater = counting  # type: ignore[method-assign]
+        client = h.greeted()
+        h.send(client, envelope() + b"DATA\r\n" + STUFFED)
+        first = [f for f in made if getattr(f, "__name__", "") == "_timerFired"]
+        del made[:]
+        h.send(client, envelope() + b"DATA\r\n" + STUFFED)
+        self.assertEqual(client.codes, [220, 250, 250, 250, 354, 250, 250, 250, 354, 250])
+        self.assertTrue(first)
+        self.assertEqual([f for f in made if getattr(f, "__name__", "") == "_timerFired"], [])
+        self.assertEqual(len(h.mta.messages), 2)
+
+    def test_disarmedTimerDoesNothing(self) -> None:
+        """
+        The MTA's reply timer, cancelled by the MTA's reply, may come due while the client
+        is idle: nothing happens, and the session goes on.
+        """
+        h = Harness(self, timeouts={"mtaReply": 10.0, "clientIdle": 100.0})
+        client = h.greeted()
+        h.clock.advance(11)
+        h.memory.flush()
+        self.assertEqual(client.codes, [220, 250])
+        self.assertTrue(client.connected)
+        h.send(client, envelope() + b"DATA\r\n" + STUFFED)
+        self.assertEqual(client.codes[-1], 250)
+
+    def test_noTimerLeftAfterQuit(self) -> None:
+        """Once the client has quit, none of its session's timers is left scheduled."""
+        h = Harness(self)
+        client = h.greeted()
+        h.send(client, envelope() + b"DATA\r\n" + STUFFED + b"QUIT\r\n")
+        h.memory.flush()
+        self.assertFalse(client.connected)
+        self.assertEqual(self.sessionTimers(h), [])
