@@ -14,8 +14,10 @@ from typing import Any
 import attrs
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailproxy import relay
@@ -594,3 +596,48 @@ class TimerReuseTests(SynchronousTestCase):
         h.memory.flush()
         self.assertFalse(client.connected)
         self.assertEqual(self.sessionTimers(h), [])
+
+
+class RecordingDescriptor(FileDescriptor):
+    """A socket transport's write path without a socket: what it sends, recorded."""
+
+    def __init__(self) -> None:
+        super().__init__(MemoryReactor())
+        self.connected = True
+        self.sent: list[bytes] = []
+
+    def writeSomeData(self, data: bytes) -> int:
+        self.sent.append(bytes(data))
+        return len(data)
+
+
+class WriteNowTests(SynchronousTestCase):
+    """L{relay._writeNow}: a batch's writes leave at once, not at the reactor's next turn."""
+
+    def test_sentAtOnce(self) -> None:
+        """What a batch wrote is sent in one send, and the transport stops waiting to write."""
+        fd = RecordingDescriptor()
+        fd.write(b"250 2.1.0 Ok\r\n")
+        fd.write(b"250 2.1.5 Ok\r\n")
+        relay._writeNow(fd)
+        self.assertEqual(fd.sent, [b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"])
+        self.assertNotIn(fd, fd.reactor.getWriters())  # type: ignore[attr-defined]
+
+    def test_underAWrapper(self) -> None:
+        """The socket under TLS or the PROXY protocol's wrapper is the one written."""
+        fd = RecordingDescriptor()
+        fd.write(b"221 Bye\r\n")
+        wrapper = type("Wrapper", (), {"transport": fd})()
+        relay._writeNow(wrapper)
+        self.assertEqual(fd.sent, [b"221 Bye\r\n"])
+
+    def test_leftToTheReactor(self) -> None:
+        """A transport closing, or holding nothing, is not written: the reactor does it."""
+        idle = RecordingDescriptor()
+        relay._writeNow(idle)
+        self.assertEqual(idle.sent, [])
+        closing = RecordingDescriptor()
+        closing.write(b"421 closing\r\n")
+        closing.disconnecting = True
+        relay._writeNow(closing)
+        self.assertEqual(closing.sent, [])
