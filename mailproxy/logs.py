@@ -5,25 +5,38 @@ datagram socket, RFC 3164 or RFC 5424) and JSON lines for log shippers.
 Both are observers of the global log publisher, added by L{LogService} (a child of the
 proxy's service) before anything else starts, and removed when it stops. They never
 block and never raise: a datagram the syslog daemon cannot take is dropped and counted.
+
+Every session logs each step of its SMTP dialogue, so the text of an event is made
+cheaply: L{eventText} fills a plain format with C{str.format_map} (Twisted's formatter
+is Python code, field by field), and L{ClassicText}, the formatter of twistd's own log
+(L{textFileObserver}), makes its time stamp once per second.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import signal
 import socket
+import sys
+from types import FrameType
 from typing import IO, Any
 
 from twisted.application.service import Service
 from twisted.logger import (
+    FileLogObserver,
     ILogObserver,
     LogEvent,
     LogLevel,
     LogPublisher,
     formatEvent,
+    formatEventAsClassicLogText,
+    formatTime,
     globalLogPublisher,
     jsonFileLogObserver,
+    timeFormatRFC3339,
 )
+from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
 from mailproxy.config import SYSLOG_FACILITIES, Logging, SyslogFormat, syslogAddress
@@ -43,9 +56,101 @@ MAX_LINES = 100
 _MONTHS = "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split()
 
 
+def eventText(event: LogEvent) -> str:
+    """
+    What L{formatEvent} makes of C{event}, faster for a plain format (named fields, with
+    attributes, indexes, conversions and specs): C{str.format_map} fills it. Anything else
+    (a C{{callable()}} field, a missing one, a flattened event read back from JSON) is
+    Twisted's to format, with its own fallbacks.
+    """
+    format = event.get("log_format")
+    if type(format) is not str or "log_flattened" in event:
+        return formatEvent(event)
+    try:
+        return format.format_map(event)
+    except Exception:
+        return formatEvent(event)  # which says what went wrong, in its text
+
+
+class ClassicText:
+    """
+    Twisted's L{formatEventAsClassicLogText} with RFC 3339 time stamps (twistd's log
+    lines), the same text for less: the time stamp is made once per second and the
+    event's text by L{eventText}; an event with a traceback is left to Twisted.
+    """
+
+    def __init__(self) -> None:
+        self._second: int | None = None
+        self._stamp = "-"
+
+    def _time(self, when: float | None) -> str:
+        if when is None:
+            return "-"
+        second = int(when)
+        if not 0 <= when - second < 0.999999:
+            # Rounded to the microsecond, as datetime does, it may be the next second.
+            return formatTime(when, timeFormatRFC3339)
+        if second != self._second:
+            self._stamp, self._second = formatTime(second, timeFormatRFC3339), second
+        return self._stamp
+
+    def __call__(self, event: LogEvent) -> str | None:
+        if "log_failure" in event:
+            return formatEventAsClassicLogText(event, formatTime=self._time)
+        text = eventText(event)
+        if not text:
+            return None
+        system = event.get("log_system")
+        if system is None:
+            level = event.get("log_level")
+            system = f"{event.get('log_namespace', '-')}#{'-' if level is None else level.name}"
+        line = f"{self._time(event.get('log_time'))} [{system}] {text}"
+        return line.replace("\n", "\n\t") + "\n"
+
+
+def textFileObserver(logfile: str | None, nodaemon: bool) -> ILogObserver:
+    """
+    twistd's log observer (a file, rotated at 1 MB and on SIGUSR1; stdout with C{-n}
+    and no C{--logfile}, or C{--logfile=-}), formatting with L{ClassicText}.
+    """
+    out: IO[Any]
+    if logfile == "-" or (nodaemon and not logfile):
+        out = sys.stdout
+    else:
+        logFile = LogFile.fromFullPath(logfile or "twistd.log")
+        out = logFile
+        if not signal.getsignal(signal.SIGUSR1):
+
+            def rotate(signum: int, frame: FrameType | None) -> None:
+                from twisted.internet import reactor
+
+                reactor.callFromThread(logFile.rotate)  # type: ignore[attr-defined]
+
+            signal.signal(signal.SIGUSR1, rotate)
+    return FileLogObserver(out, ClassicText())
+
+
+#: twistd's C{--logger} takes the name of a factory of no arguments: the plugin names
+#: L{twistdObserver} and leaves it twistd's C{--logfile} and C{--nodaemon} here.
+TWISTD_OBSERVER = "mailproxy.logs.twistdObserver"
+_twistdLog: tuple[str | None, bool] = (None, False)
+
+
+def forTwistd(logfile: str | None, nodaemon: bool) -> str:
+    """Keep twistd's log options for L{twistdObserver}; @return: its name, for C{--logger}."""
+    global _twistdLog
+    _twistdLog = (logfile, nodaemon)
+    return TWISTD_OBSERVER
+
+
+def twistdObserver() -> ILogObserver:
+    """The observer twistd would make from its options, as L{textFileObserver}."""
+    return textFileObserver(*_twistdLog)
+
+
 def _lines(event: LogEvent) -> list[str]:
     """An event's text, a line each, with the traceback of its failure if it has one."""
-    text = formatEvent(event)
+    text = eventText(event)
     failure = event.get("log_failure")
     if failure is not None:
         text = f"{text}\n{failure.getTraceback()}"

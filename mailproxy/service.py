@@ -10,7 +10,7 @@ from __future__ import annotations
 import signal
 from collections.abc import Callable, Mapping
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.application.internet import TimerService
@@ -28,7 +28,6 @@ from mailproxy.control import StatsSocketService
 from mailproxy.filters import IFilterFactory
 from mailproxy.filters.pipeline import buildPipeline
 from mailproxy.logs import LogService
-from mailproxy.manhole import ManholeService, namespace
 from mailproxy.proxyprotocol import ProxyHeaderFactory
 from mailproxy.quarantine import Quarantine
 from mailproxy.relay import RelayFactory, Settings
@@ -37,7 +36,11 @@ from mailproxy.spool import sweep
 from mailproxy.startup import Listener, StartupError, oneLine
 from mailproxy.stats import Stats, StatsService
 from mailproxy.upstream import UpstreamProbe
-from mailproxy.web import statusSite
+
+if TYPE_CHECKING:
+    # Imported where they are configured: conch, twisted.web and prometheus_client are
+    # a good part of an idle process's memory.
+    from mailproxy.manhole import ManholeService
 
 #: What a reload cannot change (C{Config} attributes, by their keys): a restart applies them.
 RESTART_ONLY = {
@@ -145,6 +148,8 @@ class ProxyService(MultiService):
         expiry.setServiceParent(self)
         self.manhole: ManholeService | None = None
         if config.manhole.listen is not None:
+            from mailproxy.manhole import ManholeService, namespace
+
             self.manhole = ManholeService(config.manhole, namespace(self), reactor, config.path)
             self.manhole.setServiceParent(self)  # type: ignore[no-untyped-call]
         self._addStatus(config, reactor)
@@ -182,6 +187,8 @@ class ProxyService(MultiService):
             sock.setName("stats socket")  # type: ignore[no-untyped-call]
             sock.setServiceParent(self)  # type: ignore[no-untyped-call]
         if config.web.listen is not None:
+            from mailproxy.web import statusSite
+
             site = statusSite(self.stats, config.hostname, config.web.refresh, reactor)
             web = Listener(
                 serverFromString(reactor, config.web.listen),

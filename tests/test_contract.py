@@ -28,6 +28,7 @@ from mailproxy.filters import (
 )
 from mailproxy.filters.access import AccessFilterFactory
 from mailproxy.filters.size import SizeFilter
+from mailproxy.spool import RELEASE_CHUNK
 from mailproxy.testing import (
     FakeFilter,
     MemoryEndpoint,
@@ -522,8 +523,9 @@ class ChunkingTests(SynchronousTestCase):
 
     def test_earlyAnswerNotRelayed(self) -> None:
         """
-        An MTA that answers BDAT LAST before the message has been sent: the client gets
-        451 4.3.0, never that 250, and the MTA leg is aborted.
+        An MTA that answers BDAT LAST before the message has been sent (it is longer than
+        one write of the release): the client gets 451 4.3.0, never that 250, and the MTA
+        leg is aborted.
         """
         mta = ScriptedMTA(CHUNKING)
         mta.answer = lambda line: (
@@ -531,7 +533,7 @@ class ChunkingTests(SynchronousTestCase):
         )
         h = scripted(self, mta=mta)
         client = h.greeted()
-        h.send(client, envelope() + chunked(b"Subject: big\r\n\r\n" + b"x" * 200_000 + b"\r\n"))
+        h.send(client, envelope() + chunked(b"Subject: big\r\n\r\n" + b"x" * (3 * RELEASE_CHUNK) + b"\r\n"))
         self.assertEqual(client.codes, [220, 250, 250, 250, 451])
         self.assertNotIn(b"EARLY", bytes(client.received))
         self.assertFalse(client.connected)

@@ -10,19 +10,35 @@ import os
 import re
 import socket
 import stat
+import sys
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.logger import (
+    FileLogObserver,
     Logger,
     LogLevel,
     LogPublisher,
     eventsFromJSONLogFile,
+    formatEvent,
+    formatEventAsClassicLogText,
+    formatTime,
     globalLogPublisher,
+    timeFormatRFC3339,
 )
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailproxy.config import Logging, SyslogFormat
-from mailproxy.logs import JSONLinesObserver, LogService, SyslogObserver
+from mailproxy.logs import (
+    ClassicText,
+    JSONLinesObserver,
+    LogService,
+    SyslogObserver,
+    eventText,
+    textFileObserver,
+    twistdObserver,
+)
 from tests.test_relay import STUFFED, Harness, envelope
 
 RFC3164 = re.compile(
@@ -220,3 +236,120 @@ class LogServiceTests(SynchronousTestCase):
         self.assertEqual(len(receiver.datagrams()), 1)
         with open(path) as f:
             self.assertEqual([json.loads(line)["text"] for line in f], ["running"])
+
+
+#: Field values rich in what a formatter may trip on: braces, newlines, non-ASCII, bytes.
+_values = st.one_of(
+    st.text(max_size=12),
+    st.sampled_from(["{x}", "}{", "a\nb", "\t", "é", "{{"]),
+    st.integers(),
+    st.binary(max_size=4),
+    st.none(),
+)
+#: Formats as the sessions write them, and ones only Twisted's formatter can fill.
+_formats = st.one_of(
+    st.sampled_from(
+        [
+            "{session} MAIL FROM:<{sender}>: {reply}",
+            "{session} connect from [{client}]:{port}",
+            "{a!r} and {b:>6}",
+            "{a} {missing}",
+            "{call()}",
+            "no fields at all",
+            "{a.real}",
+            "",
+            "line one\nline two {a}",
+            "{",
+        ]
+    ),
+    st.text(max_size=20),
+)
+
+
+class ClassicTextTests(SynchronousTestCase):
+    """L{ClassicText} is twistd's line format, made faster: the same text, whatever the event."""
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        _formats,
+        st.dictionaries(st.sampled_from(["session", "sender", "reply", "client", "port", "a", "b"]), _values),
+        st.one_of(st.none(), st.floats(min_value=0, max_value=4e9)),
+        st.one_of(st.none(), st.sampled_from(list(LogLevel.iterconstants()))),
+        st.one_of(st.none(), st.sampled_from(["mailproxy.relay.InboundProtocol", "x"])),
+        st.one_of(st.none(), st.sampled_from(["-", "sys"])),
+    )
+    def test_sameAsTwisted(
+        self,
+        format: str,
+        fields: dict[str, object],
+        when: float | None,
+        level: LogLevel | None,
+        namespace: str | None,
+        system: str | None,
+    ) -> None:
+        """Every event, plain or not, gets the line Twisted's classic formatter makes."""
+        event: dict[str, object] = {"log_format": format, "call": lambda: "called", **fields}
+        for key, value in (
+            ("log_time", when),
+            ("log_level", level),
+            ("log_namespace", namespace),
+            ("log_system", system),
+        ):
+            if value is not None:
+                event[key] = value
+        twisted = formatEventAsClassicLogText(
+            event, formatTime=lambda t: formatTime(t, timeFormatRFC3339)
+        )
+        ours = ClassicText()
+        self.assertEqual(ours(event), twisted)
+        self.assertEqual(ours(event), twisted)  # the time stamp cached
+        self.assertEqual(eventText(event), formatEvent(event))
+
+    def test_traceback(self) -> None:
+        """An event with a failure keeps its traceback, indented as twistd indents it."""
+        failure = Failure(ZeroDivisionError("division by zero"))
+        event = {"log_format": "{session} internal error", "session": "A1", "log_failure": failure}
+        line = ClassicText()(event)
+        assert line is not None
+        self.assertIn("A1 internal error\n\tTraceback", line)
+        self.assertIn("ZeroDivisionError", line)
+
+    def test_observerFile(self) -> None:
+        """Given a --logfile, twistd's lines go to that file, one line per event."""
+        path = os.path.abspath(self.mktemp())
+        observer = textFileObserver(path, True)
+        observer({"log_format": "{session} DATA", "session": "A1", "log_time": 0.0})
+        with open(path) as f:
+            self.assertTrue(f.read().endswith(" [-#-] A1 DATA\n"))
+
+    def test_observerStdout(self) -> None:
+        """With -n and no --logfile, or --logfile=-, twistd's lines go to stdout."""
+        for logfile in (None, "-"):
+            observer = textFileObserver(logfile, True)
+            self.assertIs(observer._outFile, sys.stdout)  # type: ignore[attr-defined]
+
+
+class TwistdLoggerTests(SynchronousTestCase):
+    """The twistd plugin hands twistd L{ClassicText}'s observer, unless told otherwise."""
+
+    def options(self, **twistd: object) -> dict[str, object]:
+        from mailproxy import tap
+
+        parent: dict[str, object] = {"logger": None, "syslog": False, "logfile": None}
+        parent.update(twistd)
+        options = tap.Options()
+        options.parent = parent  # type: ignore[assignment]
+        tap._cheapLog(options)
+        return parent
+
+    def test_default(self) -> None:
+        """Without --logger or --syslog, twistd is given mailproxy's observer, by name."""
+        parent = self.options(logfile="/var/log/mailproxy.log", nodaemon=False)
+        self.assertEqual(parent["logger"], "mailproxy.logs.twistdObserver")
+        self.assertIsInstance(twistdObserver(), FileLogObserver)
+
+    def test_toldOtherwise(self) -> None:
+        """--logger, --syslog and a daemon logging to stdout are twistd's to handle."""
+        self.assertEqual(self.options(logger="my.Observer")["logger"], "my.Observer")
+        self.assertIsNone(self.options(syslog=True)["logger"])
+        self.assertIsNone(self.options(logfile="-", nodaemon=False)["logger"])

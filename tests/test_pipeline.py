@@ -253,6 +253,42 @@ class OrderTests(PipelineTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
+    def test_answerAtOnceNoTimer(self) -> None:
+        """
+        Filters that answer at once are never given a timer (none made, none cancelled):
+        their answer cannot be late.
+        """
+        made: list[object] = []
+        callLater = self.clock.callLater
+
+        def counting(delay: float, f: Any, *a: object, **kw: object) -> Any:
+            made.append(f)
+            return callLater(delay, f, *a, **kw)
+
+        self.clock.callLater = counting  # type: ignore[method-assign]
+        pipeline = self.pipeline(
+            ConfiguredFilter(FakeFilter("one"), 30), ConfiguredFilter(FakeFilter("two"), 30)
+        )
+        self.successResultOf(pipeline.checkMessage(SESSION, ENVELOPE, MESSAGE))
+        self.assertEqual(made, [])
+
+    def test_chainedAnswerTimesOut(self) -> None:
+        """
+        An answer that has fired but waits on another Deferred is not there yet: its
+        timeout still applies.
+        """
+        inner: Deferred[Verdict] = Deferred()
+        outer: Deferred[object] = defer.succeed(None)
+        outer.addCallback(lambda _: inner)
+        pipeline = self.pipeline(
+            ConfiguredFilter(FakeFilter("chained", lambda *a: outer), 5, OnError.TEMPFAIL)
+        )
+        d = pipeline.checkMessage(SESSION, ENVELOPE, MESSAGE)
+        self.assertNoResult(d)
+        self.clock.advance(5)
+        self.assertEqual(summary(self.successResultOf(d)), TEMPFAIL)
+
+
 class FailureTests(PipelineTestCase):
     def test_timeoutTempfails(self) -> None:
         """A filter over its timeout is cancelled and the stage tempfails with 451 4.7.1."""

@@ -14,8 +14,10 @@ from typing import Any
 import attrs
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailproxy import relay
@@ -535,3 +537,107 @@ class ChunkingTests(SynchronousTestCase):
                 # The client waits for 354 before sending the message, as RFC 5321 says.
                 h.send(client, chunk)
         return client.codes, bytes(h.mta.transcripts[0]), [m.content for m in h.mta.messages]
+
+
+class TimerReuseTests(SynchronousTestCase):
+    """The session's timers are moved when started again, not made anew per command."""
+
+    def sessionTimers(self, h: Harness) -> list[object]:
+        """The delayed calls scheduled for the sessions' timers."""
+        return [
+            call
+            for call in h.clock.getDelayedCalls()
+            if getattr(call.func, "__name__", "") == "_timerFired"
+        ]
+
+    def test_secondMessageNoNewTimers(self) -> None:
+        """
+        A second message on the connection schedules no new timer: those the first one
+        started and cancelled (the MTA's reply timer, for every command) are moved.
+        """
+        h = Harness(self)
+        made: list[object] = []
+        callLater = h.clock.callLater
+
+        def counting(delay: float, f: Any, *a: object, **kw: object) -> Any:
+            made.append(f)
+            return callLater(delay, f, *a, **kw)
+
+        h.clock.callLater = counting  # type: ignore[method-assign]
+        client = h.greeted()
+        h.send(client, envelope() + b"DATA\r\n" + STUFFED)
+        first = [f for f in made if getattr(f, "__name__", "") == "_timerFired"]
+        del made[:]
+        h.send(client, envelope() + b"DATA\r\n" + STUFFED)
+        self.assertEqual(client.codes, [220, 250, 250, 250, 354, 250, 250, 250, 354, 250])
+        self.assertTrue(first)
+        self.assertEqual([f for f in made if getattr(f, "__name__", "") == "_timerFired"], [])
+        self.assertEqual(len(h.mta.messages), 2)
+
+    def test_disarmedTimerDoesNothing(self) -> None:
+        """
+        The MTA's reply timer, cancelled by the MTA's reply, may come due while the client
+        is idle: nothing happens, and the session goes on.
+        """
+        h = Harness(self, timeouts={"mtaReply": 10.0, "clientIdle": 100.0})
+        client = h.greeted()
+        h.clock.advance(11)
+        h.memory.flush()
+        self.assertEqual(client.codes, [220, 250])
+        self.assertTrue(client.connected)
+        h.send(client, envelope() + b"DATA\r\n" + STUFFED)
+        self.assertEqual(client.codes[-1], 250)
+
+    def test_noTimerLeftAfterQuit(self) -> None:
+        """Once the client has quit, none of its session's timers is left scheduled."""
+        h = Harness(self)
+        client = h.greeted()
+        h.send(client, envelope() + b"DATA\r\n" + STUFFED + b"QUIT\r\n")
+        h.memory.flush()
+        self.assertFalse(client.connected)
+        self.assertEqual(self.sessionTimers(h), [])
+
+
+class RecordingDescriptor(FileDescriptor):
+    """A socket transport's write path without a socket: what it sends, recorded."""
+
+    def __init__(self) -> None:
+        super().__init__(MemoryReactor())
+        self.connected = True
+        self.sent: list[bytes] = []
+
+    def writeSomeData(self, data: bytes) -> int:
+        self.sent.append(bytes(data))
+        return len(data)
+
+
+class WriteNowTests(SynchronousTestCase):
+    """L{relay._writeNow}: a batch's writes leave at once, not at the reactor's next turn."""
+
+    def test_sentAtOnce(self) -> None:
+        """What a batch wrote is sent in one send, and the transport stops waiting to write."""
+        fd = RecordingDescriptor()
+        fd.write(b"250 2.1.0 Ok\r\n")
+        fd.write(b"250 2.1.5 Ok\r\n")
+        relay._writeNow(fd)
+        self.assertEqual(fd.sent, [b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"])
+        self.assertNotIn(fd, fd.reactor.getWriters())  # type: ignore[attr-defined]
+
+    def test_underAWrapper(self) -> None:
+        """The socket under TLS or the PROXY protocol's wrapper is the one written."""
+        fd = RecordingDescriptor()
+        fd.write(b"221 Bye\r\n")
+        wrapper = type("Wrapper", (), {"transport": fd})()
+        relay._writeNow(wrapper)
+        self.assertEqual(fd.sent, [b"221 Bye\r\n"])
+
+    def test_leftToTheReactor(self) -> None:
+        """A transport closing, or holding nothing, is not written: the reactor does it."""
+        idle = RecordingDescriptor()
+        relay._writeNow(idle)
+        self.assertEqual(idle.sent, [])
+        closing = RecordingDescriptor()
+        closing.write(b"421 closing\r\n")
+        closing.disconnecting = True
+        relay._writeNow(closing)
+        self.assertEqual(closing.sent, [])

@@ -1,18 +1,25 @@
 """
 Tests for L{mailproxy.spool}: private files, the size cap, write failures, cleanup and
-the start-up sweep.
+the start-up sweep; the release's L{SpoolSender}.
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import os
 import stat
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.interfaces import IPullProducer
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from zope.interface.verify import verifyObject
 
 from mailproxy.envelope import Message
-from mailproxy.spool import PREFIX, SUFFIX, Spool, sweep
+from mailproxy.spool import PREFIX, RELEASE_CHUNK, SUFFIX, Spool, SpoolSender, sweep
+from mailproxy.wire import Stuffer
+from tests.test_wire import contents, stuffWhole
 
 
 class FullDisk:
@@ -192,3 +199,104 @@ class SweepTests(SynchronousTestCase):
         spool.write(b"half a message")
         self.assertEqual(sweep(directory), [os.path.basename(spool.path)])
         self.assertEqual(os.listdir(directory), [])
+
+
+class PullConsumer:
+    """
+    A consumer as Twisted's socket transports are for a pull producer: it asks for the
+    first write when the producer registers, and for the next one each time L{drain}
+    says the last has been sent. It records every write.
+    """
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.producer: SpoolSender | None = None
+
+    def registerProducer(self, producer: SpoolSender, streaming: bool) -> None:
+        assert not streaming
+        self.producer = producer
+        producer.resumeProducing()
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def drain(self) -> None:
+        if self.producer is not None:
+            self.producer.resumeProducing()
+
+
+def release(content: bytes, chunkSize: int = RELEASE_CHUNK) -> tuple[PullConsumer, list[object]]:
+    """Release C{content} as after DATA (headers, stuffing, the dot), draining the consumer."""
+    consumer = PullConsumer()
+    sender = SpoolSender(
+        io.BufferedReader(io.BytesIO(content)),  # type: ignore[arg-type]
+        prefix=b"X-H: 1\r\n",
+        suffix=b".\r\n",
+        transform=Stuffer(),
+        chunkSize=chunkSize,
+    )
+    results: list[object] = []
+    sender.beginTransfer(consumer).addBoth(results.append)
+    for _ in range(len(content) // chunkSize + 2):
+        consumer.drain()
+    return consumer, results
+
+
+class SpoolSenderTests(SynchronousTestCase):
+    def test_interface(self) -> None:
+        """A L{SpoolSender} is a pull producer."""
+        self.assertTrue(verifyObject(IPullProducer, SpoolSender(io.BytesIO())))  # type: ignore[arg-type]
+
+    def test_smallMessageOneWrite(self) -> None:
+        """
+        A message smaller than a chunk reaches the MTA in one write: headers, the stuffed
+        content and the final dot; the transfer is done once that write is taken.
+        """
+        consumer = PullConsumer()
+        sender = SpoolSender(
+            io.BytesIO(b"Subject: a\r\n\r\n.hi\r\n"),  # type: ignore[arg-type]
+            prefix=b"X-H: 1\r\n",
+            suffix=b".\r\n",
+            transform=Stuffer(),
+        )
+        done = sender.beginTransfer(consumer)
+        self.assertEqual(consumer.writes, [b"X-H: 1\r\nSubject: a\r\n\r\n..hi\r\n.\r\n"])
+        self.assertNoResult(done)
+        consumer.drain()
+        self.assertIsNone(self.successResultOf(done))
+        self.assertIsNone(consumer.producer)
+
+    def test_largeMessageFewWrites(self) -> None:
+        """A megabyte goes in a few large writes, not one per 16 KiB (Twisted's FileSender)."""
+        content = (b"x" * 998 + b"\r\n") * 1024
+        consumer, results = release(content)
+        self.assertEqual(results, [None])
+        self.assertLessEqual(len(consumer.writes), len(content) // RELEASE_CHUNK + 1)
+        self.assertEqual(b"".join(consumer.writes), b"X-H: 1\r\n" + content + b".\r\n")
+
+    @settings(max_examples=200, deadline=None)
+    @given(contents, st.integers(min_value=1, max_value=4000))
+    def test_anyChunkSize(self, content: bytes, chunkSize: int) -> None:
+        """
+        Whatever the chunk size (every split point of the content), the MTA receives the
+        headers, the content stuffed as a whole and the dot, in one write per chunk.
+        """
+        consumer, results = release(content, chunkSize)
+        self.assertEqual(results, [None])
+        self.assertEqual(
+            b"".join(consumer.writes), b"X-H: 1\r\n" + stuffWhole(content) + b".\r\n"
+        )
+        self.assertEqual(len(consumer.writes), len(content) // chunkSize + 1)
+
+    def test_stopped(self) -> None:
+        """The consumer's connection lost mid-transfer: the transfer fails, nothing more is written."""
+        consumer = PullConsumer()
+        sender = SpoolSender(io.BytesIO(b"a\r\n" * 100), chunkSize=16)  # type: ignore[arg-type]
+        done = sender.beginTransfer(consumer)
+        sender.stopProducing()
+        self.failureResultOf(done, ConnectionError)
+        consumer.drain()
+        self.assertEqual(len(consumer.writes), 1)

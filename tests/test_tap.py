@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 from collections.abc import Mapping
 
 from twisted.application.service import IService, IServiceMaker, MultiService
@@ -220,3 +222,60 @@ class TapTests(SynchronousTestCase):
             str(raised.exception),
             f"{path}: proxy.spool_dir: {spool!r} exists and is not a directory",
         )
+
+
+#: Run in a fresh interpreter: what twistd's start-up imports and installs, printed.
+_STARTUP_PROBE = """
+import sys
+from mailproxy import tap
+options = tap.Options()
+options.parseOptions(["--config", sys.argv[1]])
+tap.makeService(options)
+from twisted.internet import reactor
+print(type(reactor).__module__)
+print(" ".join(sorted(m for m in sys.modules if m.startswith(tuple(sys.argv[2:])))))
+"""
+
+
+class StartupImportTests(SynchronousTestCase):
+    """What a process started without the optional parts loads (a fresh interpreter each)."""
+
+    def probe(self, config: str) -> tuple[str, set[str]]:
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write(
+                '[proxy]\nlisten = "tcp:0:interface=127.0.0.1"\n'
+                'upstream = "tcp:host=127.0.0.1:port=10025"\n'
+                f'spool_dir = "{os.path.abspath(self.mktemp())}"\n' + config
+            )
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        out = subprocess.run(
+            [sys.executable, "-c", _STARTUP_PROBE, path, *_OPTIONAL],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=root,
+            env={**os.environ, "PYTHONPATH": root},
+        ).stdout.splitlines()
+        return out[0], set(out[1].split()) if len(out) > 1 else set()
+
+    def test_notConfiguredNotImported(self) -> None:
+        """
+        Without [manhole] and [web], neither conch, twisted.web nor prometheus_client is
+        imported (they are most of an idle process's memory); and on Linux the reactor
+        is epoll's, chosen by the plugin.
+        """
+        reactor, loaded = self.probe("")
+        self.assertEqual(loaded, set())
+        if sys.platform.startswith("linux"):
+            self.assertEqual(reactor, "twisted.internet.epollreactor")
+
+    def test_webImportedWhenConfigured(self) -> None:
+        """With [web], its modules are loaded (the probe above can see them)."""
+        _, loaded = self.probe('[web]\nlisten = "tcp:0:interface=127.0.0.1"\n')
+        self.assertIn("mailproxy.web", loaded)
+        self.assertTrue(any(m.startswith("twisted.web.") for m in loaded))
+
+
+#: Packages of the optional parts: the manhole (conch), the status page and /metrics.
+_OPTIONAL = ("twisted.conch", "twisted.web", "prometheus_client", "mailproxy.web", "mailproxy.manhole")

@@ -145,7 +145,8 @@ class Pipeline:
         if not configured:
             return defer.succeed(Verdict.accept())
         d = Deferred.fromCoroutine(self._run(stage, configured, session, args))
-        d.addTimeout(self._totalTimeout, self._clock)
+        if not d.called or d.paused:
+            d.addTimeout(self._totalTimeout, self._clock)  # as in _one: only if it can be late
 
         def overran(failure: Failure) -> Verdict:
             failure.trap(defer.TimeoutError)
@@ -232,7 +233,10 @@ class Pipeline:
     ) -> Verdict:
         name = cf.filter.name
         d = _call(stage, cf.filter, session, args)
-        d.addTimeout(cf.timeout, self._clock)
+        if not d.called or d.paused:
+            # An answer already there cannot be late: no timer made and cancelled for it
+            # (most filters answer at once, every message).
+            d.addTimeout(cf.timeout, self._clock)
         try:
             verdict = await d
         except EXPECTED_FAILURES as e:
