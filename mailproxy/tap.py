@@ -92,6 +92,17 @@ def _twistdUser(options: usage.Options) -> tuple[int | None, int | None]:
     return twistd.get("uid"), twistd.get("gid")
 
 
+def _logTarget(options: usage.Options) -> str:
+    """Where twistd writes its log, for the workers to write theirs: C{"-"} or a path."""
+    twistd = options.parent
+    if twistd is None:
+        return "-"
+    logfile = twistd.get("logfile")
+    if logfile is None or logfile == "-":
+        return "-" if twistd.get("nodaemon") else "twistd.log"
+    return os.path.abspath(str(logfile))
+
+
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
@@ -103,9 +114,23 @@ def makeService(options: Options) -> IService:
         # The one build of the start-up filters, their answers counted by the service's
         # counters. Still before twistd daemonises, logs or drops privileges: an error
         # is the same single line as one of postOptions.
-        proxy = ProxyService(
-            config, reactor, options["factories"], uid=uid, gid=gid, daemonised=daemonised
-        )
+        proxy: ProxyService
+        if config.workers > 1:
+            from mailproxy.workers import MasterService
+
+            proxy = MasterService(
+                config,
+                reactor,
+                options["factories"],
+                uid=uid,
+                gid=gid,
+                daemonised=daemonised,
+                logTarget=_logTarget(options),
+            )
+        else:
+            proxy = ProxyService(
+                config, reactor, options["factories"], uid=uid, gid=gid, daemonised=daemonised
+            )
     except ConfigError as e:
         raise SystemExit(f"mailproxy: {e}") from None
     if options["local-mta"] is None:

@@ -138,7 +138,8 @@ class HandOverTests(unittest.SynchronousTestCase):
         config = Path(self.mktemp())
         config.write_text(
             f'[proxy]\nlisten = "tcp:0:interface=127.0.0.1"\n'
-            f'upstream = "tcp:host=127.0.0.1:port=1"\nspool_dir = "{spool}"\n' + extra
+            f'upstream = "tcp:host=127.0.0.1:port=1"\nspool_dir = "{spool}"\nworkers = 1\n'
+            + extra
         )
         options = ServerOptions()
         options.parseOptions(["-n", "-u", USER, "mailproxy", "--config", str(config)])
