@@ -151,9 +151,46 @@ class StatsCollector:
         yield GaugeMetricFamily(
             "mailproxy_active_sessions", "Client sessions in progress.", value=stats.activeSessions
         )
+        if stats.workers:
+            yield from self._workers(stats)
         yield GaugeMetricFamily(
             "mailproxy_start_time_seconds", "When the process started (Unix time).", stats.started
         )
+
+
+    def _workers(self, stats: Stats) -> Iterator[Metric]:
+        """A master's series per worker process, labelled with its index."""
+        rows = stats.workerRows()
+        up = GaugeMetricFamily(
+            "mailproxy_worker_up", "Whether the worker process runs now.", labels=["worker"]
+        )
+        active = GaugeMetricFamily(
+            "mailproxy_worker_active_sessions",
+            "Client sessions in progress in the worker, as it last reported them.",
+            labels=["worker"],
+        )
+        started = GaugeMetricFamily(
+            "mailproxy_worker_start_time_seconds",
+            "When the worker's running process started (Unix time).",
+            labels=["worker"],
+        )
+        restarts = CounterMetricFamily(
+            "mailproxy_worker_restarts", "Times the worker was started again.", labels=["worker"]
+        )
+        accepted = CounterMetricFamily(
+            "mailproxy_worker_messages_accepted",
+            "Messages the MTA accepted through the worker (all its processes).",
+            labels=["worker"],
+        )
+        for row in rows:
+            label = [str(row["worker"])]
+            up.add_metric(label, 0 if row["pid"] is None else 1)
+            active.add_metric(label, row["active"])
+            if row["started"] is not None:
+                started.add_metric(label, row["started"])
+            restarts.add_metric(label, row["restarts"])
+            accepted.add_metric(label, row["accepted"])
+        yield from (up, active, started, restarts, accepted)
 
 
 def registryFor(stats: Stats) -> CollectorRegistry:
@@ -439,8 +476,10 @@ def _sessions(active: list[Mapping[str, Any]]) -> Tag:
         return tags.section(
             tags.h2("Active sessions (0)"), tags.p("No client connected.", class_="empty")
         )
+    byWorker = any("worker" in s for s in active)
     rows = [
         tags.tr(
+            *([tags.td(str(s.get("worker", "")), class_="n")] if byWorker else []),
             tags.td(s["id"], class_="code"),
             tags.td(s["client"]),
             tags.td(s["helo"] or "", class_="code"),
@@ -451,12 +490,33 @@ def _sessions(active: list[Mapping[str, Any]]) -> Tag:
         )
         for s in active
     ]
+    columns = ("Session", "Client", "HELO", "Sender", "Rcpts", "Phase", "Age")
     header = _head(
-        "Session", "Client", "HELO", "Sender", "Rcpts", "Phase", "Age", numeric=("Rcpts", "Age")
+        *(("Worker", *columns) if byWorker else columns), numeric=("Worker", "Rcpts", "Age")
     )
     return tags.section(
         tags.h2(f"Active sessions ({len(active)})"),
         tags.table(header, tags.tbody(*rows), id="sessions"),
+    )
+
+
+def _workers(workers: list[Mapping[str, Any]]) -> Tag:
+    """A master's worker processes, a row each."""
+    rows = [
+        tags.tr(
+            tags.td(str(w["worker"]), class_="n"),
+            tags.td("down" if w["pid"] is None else str(w["pid"]), class_="n"),
+            tags.td("" if w["started"] is None else _when(w["started"]), class_="n"),
+            tags.td(f"{w['restarts']:,}", class_="n"),
+            tags.td(f"{w['active']:,}", class_="n"),
+            tags.td(f"{w['accepted']:,}", class_="n"),
+        )
+        for w in workers
+    ]
+    numeric = ("Worker", "PID", "Up since", "Restarts", "Active", "Accepted")
+    return tags.section(
+        tags.h2(f"Workers ({len(workers)})"),
+        tags.table(_head(*numeric, numeric=numeric), tags.tbody(*rows), id="workers"),
     )
 
 
@@ -542,6 +602,7 @@ def page(snapshot: Mapping[str, Any], hostname: str, refresh: float) -> Tag:
                 ),
                 _chart(snapshot["hours"]),
                 tags.div(_counters(snapshot), _reasons(snapshot), class_="grid"),
+                *([_workers(snapshot["workers"])] if snapshot.get("workers") else []),
                 _sessions(snapshot["active"]),
                 _filters(snapshot["filters"]),
                 _refusals(snapshot["refusals"]),

@@ -655,3 +655,59 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
 
+
+
+class ReadersTests(SynchronousTestCase):
+    """The status page, /metrics and the manhole show a master's workers."""
+
+    def setUp(self) -> None:
+        self.clock = _clockAt(_midnight(datetime.date(2026, 3, 14)) + 3600)
+        self.stats = Stats(self.clock)
+        for index in (1, 2):
+            self.stats.workerStarted(index, 100 + index)
+        worker = Stats(self.clock)
+        worker.recordDeltas()
+        _accept(worker, 3)
+        self.stats.merge(2, worker.takeDelta())
+        info = SessionInfo("S9", "192.0.2.9", "h.test", None, 0, "command")
+        self.stats.workerSessions(1, [(info, self.clock.seconds() - 2)])
+        self.stats.workerEnded(2)
+
+    def test_metrics(self) -> None:
+        """/metrics: the sums, and a few series per worker, labelled with its index."""
+        from prometheus_client.exposition import generate_latest
+
+        from mailproxy.web import registryFor
+
+        text = generate_latest(registryFor(self.stats)).decode()
+        self.assertIn('mailproxy_messages_total{filter="",outcome="accepted"} 3.0', text)
+        self.assertIn("mailproxy_active_sessions 1.0", text)
+        self.assertIn('mailproxy_worker_up{worker="1"} 1.0', text)
+        self.assertIn('mailproxy_worker_up{worker="2"} 0.0', text)
+        self.assertIn('mailproxy_worker_active_sessions{worker="1"} 1.0', text)
+        self.assertIn('mailproxy_worker_messages_accepted_total{worker="2"} 3.0', text)
+
+    def test_page(self) -> None:
+        """The status page has a row per worker, and each session names its worker."""
+        from mailproxy.web import page, render
+
+        html = render(page(self.stats.snapshot(), "proxy.test", 10)).decode()
+        self.assertIn('id="workers"', html)
+        self.assertIn("Workers (2)", html)
+        self.assertIn("down", html)
+        self.assertIn("<th class=\"n\">Worker</th>", html)
+
+    def test_manhole(self) -> None:
+        """The manhole's workers() and sessions() show the workers."""
+        from mailproxy.manhole import namespace
+
+        class Proxy:
+            config = None
+            stats = self.stats
+
+            def reload(self) -> bool:
+                return True
+
+        names = namespace(Proxy())  # type: ignore[arg-type]
+        self.assertEqual([w["pid"] for w in names["workers"]()], [101, None])  # type: ignore[operator]
+        self.assertEqual(names["sessions"]()[0]["worker"], 1)  # type: ignore[operator,index]
