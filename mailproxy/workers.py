@@ -26,7 +26,7 @@ on), and stops the same way when its channel to the master closes (the master is
 Logs: a worker writes its own events where twistd writes the master's (stdout under
 C{twistd -n}, the journal under systemd; the file of C{--logfile}), each line tagged
 C{worker N}, and to the configured syslog and JSON file itself (the JSON events carry
-C{"worker": N}): nothing is relayed through the master.
+C{"worker": N}; the master's carry no C{worker}): nothing is relayed through the master.
 """
 
 from __future__ import annotations
@@ -217,8 +217,8 @@ class MasterChannel(amp.AMP):
             active = None if sessions is None else sessionsFromWire(sessions)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             self._log.error(
-                "worker {worker}: a report the master cannot read: {why}",
-                worker=self.index,
+                "worker {index}: a report the master cannot read: {why}",
+                index=self.index,
                 why=e,
             )
             return {}
@@ -292,14 +292,14 @@ class Supervisor:
             slot.process, slot.channel = self._spawn(slot.index, protocol)
         except OSError as e:
             self._log.error(
-                "worker {worker} could not be started: {why}", worker=slot.index, why=reason(e)
+                "worker {index} could not be started: {why}", index=slot.index, why=reason(e)
             )
             self._again(slot)
             return
         slot.started = self._clock.seconds()
         pid = slot.pid = slot.process.pid
         self._stats.workerStarted(slot.index, pid if pid is not None else 0)
-        self._log.info("worker {worker} started, pid {pid}", worker=slot.index, pid=pid)
+        self._log.info("worker {index} started, pid {pid}", index=slot.index, pid=pid)
 
     def _ended(self, slot: _Slot, why: Failure) -> None:
         pid, slot.pid, slot.process = slot.pid, None, None
@@ -308,16 +308,16 @@ class Supervisor:
         slot.channel = None
         self._stats.workerEnded(slot.index)
         if self._stopping:
-            self._log.info("worker {worker} (pid {pid}) stopped", worker=slot.index, pid=pid)
+            self._log.info("worker {index} (pid {pid}) stopped", index=slot.index, pid=pid)
             self._maybeStopped()
             return
         ran = self._clock.seconds() - slot.started
         if ran >= STABLE_AFTER:
             slot.delay = BACKOFF_FIRST
         self._log.error(
-            "worker {worker} (pid {pid}) died after {ran:.1f} s: {why}; starting it again"
+            "worker {index} (pid {pid}) died after {ran:.1f} s: {why}; starting it again"
             " in {delay:g} s",
-            worker=slot.index,
+            index=slot.index,
             pid=pid,
             ran=ran,
             why=_exitReason(why),
@@ -381,13 +381,13 @@ class Supervisor:
                 try:
                     slot.process.signalProcess(name)
                 except (OSError, Exception) as e:  # ProcessExitedAlready: ended meanwhile
-                    self._log.debug("worker {worker}: {why}", worker=slot.index, why=e)
+                    self._log.debug("worker {index}: {why}", index=slot.index, why=e)
 
     def _killAll(self) -> None:
         self._kill = None
         if self.running:
             self._log.warn(
-                "workers {workers} did not stop in time: killed", workers=self.running
+                "workers {indices} did not stop in time: killed", indices=self.running
             )
             self._signal("KILL")
 

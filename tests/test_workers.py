@@ -442,6 +442,7 @@ class MasterTests(ProxyTestCase):
         self.socket = os.path.join(self.directory, "stats.sock")
         self.config = os.path.join(self.directory, "mailproxy.toml")
         self.log = os.path.join(self.directory, "twistd.log")
+        self.json = os.path.join(self.directory, "mailproxy.json")
         self.writeConfig("one.test")
 
     def writeConfig(self, hostname: str) -> None:
@@ -457,6 +458,7 @@ class MasterTests(ProxyTestCase):
                 "workers = 2\n"
                 "[timeouts]\nshutdown_grace = 5\n"
                 f'[stats]\nsocket = "{self.socket}"\n'
+                f'[logging]\njson = "{self.json}"\n'
             )
 
     async def startMaster(self) -> subprocess.Popen[bytes]:
@@ -552,9 +554,16 @@ class MasterTests(ProxyTestCase):
         self.assertEqual(sum(r["accepted"] for r in snapshot["workers"]), sent)
         self.assertEqual(snapshot["today"]["messages"]["accepted"], sent)
         # Each worker spools in its own directory.
-        self.assertEqual(
-            sorted(os.listdir(self.spool)), ["worker-1", "worker-2"]
-        )
+        self.assertEqual(sorted(os.listdir(self.spool)), ["worker-1", "worker-2"])
+        # Each writes its own lines to the JSON log, saying which worker it is; the
+        # master's own lines say none.
+        with open(self.json, encoding="utf-8") as f:
+            events = [json.loads(line) for line in f]
+        released = [e for e in events if "released:" in e["text"]]
+        self.assertEqual(len(released), sent)
+        self.assertEqual({e["worker"] for e in released}, {1, 2})
+        started = [e for e in events if "worker 1 started" in e["text"]]
+        self.assertEqual([e.get("worker") for e in started], [None])
 
     async def test_killedMidSession(self) -> None:
         """
