@@ -211,7 +211,7 @@ class ProxyService(MultiService):
             sock = StatsSocketService(
                 config.stats.socket,
                 config.stats.mode,
-                self.stats.snapshot,
+                self.snapshot,
                 reactor,
                 what=f"{config.path}: stats.socket",
                 owner=directories.owner(*self._owner),
@@ -219,7 +219,9 @@ class ProxyService(MultiService):
             sock.setName("stats socket")  # type: ignore[no-untyped-call]
             sock.setServiceParent(self)  # type: ignore[no-untyped-call]
         if config.web.listen is not None:
-            site = statusSite(self.stats, config.hostname, config.web.refresh, reactor)
+            site = statusSite(
+                self.stats, config.hostname, config.web.refresh, reactor, self.snapshot
+            )
             web = Listener(
                 serverFromString(reactor, config.web.listen),
                 site,
@@ -228,6 +230,10 @@ class ProxyService(MultiService):
             )
             web.setName(f"web {config.web.listen}")  # type: ignore[no-untyped-call]
             web.setServiceParent(self)  # type: ignore[no-untyped-call]
+
+    def snapshot(self) -> dict[str, Any] | Deferred[dict[str, Any]]:
+        """The counters, for the stats socket and the web (a master's, once fresh)."""
+        return self.stats.snapshot()
 
     def _config(self) -> Config:
         """The configuration in force (for the listeners, which read it per connection)."""

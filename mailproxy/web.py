@@ -33,11 +33,12 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 from prometheus_client.registry import CollectorRegistry
+from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.web.http import Request as HTTPRequest
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 from twisted.web.template import Tag, flatten, tags
 
 from mailproxy.stats import LIMITS, MTA_ERRORS, PROXY_REFUSALS, Stats
@@ -638,33 +639,65 @@ def _commonHeaders(request: IRequest) -> None:
     request.setHeader(b"referrer-policy", b"no-referrer")
 
 
+#: The counters now; or, from a master, once its workers have reported (a Deferred).
+Snapshot = Callable[[], "dict[str, Any] | Deferred[dict[str, Any]]"]
+
+
+def _answer(
+    request: Request, snapshot: Snapshot, body: Callable[[dict[str, Any]], bytes]
+) -> bytes | int:
+    """C{body} of the snapshot: at once, or when a master's is ready."""
+    answer = snapshot()
+    if not isinstance(answer, Deferred):
+        return body(answer)
+
+    def write(fresh: dict[str, Any]) -> None:
+        if not request.finished and not request._disconnected:
+            request.write(body(fresh))
+            request.finish()
+
+    def failed(failure: Failure) -> None:
+        if not request.finished and not request._disconnected:
+            request.setResponseCode(500)
+            request.finish()
+
+    answer.addCallbacks(write, failed)
+    return NOT_DONE_YET
+
+
 class StatusPage(Resource):
     isLeaf = True
 
-    def __init__(self, stats: Stats, hostname: str, refresh: float) -> None:
+    def __init__(
+        self, stats: Stats, hostname: str, refresh: float, snapshot: Snapshot | None = None
+    ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
-        self._stats = stats
+        self._snapshot = snapshot or stats.snapshot
         self._hostname = hostname
         self._refresh = refresh
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: Request) -> bytes | int:
         _commonHeaders(request)
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
         request.setHeader(b"content-security-policy", CSP.encode())
-        return render(page(self._stats.snapshot(), self._hostname, self._refresh))
+        return _answer(
+            request, self._snapshot, lambda s: render(page(s, self._hostname, self._refresh))
+        )
 
 
 class StatsJSON(Resource):
     isLeaf = True
 
-    def __init__(self, stats: Stats) -> None:
+    def __init__(self, stats: Stats, snapshot: Snapshot | None = None) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
-        self._stats = stats
+        self._snapshot = snapshot or stats.snapshot
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: Request) -> bytes | int:
         _commonHeaders(request)
         request.setHeader(b"content-type", b"application/json")
-        return json.dumps(self._stats.snapshot(), ensure_ascii=False).encode()
+        return _answer(
+            request, self._snapshot, lambda s: json.dumps(s, ensure_ascii=False).encode()
+        )
 
 
 class MetricsPage(Resource):
@@ -690,11 +723,19 @@ class StatusSite(Site):
         pass
 
 
-def statusSite(stats: Stats, hostname: str, refresh: float, reactor: Any) -> StatusSite:
-    """C{/}, C{/stats.json} and C{/metrics} for C{stats}."""
+def statusSite(
+    stats: Stats, hostname: str, refresh: float, reactor: Any, snapshot: Snapshot | None = None
+) -> StatusSite:
+    """
+    C{/}, C{/stats.json} and C{/metrics} for C{stats}.
+
+    @param snapshot: what the page and C{/stats.json} show (a master's waits for its
+        workers' reports); by default C{stats.snapshot}. C{/metrics} reads C{stats} as it
+        is (a scrape may miss the last L{mailproxy.workers.REPORT_INTERVAL} seconds).
+    """
     root = Resource()
-    root.putChild(b"", StatusPage(stats, hostname, refresh))
-    root.putChild(b"stats.json", StatsJSON(stats))
+    root.putChild(b"", StatusPage(stats, hostname, refresh, snapshot))
+    root.putChild(b"stats.json", StatsJSON(stats, snapshot))
     root.putChild(b"metrics", MetricsPage(registryFor(stats)))
     site = StatusSite(root, reactor=reactor)  # type: ignore[no-untyped-call]
     site.displayTracebacks = False

@@ -78,6 +78,7 @@ __all__ = [
     "BACKOFF_FIRST",
     "BACKOFF_MAX",
     "REPORT_INTERVAL",
+    "Flush",
     "MasterService",
     "Reload",
     "Report",
@@ -160,6 +161,17 @@ class Reload(amp.Command):
 
     arguments: ClassVar[list[tuple[bytes, amp.Argument]]] = []
     response: ClassVar[list[tuple[bytes, amp.Argument]]] = [(b"applied", amp.Boolean())]
+
+
+class Flush(amp.Command):
+    """Master to worker: report now (the answer comes after the report)."""
+
+    arguments: ClassVar[list[tuple[bytes, amp.Argument]]] = []
+    response: ClassVar[list[tuple[bytes, amp.Argument]]] = []
+
+
+#: Seconds a read of the counters waits for the workers' reports (L{MasterService.snapshot}).
+FLUSH_TIMEOUT = 1.0
 
 
 def sessionsToWire(sessions: Sequence[tuple[SessionInfo, float]]) -> list[dict[str, Any]]:
@@ -347,6 +359,15 @@ class Supervisor:
 
     def pids(self) -> list[int | None]:
         return [s.pid for s in self._slots]
+
+    async def flush(self, timeout: float) -> None:
+        """Have every running worker report now; wait for them at most C{timeout} seconds."""
+        calls = [
+            slot.channel.callRemote(Flush).addTimeout(timeout, self._clock)  # type: ignore[no-untyped-call]
+            for slot in self._slots
+            if slot.channel is not None
+        ]
+        await defer.DeferredList(calls, consumeErrors=True)
 
     async def reload(self) -> list[bool]:
         """Tell every running worker to reload; whether each applied it."""
@@ -610,6 +631,15 @@ class MasterService(ProxyService):
             theirs.close()
         return process, channel
 
+    def snapshot(self) -> Deferred[dict[str, Any]]:
+        """The sums, once every worker has reported what it counted until now."""
+
+        async def fresh() -> dict[str, Any]:
+            await self.supervisor.flush(FLUSH_TIMEOUT)
+            return self.stats.snapshot()
+
+        return Deferred.fromCoroutine(fresh())
+
     def reload(self) -> bool:
         """Load and check the configuration once; only a valid one goes to every worker."""
         if not super().reload():
@@ -637,6 +667,11 @@ def _once(protocol: amp.AMP) -> Factory:
     factory: Factory = Factory.forProtocol(lambda: protocol)
     factory.noisy = False
     return factory
+
+
+def workerShare(connections: int, workers: int) -> int:
+    """One worker's part of C{limits.connections}: an equal share (rounded up), at least 1."""
+    return max(1, -(-connections // workers))
 
 
 def workerSpool(spoolDir: str, index: int) -> str:
@@ -719,7 +754,17 @@ class WorkerService(ProxyService):
         return {} if self._publisher is None else {"publisher": self._publisher}
 
     def _adjust(self, config: Config) -> Config:
-        return attrs.evolve(config, spoolDir=workerSpool(config.spoolDir, self.index))
+        """
+        Its own spool; its share of C{limits.connections} (which stays the whole proxy's
+        bound, below the MTA's process limit, as the sample advises).
+        """
+        return attrs.evolve(
+            config,
+            spoolDir=workerSpool(config.spoolDir, self.index),
+            limits=attrs.evolve(
+                config.limits, connections=workerShare(config.limits.connections, config.workers)
+            ),
+        )
 
     def _addListeners(self, config: Config, reactor: Any) -> None:
         for spec in self._inherited:
@@ -792,6 +837,12 @@ class WorkerChannel(amp.AMP):
         )
         d.addErrback(lambda f: self._log.debug("report lost: {f}", f=f))
         return d
+
+    @Flush.responder
+    def flushNow(self) -> dict[str, Any]:
+        # The report goes out first: the master has it when this answer arrives.
+        self.flush()
+        return {}
 
     @Reload.responder
     def reload(self) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from mailproxy.workers import (
     REPORT_INTERVAL,
     STABLE_AFTER,
     STOP_MARGIN,
+    Flush,
     MasterChannel,
     Reload,
     Supervisor,
@@ -256,6 +257,22 @@ class ChannelTests(SynchronousTestCase):
         self.clock.advance(REPORT_INTERVAL * 10)
         self.pump.flush()
         self.assertEqual(len(self.reports), 1, "nothing counted, nothing sent")
+
+    def test_flush(self) -> None:
+        """
+        The master's Flush is answered after the report it asks for: a read of the
+        counters (the stats socket, the web) waits for it and sees every count.
+        """
+        _accept(self.service.stats, 3)
+        answered: list[object] = []
+        self.masterChannel.callRemote(Flush).addCallback(
+            lambda _: answered.append(self.master.total.messages["accepted"])
+        )
+        self.pump.flush()
+        self.assertEqual(answered, [3])
+        self.clock.advance(REPORT_INTERVAL)
+        self.pump.flush()
+        self.assertEqual(len(self.reports), 1, "the timer's report went out with the flush")
 
     def test_large(self) -> None:
         """A report longer than AMP's 64 KiB value limit arrives whole."""
@@ -720,3 +737,14 @@ class ReadersTests(SynchronousTestCase):
         names = namespace(Proxy())  # type: ignore[arg-type]
         self.assertEqual([w["pid"] for w in names["workers"]()], [101, None])  # type: ignore[operator]
         self.assertEqual(names["sessions"]()[0]["worker"], 1)  # type: ignore[operator,index]
+
+
+class ShareTests(SynchronousTestCase):
+    """A worker's part of limits.connections."""
+
+    def test_share(self) -> None:
+        """Equal shares, rounded up, never below one."""
+        self.assertEqual(
+            [workers.workerShare(n, w) for n, w in ((90, 2), (91, 2), (1, 4), (500, 3))],
+            [45, 46, 1, 167],
+        )
