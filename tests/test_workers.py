@@ -668,6 +668,16 @@ class MasterTests(ProxyTestCase):
         self.assertIn("worker 1 (pid", self.logText())
         self.assertIn("mailproxy stopped", self.logText())
 
+    async def test_orphansStop(self) -> None:
+        """The master killed: its workers see their channel close and stop by themselves."""
+        master = await self.startMaster()
+        master.kill()
+        master.wait(DEADLINE)
+        for pid in self.pids:
+            assert pid is not None
+            await until(f"worker {pid} gone", lambda pid=pid: not _alive(pid))  # type: ignore[misc]
+        self.assertIn("the master is gone; stopping", self.logText())
+
 
 def _alive(pid: int) -> bool:
     try:
