@@ -934,7 +934,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (SystemExit, Exception) as e:
             log.critical("worker {worker} cannot start: {why}", worker=index, why=e)
             status[0] = 1
-            reactor.stop()
+            stopOnce()
 
     async def stop() -> None:
         if service.running:
@@ -945,13 +945,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             last.addTimeout(2.0, reactor)
             await last.addErrback(lambda f: None)
 
-    def orphaned(_: object) -> None:
-        if reactor.running:
-            log.warn("worker {worker}: the master is gone; stopping", worker=index)
+    stopping = [False]
+
+    def stopOnce() -> None:
+        # SIGTERM may come twice: from the master, and from systemd, which signals every
+        # process of the unit's control group; the master may go too meanwhile.
+        if not stopping[0]:
+            stopping[0] = True
             reactor.stop()
 
+    def terminated(signum: int, frame: object) -> None:
+        reactor.callFromThread(stopOnce)  # type: ignore[attr-defined]
+
+    def orphaned(_: object) -> None:
+        if not stopping[0]:
+            log.warn("worker {worker}: the master is gone; stopping", worker=index)
+        stopOnce()
+
+    def running() -> None:
+        # After the reactor's own handlers (installed as it starts running).
+        signal.signal(signal.SIGTERM, terminated)
+        start()
+
     channel.lost.addCallback(orphaned)
-    reactor.callWhenRunning(start)
+    reactor.callWhenRunning(running)
     reactor.addSystemEventTrigger(
         "before", "shutdown", lambda: Deferred.fromCoroutine(stop())
     )

@@ -668,6 +668,21 @@ class MasterTests(ProxyTestCase):
         self.assertIn("worker 1 (pid", self.logText())
         self.assertIn("mailproxy stopped", self.logText())
 
+    async def test_termToEveryProcess(self) -> None:
+        """
+        SIGTERM to the master and to each worker at once (systemd's stop signals the
+        unit's whole control group): each worker stops once, nothing fails.
+        """
+        master = await self.startMaster()
+        master.send_signal(signal.SIGTERM)
+        for pid in self.pids:
+            assert pid is not None
+            os.kill(pid, signal.SIGTERM)
+        await until("the master exited", lambda: master.poll() is not None)
+        self.assertIn("Server Shut Down.", self.logText())
+        self.assertNotIn("Traceback", self.logText())
+        self.assertNotIn("#critical]", self.logText())
+
     async def test_orphansStop(self) -> None:
         """The master killed: its workers see their channel close and stop by themselves."""
         master = await self.startMaster()
