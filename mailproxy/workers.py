@@ -573,8 +573,11 @@ class MasterService(ProxyService):
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        # The JSON log, opened as root, must stay writable by the workers (the -u user).
         owner = self._owner
+        if owner[0] is not None and os.getuid() == 0:
+            with oneLine(self._daemonised):
+                self._checkWorkerCanRun(owner[0], owner[1])
+        # The JSON log, opened as root, must stay writable by the workers (the -u user).
         if owner[0] is not None and os.getuid() == 0 and self.config.logging.json is not None:
             gid = owner[1] if owner[1] is not None else -1
             with oneLine(self._daemonised):
@@ -585,6 +588,40 @@ class MasterService(ProxyService):
                         f"{self.config.path}: logging.json: cannot hand"
                         f" {self.config.logging.json!r} over: {reason(e)}"
                     ) from None
+
+    def _checkWorkerCanRun(self, uid: int, gid: int | None) -> None:
+        """
+        The workers start after twistd drops privileges, as its C{-u} user, who must be
+        able to run this Python and import mailproxy: try it once, as that user, now.
+
+        @raise StartupError: the user cannot; naming why and the fix.
+        """
+        import pwd
+        import subprocess
+
+        group = gid if gid is not None else pwd.getpwuid(uid).pw_gid
+        try:
+            result = subprocess.run(
+                [self._command[0], "-c", "import mailproxy.workers"],
+                user=uid,
+                group=group,
+                extra_groups=[],
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
+            why = result.stderr.decode(errors="replace").strip().splitlines()[-1:] or [
+                f"exit code {result.returncode}"
+            ]
+            ok = result.returncode == 0
+        except (OSError, subprocess.SubprocessError) as e:
+            ok, why = False, [reason(e)]
+        if not ok:
+            raise StartupError(
+                f"{self.config.path}: proxy.workers: the workers run as uid {uid} (twistd -u),"
+                f" who cannot run {self._command[0]} with mailproxy: {why[0]}; make the"
+                " installation readable by that user, or set workers = 1"
+            )
 
     def _sweep(self) -> list[str]:
         """The spool and every worker's subdirectory: no worker runs yet."""

@@ -773,3 +773,42 @@ class ShareTests(SynchronousTestCase):
             [workers.workerShare(n, w) for n, w in ((90, 2), (91, 2), (1, 4), (500, 3))],
             [45, 46, 1, 167],
         )
+
+
+class WorkerUserTests(ProxyTestCase):
+    """With twistd's -u, the master checks at start-up that the workers can run."""
+
+    skip = None if os.getuid() == 0 else "needs root, to try a command as another user"
+
+    def test_workersCannotRun(self) -> None:
+        """A Python the -u user cannot run stops start-up with one line saying so."""
+        from mailproxy.config import load
+        from mailproxy.filters.pipeline import filterFactories
+        from mailproxy.startup import StartupError
+
+        path = os.path.join(tempfile.mkdtemp(prefix="mailproxy-workers-"), "m.toml")
+        self.addCleanup(lambda: subprocess.run(["rm", "-rf", os.path.dirname(path)], check=False))
+        with open(path, "w") as f:
+            f.write(
+                f'[proxy]\nlisten = "tcp:{_freePort()}:interface=127.0.0.1"\n'
+                f'upstream = "tcp:host=127.0.0.1:port={self.mtaPort}"\n'
+                f'spool_dir = "{self.spool}"\nworkers = 2\n'
+            )
+        master = workers.MasterService(
+            load(path, reactor),
+            reactor,
+            filterFactories(),
+            uid=65534,
+            daemonised=True,
+            workerCommand=["/nonexistent/python"],
+        )
+        with self.assertRaises(StartupError) as raised:
+            master.privilegedStartService()
+        for bound in master._bound:
+            for listener in bound:
+                listener.socket.close()
+        master.logs.stopService()
+        message = str(raised.exception)
+        self.assertIn("proxy.workers: the workers run as uid 65534 (twistd -u)", message)
+        self.assertIn("/nonexistent/python", message)
+        self.assertIn("set workers = 1", message)
