@@ -24,8 +24,10 @@ ignores SIGINT and SIGHUP (a terminal's Ctrl-C and a reload are the master's to 
 on), and stops the same way when its channel to the master closes (the master is gone).
 
 Logs: a worker writes its own events where twistd writes the master's (stdout under
-C{twistd -n}, the journal under systemd; the file of C{--logfile}), each line tagged
-C{worker N}, and to the configured syslog and JSON file itself (the JSON events carry
+C{twistd -n}, the journal under systemd), each line tagged C{worker N}; only when twistd
+writes a file (daemonised, C{--logfile}), which it does not open for appending, do they
+come through the master (L{RELAY}). It writes to the configured syslog and JSON file
+itself (the JSON events carry
 C{"worker": N}; the master's carry no C{worker}): nothing is relayed through the master.
 """
 
@@ -57,9 +59,12 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import (
     FileLogObserver,
     ILogObserver,
+    InvalidLogLevelError,
     LogEvent,
     Logger,
+    LogLevel,
     LogPublisher,
+    formatEvent,
     formatEventAsClassicLogText,
     globalLogBeginner,
 )
@@ -111,6 +116,8 @@ STOP_MARGIN = 10.0
 #: the shared socket. Mail waiting for a crash loop's 30 s back-off costs more than an
 #: uneven split: the shared socket.
 REUSE_PORT = False
+#: The log destination that sends a worker's events to its master, one JSON line each.
+RELAY = "master"
 #: What a worker's Python runs (C{-c}); the worker's specification is its first argument.
 WORKER_ENTRY = "import sys; from mailproxy.workers import main; sys.exit(main())"
 #: The worker's descriptor for its end of the AMP channel; the listeners' follow it.
@@ -250,10 +257,29 @@ class MasterChannel(amp.AMP):
 
 
 class WorkerProcess(ProcessProtocol):
-    """One worker process, as the master sees it; tells the supervisor when it ends."""
+    """
+    One worker process, as the master sees it; tells the supervisor when it ends. When
+    the worker's log comes through the master (L{RELAY}), its events arrive on its stdout,
+    one JSON line each, and are logged here.
+    """
+
+    _log = Logger(namespace="mailproxy.workers.output")
 
     def __init__(self, ended: Callable[[Failure], None]) -> None:
         self._ended = ended
+        self._buffer = b""
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        self._buffer += data
+        *lines, self._buffer = self._buffer.split(b"\n")
+        for line in lines:
+            try:
+                event = json.loads(line)
+                level = LogLevel.levelWithName(event["level"])
+                system, text = str(event["system"]), str(event["text"])
+            except (ValueError, KeyError, TypeError, InvalidLogLevelError):
+                level, system, text = LogLevel.info, "worker", line.decode(errors="replace")
+            self._log.emit(level, "{text}", text=text, log_system=system)
 
     def processEnded(self, reason: Failure) -> None:
         self._ended(reason)
@@ -641,6 +667,11 @@ class MasterService(ProxyService):
         devnull = os.open(os.devnull, os.O_RDONLY)
         try:
             childFDs: dict[int, int | str] = {0: devnull, 1: 1, 2: 2, CHANNEL_FD: theirs.fileno()}
+            if self._logTarget != "-":
+                # twistd's log file is not opened for appending: the master's lines would
+                # overwrite the workers'. Theirs come through the master (rarely used:
+                # daemonised with a log file; under systemd and -n they go to stdout).
+                childFDs[1] = childFDs[2] = "r"
             listeners = []
             for n, bound in enumerate(self._bound[index - 1], start=CHANNEL_FD + 1):
                 childFDs[n] = bound.socket.fileno()
@@ -656,7 +687,7 @@ class MasterService(ProxyService):
                 "config": self.config.path,
                 "index": index,
                 "listeners": listeners,
-                "log": self._logTarget,
+                "log": "-" if self._logTarget == "-" else RELAY,
             }
             process = self._reactor.spawnProcess(
                 protocol,
@@ -921,7 +952,7 @@ class _Tagged:
 
 
 def _output(target: str) -> IO[str]:
-    """Where twistd writes the master's log: stdout (C{"-"}) or a file, appended to."""
+    """Where twistd writes the master's log: stdout (C{"-"}), or a file, appended to."""
     if target == "-":
         return sys.stdout
     return open(target, "a", encoding="utf-8", buffering=1)
@@ -945,7 +976,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     publisher = LogPublisher()
-    publisher.addObserver(FileLogObserver(_output(spec["log"]), _classic))
+    if spec["log"] == RELAY:
+        publisher.addObserver(FileLogObserver(sys.stdout, _relayed))
+    else:
+        publisher.addObserver(FileLogObserver(_output(spec["log"]), _classic))
     globalLogBeginner.beginLoggingTo(
         [_Tagged(index, publisher)], discardBuffer=True, redirectStandardIO=False
     )
@@ -1016,6 +1050,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     reactor.run()
     return status[0]
+
+
+def _relayed(event: LogEvent) -> str | None:
+    """One event for the master to log (L{WorkerProcess.childDataReceived})."""
+    text = formatEvent(event)
+    failure = event.get("log_failure")
+    if failure is not None:
+        text = f"{text}\n{failure.getTraceback()}"
+    level = event.get("log_level", LogLevel.info)
+    line = {"level": level.name, "system": event.get("log_system", "-"), "text": text}
+    return json.dumps(line) + "\n"
 
 
 def _classic(event: LogEvent) -> str | None:

@@ -812,3 +812,36 @@ class WorkerUserTests(ProxyTestCase):
         self.assertIn("proxy.workers: the workers run as uid 65534 (twistd -u)", message)
         self.assertIn("/nonexistent/python", message)
         self.assertIn("set workers = 1", message)
+
+
+class RelayedLogTests(SynchronousTestCase):
+    """Daemonised with a log file, a worker's events come through its master."""
+
+    def test_relayed(self) -> None:
+        """Each JSON line a worker writes is one event of the master's, with its system."""
+        from twisted.internet.testing import EventLoggingObserver
+        from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        line = workers._relayed(
+            {
+                "log_format": "{id} released: {reply}",
+                "id": "AB12",
+                "reply": "250 Ok",
+                "log_level": LogLevel.warn,
+                "log_system": "worker 2 mailproxy.relay#warn",
+            }
+        )
+        assert line is not None
+        process = WorkerProcess(lambda why: None)
+        data = (line + "not json\n").encode()
+        process.childDataReceived(1, data[:10])
+        self.assertEqual(len(events), 0, "half a line waits for the rest")
+        process.childDataReceived(1, data[10:])
+        self.assertEqual(
+            [(formatEvent(e), e["log_system"], e["log_level"]) for e in events],
+            [
+                ("AB12 released: 250 Ok", "worker 2 mailproxy.relay#warn", LogLevel.warn),
+                ("not json", "worker", LogLevel.info),
+            ],
+        )
