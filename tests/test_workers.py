@@ -845,3 +845,39 @@ class RelayedLogTests(SynchronousTestCase):
                 ("not json", "worker", LogLevel.info),
             ],
         )
+
+
+class BindTests(SynchronousTestCase):
+    """What the master binds for its workers."""
+
+    def config(self, listen: str) -> Any:
+        from mailproxy.config import Config
+
+        return Config(
+            path="m.toml", listen=(listen,), upstream="tcp:host=127.0.0.1:port=1",
+            hostname="proxy.test", spoolDir="/nonexistent", workers=2,
+        )  # fmt: skip
+
+    def test_unixRefused(self) -> None:
+        """A unix: listener cannot be shared out: start-up stops, naming it."""
+        from mailproxy.startup import StartupError
+
+        with self.assertRaises(StartupError) as raised:
+            workers.bindAll(self.config("unix:/tmp/x.sock"), reactor, False, 2)
+        self.assertIn("m.toml: proxy.listen: 'unix:/tmp/x.sock'", str(raised.exception))
+
+    def test_shared(self) -> None:
+        """Shared: one socket, the same for each worker; haproxy: is bound as its TCP."""
+        bound = workers.bindAll(self.config("haproxy:tcp:0:interface=127.0.0.1"), reactor, False, 2)
+        self.addCleanup(bound[0][0].socket.close)
+        self.assertIs(bound[0][0].socket, bound[1][0].socket)
+        self.assertEqual(bound[0][0].description, "haproxy:tcp:0:interface=127.0.0.1")
+
+    def test_reusePort(self) -> None:
+        """SO_REUSEPORT: a socket per worker, all on the same port (tcp:0 too)."""
+        bound = workers.bindAll(self.config("tcp:0:interface=127.0.0.1"), reactor, True, 2)
+        for per in bound:
+            self.addCleanup(per[0].socket.close)
+        first, second = (per[0].socket for per in bound)
+        self.assertIsNot(first, second)
+        self.assertEqual(first.getsockname(), second.getsockname())
