@@ -312,6 +312,9 @@ class Config:
     auth: AuthPolicy = AuthPolicy.TLS
     tls: TLSSettings = TLSSettings()
     upstreamTls: UpstreamTLS = UpstreamTLS()
+    #: Processes that serve clients (L{mailproxy.workers}); 1: this process serves them
+    #: itself. A file without the key gets the number of cores (L{load}).
+    workers: int = 1
 
 
 class _InvalidValueError(Exception):
@@ -502,6 +505,7 @@ def _proxyKeys(reactor: IReactorTime) -> dict[str, _Check]:
         "client_names": _clientNames,
         "header_syntax": _choice(HeaderSyntax),
         "nul_bytes": _choice(NulBytes),
+        "workers": _integer(1),
     }
 
 
@@ -1048,6 +1052,7 @@ def load(path: str, reactor: IReactorTime) -> Config:
             raise ConfigError(path, f"proxy.{key}", f"missing: {what} is required")
     proxy.setdefault("hostname", socket.gethostname())
     proxy.setdefault("spoolDir", os.path.abspath("spool"))
+    proxy.setdefault("workers", os.cpu_count() or 1)
     config = Config(
         path=path,
         limits=Limits(**_section(path, document, "limits", _LIMITS_KEYS)),

@@ -18,7 +18,8 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet import tcp, unix
+from twisted.internet import defer, tcp, unix
+from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IReactorUNIX
 from twisted.internet.protocol import Factory, Protocol
@@ -27,19 +28,39 @@ from twisted.python.failure import Failure
 
 from mailproxy.startup import StartupError, reason
 
-Snapshot = Callable[[], dict[str, Any]]
+#: The counters now; or, from a master, once its workers have reported what they counted.
+Snapshot = Callable[[], "dict[str, Any] | Deferred[dict[str, Any]]"]
 
 
 class SnapshotProtocol(Protocol):
     """Writes the snapshot and hangs up."""
 
+    _log = Logger()
+
     def __init__(self, snapshot: Snapshot) -> None:
         self._snapshot = snapshot
 
     def connectionMade(self) -> None:
-        assert self.transport is not None
-        self.transport.write(encode(self._snapshot()))
-        self.transport.loseConnection()
+        try:
+            answer = self._snapshot()
+        except Exception:
+            self._failed(Failure())
+            return
+        d: Deferred[dict[str, Any]] = (
+            answer if isinstance(answer, Deferred) else defer.succeed(answer)
+        )
+        d.addCallback(self._write)
+        d.addErrback(self._failed)
+
+    def _write(self, snapshot: dict[str, Any]) -> None:
+        if self.transport is not None:
+            self.transport.write(encode(snapshot))
+            self.transport.loseConnection()
+
+    def _failed(self, failure: Failure) -> None:
+        self._log.failure("the stats snapshot failed", failure)
+        if self.transport is not None:
+            self.transport.loseConnection()
 
 
 class SnapshotFactory(Factory):

@@ -7,7 +7,8 @@ C{authorized_keys} file, read again at every login. The host key is generated (R
 2048 bits, mode 0600) if its file is missing.
 
 The console's namespace is explicit (see L{namespace}): C{stats}, C{sessions()},
-C{config}, C{reload()} and C{proxy}, the service itself. An interactive session
+C{workers()}, C{config}, C{reload()} and C{proxy}, the service itself. With worker
+processes the manhole runs in the master: C{stats} are the workers' sums. An interactive session
 (C{ssh -p 2222 127.0.0.1}) gets Twisted's coloured manhole; a command
 (C{ssh -p 2222 127.0.0.1 'len(sessions())'}) is evaluated once and its result printed.
 """
@@ -72,7 +73,10 @@ def namespace(proxy: _Proxy) -> dict[str, object]:
       - C{stats}: the counters (L{mailproxy.stats.Stats}: C{stats.total},
         C{stats.today}, C{stats.snapshot()}, ...);
       - C{sessions()}: one dict per active session, oldest first: id, client, helo,
-        sender, recipients (how many), stage, age (seconds);
+        sender, recipients (how many), stage, age (seconds), and the worker's index
+        when worker processes serve the clients;
+      - C{workers()}: the worker processes, one dict each (index, pid, started,
+        restarts, active sessions, messages accepted); empty in one process;
       - C{config}: the running configuration (kept current by reloads);
       - C{reload()}: read the configuration file again, as SIGHUP does; true if applied;
       - C{proxy}: the service itself.
@@ -88,13 +92,18 @@ def namespace(proxy: _Proxy) -> dict[str, object]:
                 "recipients": info.recipients,
                 "stage": info.phase,
                 "age": round(age, 1),
+                **({} if info.worker is None else {"worker": info.worker}),
             }
             for info, age in proxy.stats.sessions()
         ]
 
+    def workers() -> list[dict[str, Any]]:
+        return proxy.stats.workerRows()
+
     return {
         "stats": proxy.stats,
         "sessions": sessions,
+        "workers": workers,
         "config": proxy.config,
         "reload": proxy.reload,
         "proxy": proxy,

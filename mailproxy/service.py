@@ -51,12 +51,37 @@ RESTART_ONLY = {
     "[manhole]": "manhole",
     "[stats]": "stats",
     "[web]": "web",
+    "proxy.workers": "workers",
 }
 #: Seconds between two expiries of the quarantine (the first one is at start-up).
 EXPIRY_INTERVAL = 86400.0
 
 
-__all__ = ["RESTART_ONLY", "ProxyService", "StartupError"]
+__all__ = ["RESTART_ONLY", "ProxyService", "StartupError", "wrapFactory"]
+
+
+def wrapFactory(
+    reactor: Any,
+    description: str,
+    factory: IProtocolFactory,
+    config: Callable[[], Config],
+    stats: Stats,
+) -> tuple[str, IProtocolFactory]:
+    """
+    The endpoint string to listen on for C{description}, and the factory to serve there:
+    C{factory} (the relay's, or a TLS factory wrapping it) itself, or for C{"haproxy:..."}
+    the endpoint after the prefix, each connection reading its PROXY header first
+    (L{ProxyHeaderFactory}, outermost: the header comes in clear, before any TLS).
+
+    @param config: the configuration in force, read by the PROXY wrapper per connection
+        (C{proxy.proxy_protocol_from}, C{timeouts.proxy_header}).
+    @param stats: counts the refused PROXY headers.
+    """
+    if description.startswith(proxyprotocol.PREFIX):
+        return description.removeprefix(proxyprotocol.PREFIX), ProxyHeaderFactory(
+            factory, reactor, config, stats
+        )
+    return description, factory
 
 
 def _listener(
@@ -68,22 +93,14 @@ def _listener(
     key: str = "proxy.listen",
 ) -> Listener:
     """
-    The listener of one endpoint string, serving C{factory}'s protocols (the relay's, or a
-    TLS factory wrapping it). C{"haproxy:..."}: the endpoint after the prefix, each
-    connection reading its PROXY header first (L{ProxyHeaderFactory}, outermost: the header
-    comes in clear, before any TLS).
+    The listener of one endpoint string, serving C{factory}'s protocols as L{wrapFactory}
+    wraps them.
 
-    @param config: the configuration in force, read by the PROXY wrapper per connection
-        (C{proxy.proxy_protocol_from}, C{timeouts.proxy_header}).
-    @param stats: counts the refused PROXY headers.
     @param key: the configuration key, named with the file when it cannot listen.
     """
-    if description.startswith(proxyprotocol.PREFIX):
-        endpoint = serverFromString(reactor, description.removeprefix(proxyprotocol.PREFIX))
-        factory = ProxyHeaderFactory(factory, reactor, config, stats)
-    else:
-        endpoint = serverFromString(reactor, description)
-    listener = Listener(endpoint, factory, f"{config().path}: {key}", description)
+    inner, wrapped = wrapFactory(reactor, description, factory, config, stats)
+    endpoint = serverFromString(reactor, inner)
+    listener = Listener(endpoint, wrapped, f"{config().path}: {key}", description)
     listener.setName(f"listen {description}")  # type: ignore[no-untyped-call]
     return listener
 
@@ -132,21 +149,37 @@ class ProxyService(MultiService):
         self._probe: UpstreamProbe | None = None
         #: The counters: the relay and the filters report to them; the stats socket, the web
         #: and the manhole read them.
-        self.stats = Stats(reactor)
+        self.stats = self._makeStats(reactor)
         self.factory = RelayFactory(self._settings(config), reactor, self.stats)
-        self.logs = LogService(config.logging)
+        self.logs = LogService(config.logging, **self._logPublisher())
         self.logs.setServiceParent(self)  # type: ignore[no-untyped-call] # first: before others log
-        self.listeners: list[Listener] = []
+        self.listeners: list[Service] = []
+        self._addListeners(config, reactor)
+        self.manhole: ManholeService | None = None
+        self._addExtras(config, reactor)
+
+    def _makeStats(self, reactor: Any) -> Stats:
+        """The counters the relay and the filters report to."""
+        return Stats(reactor)
+
+    def _logPublisher(self) -> dict[str, Any]:
+        """L{LogService}'s publisher, if not the global one (a worker's tags its events)."""
+        return {}
+
+    def _addListeners(self, config: Config, reactor: Any) -> None:
+        """One listener per C{listen} and per C{listen_tls} endpoint."""
         for description in config.listen:
             listener = _listener(reactor, description, self.factory, self._config, self.stats)
             listener.setServiceParent(self)  # type: ignore[no-untyped-call]
             self.listeners.append(listener)
         for description in config.listenTls:
             self.listeners.append(self._listenTls(description, self.factory))
+
+    def _addExtras(self, config: Config, reactor: Any) -> None:
+        """The quarantine's expiry, the manhole, the stats socket and the web."""
         expiry = TimerService(EXPIRY_INTERVAL, self._expireQuarantine)
         expiry.clock = reactor
         expiry.setServiceParent(self)
-        self.manhole: ManholeService | None = None
         if config.manhole.listen is not None:
             from mailproxy.manhole import ManholeService, namespace
 
@@ -154,16 +187,20 @@ class ProxyService(MultiService):
             self.manhole.setServiceParent(self)  # type: ignore[no-untyped-call]
         self._addStatus(config, reactor)
 
+    def implicitTLS(self, factory: IProtocolFactory) -> IProtocolFactory:
+        """
+        C{factory}'s protocols behind TLS from the first byte (RFC 8314, port 465), with
+        the certificate of the settings current when each connection is accepted (so a
+        reload renews it).
+        """
+        current = tls.ReloadableServerOptions(lambda: self.factory.settings.serverTls)
+        return tls.implicitTLS(factory, current, self._reactor)
+
     def _listenTls(
         self, description: str, factory: IProtocolFactory
     ) -> Listener:
-        """
-        An implicit-TLS listener (RFC 8314, port 465) on C{description}: C{factory}'s
-        protocols behind TLS from the first byte, with the certificate of the settings
-        current when each connection is accepted (so a reload renews it).
-        """
-        current = tls.ReloadableServerOptions(lambda: self.factory.settings.serverTls)
-        wrapped = tls.implicitTLS(factory, current, self._reactor)
+        """An implicit-TLS listener (L{implicitTLS}) on C{description}."""
+        wrapped = self.implicitTLS(factory)
         # A "haproxy:" one reads the PROXY header in clear first, then TLS starts.
         listener = _listener(
             self._reactor, description, wrapped, self._config, self.stats, "proxy.listen_tls"
@@ -179,7 +216,7 @@ class ProxyService(MultiService):
             sock = StatsSocketService(
                 config.stats.socket,
                 config.stats.mode,
-                self.stats.snapshot,
+                self.snapshot,
                 reactor,
                 what=f"{config.path}: stats.socket",
                 owner=directories.owner(*self._owner),
@@ -189,7 +226,9 @@ class ProxyService(MultiService):
         if config.web.listen is not None:
             from mailproxy.web import statusSite
 
-            site = statusSite(self.stats, config.hostname, config.web.refresh, reactor)
+            site = statusSite(
+                self.stats, config.hostname, config.web.refresh, reactor, self.snapshot
+            )
             web = Listener(
                 serverFromString(reactor, config.web.listen),
                 site,
@@ -198,6 +237,10 @@ class ProxyService(MultiService):
             )
             web.setName(f"web {config.web.listen}")  # type: ignore[no-untyped-call]
             web.setServiceParent(self)  # type: ignore[no-untyped-call]
+
+    def snapshot(self) -> dict[str, Any] | Deferred[dict[str, Any]]:
+        """The counters, for the stats socket and the web (a master's, once fresh)."""
+        return self.stats.snapshot()
 
     def _config(self) -> Config:
         """The configuration in force (for the listeners, which read it per connection)."""
@@ -273,10 +316,17 @@ class ProxyService(MultiService):
                 self._prepare(None, None)
             try:
                 self.logs.privilegedStartService()  # (done already under twistd)
-                swept = sweep(self.config.spoolDir)
+                swept = self._sweep()
             except OSError as e:
                 raise StartupError(f"{self.config.path}: cannot start: {e}") from None
             self._startService(swept)
+
+    def _sweep(self) -> list[str]:
+        """Remove the spool files an earlier run left; their names."""
+        return sweep(self.config.spoolDir)
+
+    #: Whether SIGHUP reloads (a worker reloads when its master tells it to).
+    hangUpReloads = True
 
     def _startService(self, swept: list[str]) -> None:
         for name in swept:
@@ -291,7 +341,7 @@ class ProxyService(MultiService):
                 "mailproxy listening with implicit TLS on {listen}",
                 listen=", ".join(self.config.listenTls),
             )
-        if not self._hupInstalled:
+        if self.hangUpReloads and not self._hupInstalled:
             self._previousHup = signal.signal(signal.SIGHUP, self._hangUp)
             self._hupInstalled = True
         try:
@@ -327,7 +377,7 @@ class ProxyService(MultiService):
         """
         old = self.config
         try:
-            config = load(old.path, self._reactor)
+            config = self._adjust(load(old.path, self._reactor))
             restart = [
                 key
                 for key, name in RESTART_ONLY.items()
@@ -363,6 +413,10 @@ class ProxyService(MultiService):
             self._log.error("cannot reopen the JSON log: {why}", why=e)
         self._log.info("reloaded {path}: new sessions run under it", path=config.path)
         return True
+
+    def _adjust(self, config: Config) -> Config:
+        """A loaded configuration as this process runs it (a worker's own spool)."""
+        return config
 
     def stopService(self) -> Deferred[None]:
         """

@@ -18,6 +18,7 @@ import datetime
 import math
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import attrs
@@ -74,6 +75,8 @@ class SessionInfo:
     sender: str | None
     recipients: int
     phase: str
+    #: The worker process serving it (L{mailproxy.workers}); L{None} in one process.
+    worker: int | None = None
 
 
 class SessionView(Protocol):
@@ -146,6 +149,34 @@ class Latency:
         self.sum += seconds
         self.max = max(self.max, seconds)
 
+    def merge(self, other: Latency) -> None:
+        """Add C{other}'s answers (a worker's, since its last report) to these."""
+        self.buckets = [a + b for a, b in zip(self.buckets, other.buckets, strict=True)]
+        self.count += other.count
+        self.sum += other.sum
+        self.max = max(self.max, other.max)
+        self.verdicts.update(other.verdicts)
+
+    def toWire(self) -> dict[str, Any]:
+        """Everything, for L{fromWire} in another process."""
+        return {
+            "buckets": self.buckets,
+            "count": self.count,
+            "sum": self.sum,
+            "max": self.max,
+            "verdicts": dict(self.verdicts),
+        }
+
+    @classmethod
+    def fromWire(cls, data: dict[str, Any]) -> Latency:
+        buckets = [int(n) for n in data["buckets"]]
+        if len(buckets) != len(LATENCY_BUCKETS) + 1:
+            raise ValueError("another number of latency buckets")
+        return cls(
+            buckets, int(data["count"]), float(data["sum"]), float(data["max"]),
+            Counter({str(k): int(v) for k, v in data["verdicts"].items()}),
+        )  # fmt: skip
+
     def cumulative(self) -> list[tuple[float, int]]:
         """C{(upper bound, count at or below it)} pairs, C{+Inf} last, as Prometheus has them."""
         pairs, running = [], 0
@@ -200,6 +231,88 @@ class Refusal:
             "reply": self.reply,
         }
 
+    @classmethod
+    def fromJSON(cls, data: dict[str, Any]) -> Refusal:
+        return cls(
+            time=float(data["time"]),
+            session=str(data["session"]),
+            client=str(data["client"]),
+            sender=None if data["sender"] is None else str(data["sender"]),
+            stage=str(data["stage"]),
+            by=str(data["filter"]),
+            reply=str(data["reply"]),
+        )
+
+
+@attrs.define
+class Delta:
+    """
+    What a worker counted since its last report (L{Stats.takeDelta}), for its master's
+    L{Stats.merge}: each count with the local day it was counted in (so that the master
+    adds to "today" only what is of its today, however late the report comes), the hourly
+    buckets by hour, the filters' answers, and the refusals.
+    """
+
+    #: Local date (ISO) -> group -> key -> n.
+    days: dict[str, dict[str, Counter[str]]] = attrs.Factory(dict)
+    #: Hour start -> counters of that hour.
+    hours: dict[int, Counter[str]] = attrs.Factory(dict)
+    latency: dict[str, Latency] = attrs.Factory(dict)
+    refusals: list[Refusal] = attrs.Factory(list)
+
+    def __bool__(self) -> bool:
+        return bool(self.days or self.hours or self.latency or self.refusals)
+
+    def toWire(self) -> dict[str, Any]:
+        return {
+            "days": {
+                day: {group: dict(counts) for group, counts in groups.items()}
+                for day, groups in self.days.items()
+            },
+            "hours": {str(hour): dict(counts) for hour, counts in self.hours.items()},
+            "latency": {name: lat.toWire() for name, lat in self.latency.items()},
+            "refusals": [r.toJSON() for r in self.refusals],
+        }
+
+    @classmethod
+    def fromWire(cls, data: dict[str, Any]) -> Delta:
+        """@raise ValueError, KeyError, TypeError: not what L{toWire} makes."""
+        groups = {a.name for a in attrs.fields(Counts)}
+        days: dict[str, dict[str, Counter[str]]] = {}
+        for day, counted in data["days"].items():
+            datetime.date.fromisoformat(day)
+            for group, counts in counted.items():
+                if group not in groups:
+                    raise ValueError(f"no counter group {group!r}")
+                days.setdefault(day, {})[group] = Counter(
+                    {str(k): int(v) for k, v in counts.items()}
+                )
+        return cls(
+            days=days,
+            hours={
+                int(hour): Counter({str(k): int(v) for k, v in counts.items()})
+                for hour, counts in data["hours"].items()
+            },
+            latency={str(n): Latency.fromWire(lat) for n, lat in data["latency"].items()},
+            refusals=[Refusal.fromJSON(r) for r in data["refusals"]],
+        )
+
+
+@attrs.define
+class Worker:
+    """A worker process, as its master's counters show it (L{Stats.workers})."""
+
+    index: int
+    pid: int | None = None
+    #: When the running process started (Unix time); L{None} while none runs.
+    started: float | None = None
+    #: How many times it was started again after it died.
+    restarts: int = 0
+    #: Messages the MTA accepted through it since the master started (all its processes).
+    accepted: int = 0
+    #: Its active sessions, each with when it started, as it last reported them.
+    sessions: list[tuple[SessionInfo, float]] = attrs.Factory(list)
+
 
 def _localDate(now: float) -> datetime.date:
     return datetime.datetime.fromtimestamp(now).date()
@@ -250,6 +363,15 @@ class Stats:
         #: Sessions whose MTA error is counted already (one per session: the first cause).
         self._mtaFailed: set[str] = set()
         self._timer: IDelayedCall | None = None
+        #: What was counted since the last L{takeDelta}, if this is a worker's.
+        self._delta: Delta | None = None
+        #: A master's workers by index (L{workerStarted}); empty in one process.
+        self.workers: dict[int, Worker] = {}
+        #: Called (once) when the first count after a L{takeDelta} is made: a worker's
+        #: reporter schedules its next report.
+        self.onCount: Callable[[], None] | None = None
+        #: Called when a session starts or ends (a worker's reporter sends the list).
+        self.onSessions: Callable[[], None] | None = None
 
     # -- the day ------------------------------------------------------------------------
 
@@ -302,10 +424,25 @@ class Stats:
         getattr(self.today, group)[key] += n
         if hourly is not None:
             hour = _hourStart(now)
-            self._hours.setdefault(hour, Counter())[hourly] += n
-            oldest = hour - (HOURS_KEPT - 1) * 3600
-            for old in [h for h in self._hours if h < oldest]:
-                del self._hours[old]
+            self._addHour(hour, hourly, n)
+        delta = self._delta
+        if delta is not None:
+            self._counted(delta)
+            day = delta.days.setdefault(self.day.isoformat(), {})
+            day.setdefault(group, Counter())[key] += n
+            if hourly is not None:
+                delta.hours.setdefault(hour, Counter())[hourly] += n
+
+    def _addHour(self, hour: int, key: str, n: int) -> None:
+        self._hours.setdefault(hour, Counter())[key] += n
+        oldest = _hourStart(self._clock.seconds()) - (HOURS_KEPT - 1) * 3600
+        for old in [h for h in self._hours if h < oldest]:
+            del self._hours[old]
+
+    def _counted(self, delta: Delta) -> None:
+        """A count went into C{delta}: tell the reporter if it is the first."""
+        if not delta and self.onCount is not None:
+            self.onCount()
 
     def connectionOpened(self) -> None:
         """A client connected (before the limits are checked)."""
@@ -314,6 +451,8 @@ class Stats:
     def sessionStarted(self, view: SessionView) -> None:
         """A session passed the connection limits: it is active until L{sessionEnded}."""
         self._active[view] = self._now()
+        if self.onSessions is not None:
+            self.onSessions()
 
     def connectionAccepted(self) -> None:
         """The MTA greeted a client with 220: the session goes on."""
@@ -326,6 +465,8 @@ class Stats:
         have queued a message the client will send again.
         """
         self._active.pop(view, None)
+        if self.onSessions is not None:
+            self.onSessions()
         sessionId = view.describe().id
         if sessionId in self._releasing:
             self._releasing.discard(sessionId)
@@ -366,7 +507,7 @@ class Stats:
             self._add("tempfailed", by, hourly="tempfailed")
         else:
             self._add("rejected", by, hourly="rejected")
-        self.refusals.append(
+        self._refusal(
             Refusal(
                 time=self._now(),
                 session=session.id,
@@ -377,6 +518,12 @@ class Stats:
                 reply=f"{reply.code} {reply.text}",
             )
         )
+
+    def _refusal(self, refusal: Refusal) -> None:
+        self.refusals.append(refusal)
+        if self._delta is not None:
+            self._counted(self._delta)
+            self._delta.refusals.append(refusal)
 
     def released(self, session: Session) -> None:
         """The message's final dot went to the MTA; its reply is awaited."""
@@ -424,7 +571,7 @@ class Stats:
         kept among the refusals (stage C{"session"}).
         """
         self._add("limitsReached", what)
-        self.refusals.append(
+        self._refusal(
             Refusal(
                 time=self._now(),
                 session=session.id,
@@ -438,22 +585,107 @@ class Stats:
 
     def filterChecked(self, checked: Checked) -> None:
         """The pipeline's observer: one filter's answer and how long it took."""
-        latency = self.latency.setdefault(checked.filter, Latency())
-        latency.observe(max(checked.seconds, 0.0))
+        seconds = max(checked.seconds, 0.0)
         verdict = checked.verdict.action.value
-        latency.verdicts[f"dry run: {verdict}" if checked.dryRun else verdict] += 1
+        if checked.dryRun:
+            verdict = f"dry run: {verdict}"
+        latency = self.latency.setdefault(checked.filter, Latency())
+        latency.observe(seconds)
+        latency.verdicts[verdict] += 1
+        if self._delta is not None:
+            self._counted(self._delta)
+            pending = self._delta.latency.setdefault(checked.filter, Latency())
+            pending.observe(seconds)
+            pending.verdicts[verdict] += 1
+
+    # -- across processes ---------------------------------------------------------------
+
+    def recordDeltas(self) -> None:
+        """From now on, keep what is counted for L{takeDelta} too (a worker's counters)."""
+        if self._delta is None:
+            self._delta = Delta()
+
+    def takeDelta(self) -> Delta:
+        """What was counted since the last call (or L{recordDeltas}); starts a new one."""
+        delta, self._delta = self._delta or Delta(), Delta()
+        return delta
+
+    def merge(self, index: int, delta: Delta) -> None:
+        """
+        Add a worker's L{Delta} (a master's counters): everything to the totals; to
+        "today" what was counted on today's date (a count from before midnight that
+        arrives after it stays out of the new day; one from a later date than ours starts
+        that day first); the hourly buckets still shown; the filters' answers; the
+        refusals, in time order among the kept ones.
+        """
+        self._now()
+        for isoDay, groups in sorted(delta.days.items()):
+            day = datetime.date.fromisoformat(isoDay)
+            if day > self.day:
+                self._turn(_midnight(day))
+            for group, counts in groups.items():
+                getattr(self.total, group).update(counts)
+                if day == self.day:
+                    getattr(self.today, group).update(counts)
+            worker = self.workers.get(index)
+            if worker is not None:
+                worker.accepted += groups.get("messages", Counter())["accepted"]
+        for hour, counts in delta.hours.items():
+            for key, n in counts.items():
+                self._addHour(hour, key, n)
+        for name, latency in delta.latency.items():
+            self.latency.setdefault(name, Latency()).merge(latency)
+        if delta.refusals:
+            merged = sorted([*self.refusals, *delta.refusals], key=lambda r: r.time)
+            self.refusals.clear()
+            self.refusals.extend(merged)
+
+    def workerStarted(self, index: int, pid: int) -> None:
+        """The master started worker C{index} (again, if it ran before) as process C{pid}."""
+        worker = self.workers.get(index)
+        if worker is None:
+            worker = self.workers[index] = Worker(index)
+        else:
+            worker.restarts += 1
+        worker.pid, worker.started, worker.sessions = pid, self._now(), []
+
+    def workerEnded(self, index: int) -> None:
+        """Worker C{index}'s process is gone, and its sessions with it."""
+        worker = self.workers.get(index)
+        if worker is not None:
+            worker.pid, worker.started, worker.sessions = None, None, []
+
+    def workerSessions(self, index: int, sessions: list[tuple[SessionInfo, float]]) -> None:
+        """Worker C{index}'s active sessions now, each with when it started."""
+        worker = self.workers.get(index)
+        if worker is not None:
+            worker.sessions = [
+                (attrs.evolve(info, worker=index), started) for info, started in sessions
+            ]
+
+    def localSessions(self) -> list[tuple[SessionInfo, float]]:
+        """This process's active sessions, oldest first, each with when it started."""
+        ordered = sorted(self._active.items(), key=lambda item: item[1])
+        return [(view.describe(), started) for view, started in ordered]
 
     # -- reading ------------------------------------------------------------------------
 
     @property
     def activeSessions(self) -> int:
-        return len(self._active)
+        """The sessions in progress: this process's, and its workers' as they reported them."""
+        return len(self._active) + sum(len(w.sessions) for w in self.workers.values())
 
     def sessions(self) -> list[tuple[SessionInfo, float]]:
-        """The active sessions, oldest first, each with its age in seconds."""
+        """
+        The active sessions (a master's: its workers', each with the worker's index),
+        oldest first, each with its age in seconds.
+        """
         now = self._now()
-        ordered = sorted(self._active.items(), key=lambda item: item[1])
-        return [(view.describe(), max(now - started, 0.0)) for view, started in ordered]
+        ordered = self.localSessions()
+        for worker in self.workers.values():
+            ordered.extend(worker.sessions)
+        ordered.sort(key=lambda item: item[1])
+        return [(info, max(now - started, 0.0)) for info, started in ordered]
 
     def hours(self) -> list[tuple[int, Counter[str]]]:
         """The last L{HOURS_KEPT} local hours, oldest first: C{(hour start, counters)}."""
@@ -479,9 +711,11 @@ class Stats:
                     "recipients": info.recipients,
                     "phase": info.phase,
                     "age": round(age, 3),
+                    **({} if info.worker is None else {"worker": info.worker}),
                 }
                 for info, age in self.sessions()
             ],
+            **({"workers": self.workerRows(now)} if self.workers else {}),
             "filters": {name: lat.toJSON() for name, lat in sorted(self.latency.items())},
             "refusals": [r.toJSON() for r in self.refusals],
             "hours": [
@@ -496,6 +730,23 @@ class Stats:
                 for start, counts in self.hours()
             ],
         }
+
+
+    def workerRows(self, now: float | None = None) -> list[dict[str, Any]]:
+        """A master's workers, one JSON-ready row each, by index."""
+        now = self._clock.seconds() if now is None else now
+        return [
+            {
+                "worker": w.index,
+                "pid": w.pid,
+                "started": w.started,
+                "uptime": None if w.started is None else max(now - w.started, 0.0),
+                "restarts": w.restarts,
+                "active": len(w.sessions),
+                "accepted": w.accepted,
+            }
+            for w in sorted(self.workers.values(), key=lambda w: w.index)
+        ]
 
 
 class StatsService(Service):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from typing import ClassVar
 
 from twisted.application.service import IService, MultiService
@@ -15,7 +14,7 @@ from mailproxy import directories, logs
 from mailproxy.config import DEFAULT_CONFIG, Config, ConfigError, load
 from mailproxy.filters.pipeline import filterFactories
 from mailproxy.service import ProxyService
-from mailproxy.startup import Listener, oneLine
+from mailproxy.startup import Listener, installReactor, oneLine
 
 
 class Options(usage.Options):
@@ -38,7 +37,7 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
-        _installReactor()
+        installReactor()
         _cheapLog(self)
         from twisted.internet import reactor
 
@@ -80,18 +79,6 @@ def _cheapLog(options: usage.Options) -> None:
     twistd["logger"] = logs.forTwistd(logfile, nodaemon)
 
 
-def _installReactor() -> None:
-    """
-    Run on epoll on Linux, chosen here rather than left to Twisted's default; a reactor
-    already installed (twistd's C{-r}, trial's) is kept.
-    """
-    if "twisted.internet.reactor" in sys.modules or not sys.platform.startswith("linux"):
-        return
-    from twisted.internet import epollreactor
-
-    epollreactor.install()
-
-
 class _WithLocalMTA(MultiService):
     """The stand-in MTA and the proxy; a start-up failure of either is one line."""
 
@@ -123,6 +110,17 @@ def _twistdUser(options: usage.Options) -> tuple[int | None, int | None]:
     return twistd.get("uid"), twistd.get("gid")
 
 
+def _logTarget(options: usage.Options) -> str:
+    """Where twistd writes its log, for the workers to write theirs: C{"-"} or a path."""
+    twistd = options.parent
+    if twistd is None:
+        return "-"
+    logfile = twistd.get("logfile")
+    if logfile is None or logfile == "-":
+        return "-" if twistd.get("nodaemon") else "twistd.log"
+    return os.path.abspath(str(logfile))
+
+
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
@@ -134,9 +132,23 @@ def makeService(options: Options) -> IService:
         # The one build of the start-up filters, their answers counted by the service's
         # counters. Still before twistd daemonises, logs or drops privileges: an error
         # is the same single line as one of postOptions.
-        proxy = ProxyService(
-            config, reactor, options["factories"], uid=uid, gid=gid, daemonised=daemonised
-        )
+        proxy: ProxyService
+        if config.workers > 1:
+            from mailproxy.workers import MasterService
+
+            proxy = MasterService(
+                config,
+                reactor,
+                options["factories"],
+                uid=uid,
+                gid=gid,
+                daemonised=daemonised,
+                logTarget=_logTarget(options),
+            )
+        else:
+            proxy = ProxyService(
+                config, reactor, options["factories"], uid=uid, gid=gid, daemonised=daemonised
+            )
     except ConfigError as e:
         raise SystemExit(f"mailproxy: {e}") from None
     if options["local-mta"] is None:

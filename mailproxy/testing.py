@@ -36,6 +36,7 @@ from mailproxy.filters import BaseFilter, IFilter, Stage, Verdict, VerdictResult
 from mailproxy.filters.pipeline import ConfiguredFilter, Pipeline
 from mailproxy.relay import InboundProtocol, RelayFactory, Settings
 from mailproxy.service import ProxyService
+from mailproxy.startup import Listener
 from mailproxy.wire import Reply, ReplyParser
 
 
@@ -391,6 +392,8 @@ def startProxy(
         f.write(configText)
     options = tap.Options()  # type: ignore[no-untyped-call]
     options.parseOptions(["--config", path])  # type: ignore[no-untyped-call]
+    # In this process, whatever the number of cores (no master, no worker processes).
+    options["parsed"] = attrs.evolve(options["parsed"], workers=1)
     service = tap.makeService(options)
     assert isinstance(service, ProxyService)
     service.probeUpstream = probe
@@ -402,7 +405,9 @@ def startProxy(
 
 def listeningPort(service: ProxyService, index: int = 0) -> int:
     """The port a started service's listener number C{index} is bound to."""
-    listening = service.listeners[index]._waitingForPort
+    listener = service.listeners[index]
+    assert isinstance(listener, Listener), "not a listener of its own (a worker's?)"
+    listening = listener._waitingForPort
     assert listening is not None and listening.called, "the service is not listening"
     return int(listening.result.getHost().port)
 

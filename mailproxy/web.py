@@ -33,11 +33,12 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 from prometheus_client.registry import CollectorRegistry
+from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.web.http import Request as HTTPRequest
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 from twisted.web.template import Tag, flatten, tags
 
 from mailproxy.stats import LIMITS, MTA_ERRORS, PROXY_REFUSALS, Stats
@@ -151,9 +152,46 @@ class StatsCollector:
         yield GaugeMetricFamily(
             "mailproxy_active_sessions", "Client sessions in progress.", value=stats.activeSessions
         )
+        if stats.workers:
+            yield from self._workers(stats)
         yield GaugeMetricFamily(
             "mailproxy_start_time_seconds", "When the process started (Unix time).", stats.started
         )
+
+
+    def _workers(self, stats: Stats) -> Iterator[Metric]:
+        """A master's series per worker process, labelled with its index."""
+        rows = stats.workerRows()
+        up = GaugeMetricFamily(
+            "mailproxy_worker_up", "Whether the worker process runs now.", labels=["worker"]
+        )
+        active = GaugeMetricFamily(
+            "mailproxy_worker_active_sessions",
+            "Client sessions in progress in the worker, as it last reported them.",
+            labels=["worker"],
+        )
+        started = GaugeMetricFamily(
+            "mailproxy_worker_start_time_seconds",
+            "When the worker's running process started (Unix time).",
+            labels=["worker"],
+        )
+        restarts = CounterMetricFamily(
+            "mailproxy_worker_restarts", "Times the worker was started again.", labels=["worker"]
+        )
+        accepted = CounterMetricFamily(
+            "mailproxy_worker_messages_accepted",
+            "Messages the MTA accepted through the worker (all its processes).",
+            labels=["worker"],
+        )
+        for row in rows:
+            label = [str(row["worker"])]
+            up.add_metric(label, 0 if row["pid"] is None else 1)
+            active.add_metric(label, row["active"])
+            if row["started"] is not None:
+                started.add_metric(label, row["started"])
+            restarts.add_metric(label, row["restarts"])
+            accepted.add_metric(label, row["accepted"])
+        yield from (up, active, started, restarts, accepted)
 
 
 def registryFor(stats: Stats) -> CollectorRegistry:
@@ -439,8 +477,10 @@ def _sessions(active: list[Mapping[str, Any]]) -> Tag:
         return tags.section(
             tags.h2("Active sessions (0)"), tags.p("No client connected.", class_="empty")
         )
+    byWorker = any("worker" in s for s in active)
     rows = [
         tags.tr(
+            *([tags.td(str(s.get("worker", "")), class_="n")] if byWorker else []),
             tags.td(s["id"], class_="code"),
             tags.td(s["client"]),
             tags.td(s["helo"] or "", class_="code"),
@@ -451,12 +491,33 @@ def _sessions(active: list[Mapping[str, Any]]) -> Tag:
         )
         for s in active
     ]
+    columns = ("Session", "Client", "HELO", "Sender", "Rcpts", "Phase", "Age")
     header = _head(
-        "Session", "Client", "HELO", "Sender", "Rcpts", "Phase", "Age", numeric=("Rcpts", "Age")
+        *(("Worker", *columns) if byWorker else columns), numeric=("Worker", "Rcpts", "Age")
     )
     return tags.section(
         tags.h2(f"Active sessions ({len(active)})"),
         tags.table(header, tags.tbody(*rows), id="sessions"),
+    )
+
+
+def _workers(workers: list[Mapping[str, Any]]) -> Tag:
+    """A master's worker processes, a row each."""
+    rows = [
+        tags.tr(
+            tags.td(str(w["worker"]), class_="n"),
+            tags.td("down" if w["pid"] is None else str(w["pid"]), class_="n"),
+            tags.td("" if w["started"] is None else _when(w["started"]), class_="n"),
+            tags.td(f"{w['restarts']:,}", class_="n"),
+            tags.td(f"{w['active']:,}", class_="n"),
+            tags.td(f"{w['accepted']:,}", class_="n"),
+        )
+        for w in workers
+    ]
+    numeric = ("Worker", "PID", "Up since", "Restarts", "Active", "Accepted")
+    return tags.section(
+        tags.h2(f"Workers ({len(workers)})"),
+        tags.table(_head(*numeric, numeric=numeric), tags.tbody(*rows), id="workers"),
     )
 
 
@@ -542,6 +603,7 @@ def page(snapshot: Mapping[str, Any], hostname: str, refresh: float) -> Tag:
                 ),
                 _chart(snapshot["hours"]),
                 tags.div(_counters(snapshot), _reasons(snapshot), class_="grid"),
+                *([_workers(snapshot["workers"])] if snapshot.get("workers") else []),
                 _sessions(snapshot["active"]),
                 _filters(snapshot["filters"]),
                 _refusals(snapshot["refusals"]),
@@ -577,33 +639,65 @@ def _commonHeaders(request: IRequest) -> None:
     request.setHeader(b"referrer-policy", b"no-referrer")
 
 
+#: The counters now; or, from a master, once its workers have reported (a Deferred).
+Snapshot = Callable[[], "dict[str, Any] | Deferred[dict[str, Any]]"]
+
+
+def _answer(
+    request: Request, snapshot: Snapshot, body: Callable[[dict[str, Any]], bytes]
+) -> bytes | int:
+    """C{body} of the snapshot: at once, or when a master's is ready."""
+    answer = snapshot()
+    if not isinstance(answer, Deferred):
+        return body(answer)
+
+    def write(fresh: dict[str, Any]) -> None:
+        if not request.finished and not request._disconnected:
+            request.write(body(fresh))
+            request.finish()
+
+    def failed(failure: Failure) -> None:
+        if not request.finished and not request._disconnected:
+            request.setResponseCode(500)
+            request.finish()
+
+    answer.addCallbacks(write, failed)
+    return NOT_DONE_YET
+
+
 class StatusPage(Resource):
     isLeaf = True
 
-    def __init__(self, stats: Stats, hostname: str, refresh: float) -> None:
+    def __init__(
+        self, stats: Stats, hostname: str, refresh: float, snapshot: Snapshot | None = None
+    ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
-        self._stats = stats
+        self._snapshot = snapshot or stats.snapshot
         self._hostname = hostname
         self._refresh = refresh
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: Request) -> bytes | int:
         _commonHeaders(request)
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
         request.setHeader(b"content-security-policy", CSP.encode())
-        return render(page(self._stats.snapshot(), self._hostname, self._refresh))
+        return _answer(
+            request, self._snapshot, lambda s: render(page(s, self._hostname, self._refresh))
+        )
 
 
 class StatsJSON(Resource):
     isLeaf = True
 
-    def __init__(self, stats: Stats) -> None:
+    def __init__(self, stats: Stats, snapshot: Snapshot | None = None) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
-        self._stats = stats
+        self._snapshot = snapshot or stats.snapshot
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: Request) -> bytes | int:
         _commonHeaders(request)
         request.setHeader(b"content-type", b"application/json")
-        return json.dumps(self._stats.snapshot(), ensure_ascii=False).encode()
+        return _answer(
+            request, self._snapshot, lambda s: json.dumps(s, ensure_ascii=False).encode()
+        )
 
 
 class MetricsPage(Resource):
@@ -629,11 +723,19 @@ class StatusSite(Site):
         pass
 
 
-def statusSite(stats: Stats, hostname: str, refresh: float, reactor: Any) -> StatusSite:
-    """C{/}, C{/stats.json} and C{/metrics} for C{stats}."""
+def statusSite(
+    stats: Stats, hostname: str, refresh: float, reactor: Any, snapshot: Snapshot | None = None
+) -> StatusSite:
+    """
+    C{/}, C{/stats.json} and C{/metrics} for C{stats}.
+
+    @param snapshot: what the page and C{/stats.json} show (a master's waits for its
+        workers' reports); by default C{stats.snapshot}. C{/metrics} reads C{stats} as it
+        is (a scrape may miss the last L{mailproxy.workers.REPORT_INTERVAL} seconds).
+    """
     root = Resource()
-    root.putChild(b"", StatusPage(stats, hostname, refresh))
-    root.putChild(b"stats.json", StatsJSON(stats))
+    root.putChild(b"", StatusPage(stats, hostname, refresh, snapshot))
+    root.putChild(b"stats.json", StatsJSON(stats, snapshot))
     root.putChild(b"metrics", MetricsPage(registryFor(stats)))
     site = StatusSite(root, reactor=reactor)  # type: ignore[no-untyped-call]
     site.displayTracebacks = False

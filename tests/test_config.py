@@ -147,7 +147,7 @@ class SampleTests(ConfigTestCase):
             *keys(StatsSocket),
             *keys(Web),
         ]
-        self.assertEqual(len(names), 63)
+        self.assertEqual(len(names), 64)
         for name in names:
             self.assertRegex(text, rf"(?m)^#? *{name} *=", name)
 
@@ -158,7 +158,8 @@ class MappingTests(ConfigTestCase):
     def test_minimal(self) -> None:
         """
         With only the required keys, everything else takes its default, the host name is
-        C{socket.gethostname()}, and C{path} is the path as given.
+        C{socket.gethostname()}, the workers are as many as the cores, and C{path} is the
+        path as given.
         """
         path = self.configure()
         config = self.load(path)
@@ -170,6 +171,7 @@ class MappingTests(ConfigTestCase):
                 upstream=UPSTREAM,
                 hostname=socket.gethostname(),
                 spoolDir=self.spool,
+                workers=os.cpu_count() or 1,
             ),
         )
         self.assertIs(config.bareLineEndings, BareLineEndings.REJECT)

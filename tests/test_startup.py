@@ -232,6 +232,8 @@ class HandOverTests(TestCase):
             f.write(
                 '[proxy]\nlisten = "tcp:0:interface=127.0.0.1"\n'
                 f'upstream = "tcp:host=127.0.0.1:port=1"\nspool_dir = "{directory}/spool"\n'
+                # One process: nobody cannot run this Python (the workers' start-up check).
+                "workers = 1\n"
                 f'[stats]\nsocket = "{sock}"\nmode = "0660"\n'
             )
         from twisted.scripts._twistd_unix import ServerOptions

@@ -32,7 +32,7 @@ class TapTests(SynchronousTestCase):
         return self.writeConfig(
             '[proxy]\nlisten = ["tcp:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.2"]\n'
             'upstream = "tcp:host=127.0.0.1:port=10025"\n'
-            f'spool_dir = "{spool}"\n' + extra
+            f'spool_dir = "{spool}"\nworkers = 1\n' + extra
         )
 
     def test_dropin(self) -> None:

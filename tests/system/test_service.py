@@ -79,8 +79,13 @@ class PrivilegeTests(unittest.TestCase):
         os.chown(run, nobody.pw_uid, nobody.pw_gid)
         pidfile = run / "mailproxy.pid"
         port = privilegedPort()
+        # One process: worker processes are started as the -u user, who cannot run the
+        # test's Python here (the master refuses to start then; tests/test_workers.py).
         sections = harness.proxyConfig(
-            workdir, port, f"tcp:host=127.0.0.1:port={mtaPort.getHost().port}"
+            workdir,
+            port,
+            f"tcp:host=127.0.0.1:port={mtaPort.getHost().port}",
+            proxy={"workers": 1},
         )
         process = harness.spawnProxy(
             reactor, workdir, sections, port, ["-u", USER, "-g", GROUP, f"--pidfile={pidfile}"]
@@ -138,7 +143,8 @@ class HandOverTests(unittest.SynchronousTestCase):
         config = Path(self.mktemp())
         config.write_text(
             f'[proxy]\nlisten = "tcp:0:interface=127.0.0.1"\n'
-            f'upstream = "tcp:host=127.0.0.1:port=1"\nspool_dir = "{spool}"\n' + extra
+            f'upstream = "tcp:host=127.0.0.1:port=1"\nspool_dir = "{spool}"\nworkers = 1\n'
+            + extra
         )
         options = ServerOptions()
         options.parseOptions(["-n", "-u", USER, "mailproxy", "--config", str(config)])
@@ -245,8 +251,12 @@ class CodeUnreadableTests(unittest.TestCase):
         mtaPort = reactor.listenTCP(0, mta.buildFactory(), interface="127.0.0.1")
         self.addCleanup(mtaPort.stopListening)
         port = harness.freePort()
+        # One process: worker processes, started after the drop, would need the code.
         sections = harness.proxyConfig(
-            workdir, port, f"tcp:host=127.0.0.1:port={mtaPort.getHost().port}"
+            workdir,
+            port,
+            f"tcp:host=127.0.0.1:port={mtaPort.getHost().port}",
+            proxy={"workers": 1},
         )
         process = harness.spawnProxy(reactor, workdir, sections, port, ["-u", USER, "-g", GROUP])
         self.addCleanup(self._keepLog, process)
