@@ -71,6 +71,9 @@ class Peer:
     #: The 1 KB runs send this many times fewer messages (a peer too slow for 2,000 in the
     #: time budget); the rates stay per second.
     divisor: int = 1
+    #: mailproxy only: whether its configuration takes C{[proxy] workers} (it refuses unknown
+    #: keys), found out at start; if it does, C{workers} is always written, even 1.
+    workersKey: bool = False
 
 
 def startHAProxy(peer: Peer, work: Path) -> subprocess.Popen[bytes]:
@@ -118,7 +121,8 @@ def mailproxyConfig(peer: Peer, work: Path, workers: int, filters: bool) -> Path
     """
     Write the configuration of one mailproxy peer: the sample's defaults but for the
     addresses, no client-name lookups (the namespace has no DNS), limits that let 20
-    sessions from 127.0.0.1 and a 100 MB message in, and C{[proxy] workers} unless 1.
+    sessions from 127.0.0.1 and a 100 MB message in, and C{[proxy] workers} where the
+    checkout knows the key (its default is the number of cores, so 1 is written too).
     """
     spool = work / f"spool-{peer.name}"
     spool.mkdir(exist_ok=True)
@@ -129,7 +133,7 @@ def mailproxyConfig(peer: Peer, work: Path, workers: int, filters: bool) -> Path
         'client_names = "off"',
         f'spool_dir = "{spool}"',
     ]
-    if workers != 1:
+    if peer.workersKey:
         lines.append(f"workers = {workers}")
     lines += [
         "",
@@ -621,7 +625,7 @@ def targetChecks(results: Results) -> list[str]:
     return lines
 
 
-def machine(work: Path) -> dict[str, str]:
+def machine(work: Path, checkout: Path) -> dict[str, str]:
     """What the table was measured on, and the versions of what was measured."""
     model = "unknown"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -639,20 +643,30 @@ def machine(work: Path) -> dict[str, str]:
 
     mailpy = str(work / "venv-mailproxy" / "bin" / "python")
     aiopy = str(work / "venv-aiosmtpd" / "bin" / "python")
-    revision = output(["git", "-C", str(CHECKOUT), "describe", "--always", "--dirty"])
-    branch = output(["git", "-C", str(CHECKOUT), "rev-parse", "--abbrev-ref", "HEAD"])
+    revision = output(["git", "-C", str(checkout), "describe", "--always", "--dirty"])
+    branch = output(["git", "-C", str(checkout), "rev-parse", "--abbrev-ref", "HEAD"])
     return {
         "nproc": str(os.cpu_count()),
         "cpu": model,
         "kernel": platform.release(),
         "python": output([mailpy, "-c", "import sys; print(sys.version.split()[0])"]),
         "twisted": output([mailpy, "-c", "import twisted; print(twisted.__version__)"]),
-        "mailproxy": f"{revision} (branch {branch})",
+        "mailproxy": f"{revision} (branch {branch}, {checkout})",
         "haproxy": output([HAPROXY, "-v"]).replace("HAProxy version ", ""),
         "postfix": output(["/usr/sbin/postconf", "-d", "-h", "mail_version"]),
         "aiosmtpd": output([aiopy, "-c", "import aiosmtpd; print(aiosmtpd.__version__)"]),
         "proxsmtp": output([PROXSMTPD, "-v"]) if Path(PROXSMTPD).exists() else "not installed",
     }
+
+
+SPREAD = [
+    ("1 KB, 1 session (msg/s)", "small1", 0),
+    ("1 KB, 20 sessions (msg/s)", "small20", 0),
+    ("1 MB, 4 sessions (msg/s)", "large4", 1),
+    ("latency, MAIL to 221 (ms, not minus direct)", "latency", 2),
+    ("CPU per 1 KB message at 20 sessions (ms)", "cpu_ms", 2),
+]
+"""The rows of the spread table: label, measurement key, decimals."""
 
 
 def report(peers: list[Peer], results: Results, info: dict[str, object]) -> str:
@@ -681,6 +695,29 @@ def report(peers: list[Peer], results: Results, info: dict[str, object]) -> str:
             lines.append(f"- **{peer.label}**: pending: {peer.pending}")
         for note in peer.notes:
             lines.append(f"- **{peer.label}**: {note}")
+    lines += ["", "## Spread: lowest and highest of the rounds", "", head, rule]
+    for label, key, digits in SPREAD:
+        cells = []
+        for peer in peers:
+            values = results.get(peer.name, {}).get(key)
+            if peer.pending or not values:
+                cells.append("—")
+            else:
+                cells.append(f"{min(values):,.{digits}f} to {max(values):,.{digits}f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    load: list[float] = info["load"]  # type: ignore[assignment]
+    if load:
+        lines += [
+            "",
+            f"Load average (1 min) as each peer started: {min(load):.1f} to {max(load):.1f},"
+            f" median {statistics.median(load):.1f}, on {os.cpu_count()} CPUs"
+            + (
+                ": the machine was busy with other work, which slows every peer and widens"
+                " the spread; compare columns of one run, not runs of different days."
+                if max(load) > 1.5
+                else "."
+            ),
+        ]
     lines += ["", "## The issue's targets (issue 10)", "", *targetChecks(results)]
     lines += ["", "## Machine and versions", ""]
     for key, value in info["machine"].items():  # type: ignore[attr-defined]
@@ -721,22 +758,33 @@ def plot(data: Path, png: Path) -> None:
         ("CPU per 1 KB message (ms)", "cpu_ms", None),
         ("peak RSS, 100 MB message (MiB)", "big_hwm_sum", None),
     ]
+    pending = set(saved.get("pending", []))
     figure, axes = plt.subplots(2, 3, figsize=(15, 7.5))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for axis, (title, key, offset) in zip(axes.flat, panels, strict=True):
-        values = []
+        values: list[float | None] = []
         for name in names:
             value = median(results.get(name, {}).get(key))
             if value is not None and offset is not None:
                 value = None if name == "direct" else value - offset
-            values.append(value or 0.0)
+            values.append(value)
         bars = axis.barh(
-            range(len(names)), values, color=[colours[i % len(colours)] for i in range(len(names))]
+            range(len(names)),
+            [v or 0.0 for v in values],
+            color=[colours[i % len(colours)] for i in range(len(names))],
         )
         axis.set_yticks(range(len(names)), labels if axis in axes[:, 0] else [""] * len(names))
         axis.invert_yaxis()
         axis.set_title(title)
-        axis.bar_label(bars, fmt="%.3g", padding=2, fontsize=8)
+        texts = []
+        for name, value in zip(names, values, strict=True):
+            if name in pending:
+                texts.append("pending")
+            elif value is None:
+                texts.append("—")
+            else:
+                texts.append(f"{value:,.0f}" if value >= 100 else f"{value:.3g}")
+        axis.bar_label(bars, labels=texts, padding=2, fontsize=8)
         axis.margins(x=0.2)
     figure.suptitle(saved["title"])
     figure.tight_layout()
@@ -769,7 +817,7 @@ def venv(work: Path, name: str, packages: list[str], refresh: bool = False) -> P
     return python
 
 
-def setup(work: Path, only: set[str] | None) -> list[str]:
+def setup(work: Path, checkout: Path) -> None:
     """Find or install every peer; return notes for the peers that cannot run."""
     work.mkdir(parents=True, exist_ok=True)
     missing = []
@@ -778,14 +826,13 @@ def setup(work: Path, only: set[str] | None) -> list[str]:
             missing.append(f"{path} not found, and apt-get install {package} failed")
     if missing:
         raise SystemExit("peers: " + "; ".join(missing))
-    notes = []
     if not Path(PROXSMTPD).exists() and not aptInstall("proxsmtp"):
-        notes.append("proxsmtp: not installed (apt-get install proxsmtp failed); skipped")
+        print("peers: apt-get install proxsmtp failed: it is left out", flush=True)
     venv(work, "aiosmtpd", ["aiosmtpd"])
     venv(work, "plot", ["matplotlib"])
-    python = venv(work, "mailproxy", [str(CHECKOUT)])
+    python = venv(work, "mailproxy", [str(checkout)])
     # A regular install of this checkout, again each run: the venv keeps its dependencies.
-    print(f"peers: pip install {CHECKOUT} into {python.parent.parent}", flush=True)
+    print(f"peers: pip install {checkout} into {python.parent.parent}", flush=True)
     subprocess.run(
         [
             str(python),
@@ -796,11 +843,10 @@ def setup(work: Path, only: set[str] | None) -> list[str]:
             "--disable-pip-version-check",
             "--no-deps",
             "--force-reinstall",
-            str(CHECKOUT),
+            str(checkout),
         ],
         check=True,
     )
-    return notes
 
 
 # --- main ------------------------------------------------------------------------------------
@@ -810,6 +856,10 @@ def inside(options: argparse.Namespace, argv: list[str]) -> int:
     """In the namespace: bring loopback up, run the rounds, write the results."""
     started = time.monotonic()
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    if options.nice:
+        # Every peer, the sink and smtp-source inherit it: the same for all, and ahead of
+        # whatever else the machine is running.
+        os.nice(options.nice)
     work = Path(options.workdir)
     peers = allPeers()
     if options.only:
@@ -841,10 +891,11 @@ def inside(options: argparse.Namespace, argv: list[str]) -> int:
     sink = Sink(work)
     results: Results = {}
     failures: list[str] = []
+    loads1: list[float] = []
     try:
-        probe = [p for p in peers if p.name == "mailproxy-w2"]
-        if probe:
-            checkWorkers(probe[0], work)
+        mailproxies = [p for p in peers if p.name.startswith("mailproxy")]
+        if mailproxies:
+            checkWorkers(mailproxies, work)
         active = [p for p in peers if not p.pending]
         for round in range(options.rounds):
             shift = round % len(active)
@@ -854,6 +905,7 @@ def inside(options: argparse.Namespace, argv: list[str]) -> int:
                 flush=True,
             )
             for peer in order:
+                loads1.append(os.getloadavg()[0])
                 began = time.monotonic()
                 measurePeer(peer, loads, sink, work, results, failures, round + 1)
                 print(f"peers:   {peer.name}: {time.monotonic() - began:.1f} s", flush=True)
@@ -864,7 +916,8 @@ def inside(options: argparse.Namespace, argv: list[str]) -> int:
         "date": now.strftime("%Y-%m-%d %H:%M UTC"),
         "rounds": options.rounds,
         "latency_n": loads[3].messages,
-        "machine": machine(work),
+        "machine": machine(work, Path(options.checkout).resolve()),
+        "load": loads1,
         "command": "python3 bench/peers.py " + " ".join(argv),
         "wall": time.monotonic() - started + options.setup_seconds,
         "failures": failures,
@@ -880,6 +933,7 @@ def inside(options: argparse.Namespace, argv: list[str]) -> int:
             {
                 "labels": [p.label for p in peers],
                 "names": [p.name for p in peers],
+                "pending": [p.name for p in peers if p.pending],
                 "results": results,
                 "title": f"mailproxy and its peers, {info['date']}"
                 f" ({os.cpu_count()} CPUs, {info['machine']['cpu']})",  # type: ignore[index]
@@ -899,23 +953,29 @@ def inside(options: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
-def checkWorkers(peer: Peer, work: Path) -> None:
+def checkWorkers(peers: list[Peer], work: Path) -> None:
     """
-    Mark the C{workers = 2} peer pending when this checkout's configuration refuses the
-    key (mailproxy refuses unknown keys): the workers branch has not landed yet.
+    Start mailproxy once with C{[proxy] workers = 1}: if this checkout's configuration
+    refuses the key (mailproxy refuses unknown keys; the workers branch has not landed),
+    leave it out and mark the C{workers = 2} peer pending, else write it for every peer.
     """
-    assert peer.start is not None
-    process = peer.start(peer, work)
+    probe = Peer("mailproxy-probe", "", 20107, mailproxyStarter(1, False), workersKey=True)
+    assert probe.start is not None
+    process = probe.start(probe, work)
     try:
-        waitForBanner(peer.port, process)
+        waitForBanner(probe.port, process)
+        known = True
     except RuntimeError as e:
-        log = (work / f"{peer.name}.log").read_text(errors="replace")
-        if "workers" in log:
-            peer.pending = "this checkout's configuration refuses [proxy] workers"
-        else:
-            peer.pending = f"did not start: {e}"
+        log = (work / f"{probe.name}.log").read_text(errors="replace")
+        if "workers" not in log:
+            raise SystemExit(f"peers: mailproxy did not start: {e}; see {work}") from e
+        known = False
     finally:
         stop(process)
+    for peer in peers:
+        peer.workersKey = known
+        if not known and peer.name == "mailproxy-w2":
+            peer.pending = "this checkout's configuration refuses [proxy] workers"
 
 
 def main(argv: list[str]) -> int:
@@ -935,6 +995,17 @@ def main(argv: list[str]) -> int:
         default=str(HERE / "results"),
         help="where the table and chart go (default bench/results)",
     )
+    parser.add_argument(
+        "--checkout",
+        default=str(CHECKOUT),
+        help="the mailproxy checkout to pip install and measure (default: this one)",
+    )
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="run everything at this nice value, e.g. -10 on a machine busy with other work",
+    )
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--setup-seconds", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--plot", nargs=2, help=argparse.SUPPRESS)
@@ -949,7 +1020,7 @@ def main(argv: list[str]) -> int:
     if os.geteuid() != 0:
         raise SystemExit("peers: run as root (unshare --net, smtp-sink -u nobody)")
     began = time.monotonic()
-    setup(Path(options.workdir), None)
+    setup(Path(options.workdir), Path(options.checkout).resolve())
     elapsed = time.monotonic() - began
     command = [
         "unshare",
