@@ -41,7 +41,8 @@ SOURCES = [f"127.0.2.{n}" for n in range(1, 11)]
 #: The systemd unit's LimitNOFILE; lowered to the hard limit where this process may not raise
 #: it (no CAP_SYS_RESOURCE, e.g. in a container).
 UNIT_NOFILE = 65536
-NOFILE = min(UNIT_NOFILE, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+_HARD = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+NOFILE = UNIT_NOFILE if _HARD == resource.RLIM_INFINITY else min(UNIT_NOFILE, _HARD)
 START_TIMEOUT = 30.0
 RSS_TARGET_MB = 200.0
 
