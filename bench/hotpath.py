@@ -42,11 +42,27 @@ def waitFor(port: int) -> None:
     raise SystemExit(f"nothing listens on port {port}")
 
 
-def cpu(pid: int) -> tuple[float, float]:
-    """User and system seconds of C{pid}."""
+def _stat(pid: int) -> list[str]:
     with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) / TICK, int(fields[12]) / TICK
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def cpu(pid: int) -> tuple[float, float]:
+    """User and system seconds of C{pid} and its live children (the workers)."""
+    pids = [pid]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if int(_stat(int(entry))[1]) == pid:
+                    pids.append(int(entry))
+            except (OSError, IndexError):
+                continue
+    user = system = 0.0
+    for each in pids:
+        fields = _stat(each)
+        user += int(fields[11]) / TICK
+        system += int(fields[12]) / TICK
+    return user, system
 
 
 def rss(pid: int) -> str:
@@ -54,7 +70,7 @@ def rss(pid: int) -> str:
         return next(line.split()[1] for line in f if line.startswith("VmRSS"))
 
 
-def config(work: str, extra: str | None) -> str:
+def config(work: str, extra: str | None, workers: int = 1) -> str:
     path = os.path.join(work, "mailproxy.toml")
     with open(path, "w") as f:
         f.write(
@@ -62,6 +78,7 @@ def config(work: str, extra: str | None) -> str:
             f'listen = "tcp:{PROXY_PORT}:interface=127.0.0.1:backlog=1024"\n'
             f'upstream = "tcp:host=127.0.0.1:port={SINK_PORT}"\n'
             'client_names = "off"\n'
+            f"workers = {workers}\n"
             f'spool_dir = "{os.path.join(work, "spool")}"\n'
             "[limits]\nconnections = 200\nconnections_per_client = 200\n"
             "message_size = 52428800\n"
@@ -79,6 +96,7 @@ def main() -> None:
     p.add_argument("--twistd", default=os.path.join(os.path.dirname(sys.executable), "twistd"))
     p.add_argument("--extra-config", help="TOML appended to the configuration")
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--workers", type=int, default=1, help="[proxy] workers (default 1)")
     p.add_argument("--direct", action="store_true", help="smtp-source straight to the sink")
     p.add_argument("--profile", help="twistd --profile=FILE --profiler=cprofile --savestats")
     p.add_argument("--strace", action="store_true")
@@ -97,7 +115,7 @@ def main() -> None:
             cmd = [a.twistd, "-n", "--pidfile=", "-l", os.path.join(work, "proxy.log")]
             if a.profile:
                 cmd += [f"--profile={a.profile}", "--profiler=cprofile", "--savestats"]
-            cmd += ["mailproxy", "--config", config(work, a.extra_config)]
+            cmd += ["mailproxy", "--config", config(work, a.extra_config, a.workers)]
             env = dict(os.environ, PYTHONPATH=os.path.abspath(a.tree))
             proxy = subprocess.Popen(cmd, env=env, cwd=work)
             port = PROXY_PORT
