@@ -19,11 +19,10 @@ from zope.interface.verify import verifyObject
 import mailproxy.plugins
 from mailproxy.envelope import Envelope, Message, Session
 from mailproxy.filters import Action, IFilter, IFilterFactory, OptionError, Stage, Verdict
-from mailproxy.filters.access import AccessFilter, AccessFilterFactory
+from mailproxy.filters.access import AccessFilterFactory
 from mailproxy.filters.options import Options
 from mailproxy.filters.pipeline import filterFactories
-from mailproxy.filters.size import SizeFilter, SizeFilterFactory
-from mailproxy.testing_threads import ThreadedClock
+from mailproxy.filters.size import SizeFilterFactory
 
 
 def session(address: str = "198.51.100.9", helo: str | None = "client.example") -> Session:
@@ -248,9 +247,8 @@ class DiscoveryTests(SynchronousTestCase):
     def test_builtins(self) -> None:
         """The built-in filters are found as plugins, under their section names."""
         factories = filterFactories()
-        reactor = ThreadedClock()
-        self.assertIsInstance(factories["access"].build({}, reactor), AccessFilter)
-        self.assertIsInstance(factories["size"].build({"max_bytes": 10}, reactor), SizeFilter)
+        self.assertIsInstance(factories["access"], AccessFilterFactory)
+        self.assertIsInstance(factories["size"], SizeFilterFactory)
         for name, factory in factories.items():
             self.assertTrue(verifyObject(IFilterFactory, factory))
             self.assertTrue(IPlugin.providedBy(factory))

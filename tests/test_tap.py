@@ -261,9 +261,9 @@ class StartupImportTests(SynchronousTestCase):
 
     def test_notConfiguredNotImported(self) -> None:
         """
-        Without [manhole], [web] and filters, neither conch, twisted.web, prometheus_client
-        nor a filter's module or library is imported (they are most of an idle process's
-        memory); and on Linux the reactor is epoll's, chosen by the plugin.
+        Without [manhole] and [web], neither conch, twisted.web nor prometheus_client is
+        imported (they are most of an idle process's memory); and on Linux the reactor
+        is epoll's, chosen by the plugin.
         """
         reactor, loaded = self.probe("")
         self.assertEqual(loaded, set())
@@ -278,19 +278,4 @@ class StartupImportTests(SynchronousTestCase):
 
 
 #: Packages of the optional parts: the manhole (conch), the status page and /metrics.
-_OPTIONAL = (
-    "twisted.conch",
-    "twisted.web",
-    "prometheus_client",
-    "mailproxy.web",
-    "mailproxy.manhole",
-    # Filters that are not configured: rspamd's HTTP client, dkim's and dmarc's libraries.
-    "mailproxy.filters.rspamd",
-    "mailproxy.filters.dkim",
-    "mailproxy.filters.dmarc",
-    "mailproxy.filters.surbl",
-    "mailproxy.filters.spf",
-    "dkim",
-    "nacl",
-    "publicsuffixlist",
-)
+_OPTIONAL = ("twisted.conch", "twisted.web", "prometheus_client", "mailproxy.web", "mailproxy.manhole")

@@ -1,52 +1,29 @@
-"""
-The built-in filters, registered like any third-party dropin.
+"""The built-in filters, registered like any third-party dropin."""
 
-Each is registered by name and its module imported only when a configuration builds it:
-a proxy loads only the filters it runs (rspamd's twisted.web, dkim's dkimpy, the Public
-Suffix List), and discovery at start-up stays cheap.
-"""
+from mailproxy.filters.access import AccessFilterFactory
+from mailproxy.filters.clamd import ClamdFilterFactory
+from mailproxy.filters.dkim import DKIMFilterFactory
+from mailproxy.filters.dmarc import DMARCFilterFactory
+from mailproxy.filters.dnsbl import DNSBLFilterFactory
+from mailproxy.filters.headers import HeadersFilterFactory
+from mailproxy.filters.mime import MimeFilterFactory
+from mailproxy.filters.p0f import P0fFilterFactory
+from mailproxy.filters.rspamd import RspamdFilterFactory
+from mailproxy.filters.size import SizeFilterFactory
+from mailproxy.filters.spamd import SpamdFilterFactory
+from mailproxy.filters.spf import SPFFilterFactory
+from mailproxy.filters.surbl import SURBLFilterFactory
 
-from __future__ import annotations
-
-import importlib
-from collections.abc import Mapping
-
-from twisted.internet.interfaces import IReactorTime
-from twisted.plugin import IPlugin
-from zope.interface import implementer
-
-from mailproxy.filters import IFilter, IFilterFactory
-
-
-@implementer(IPlugin, IFilterFactory)
-class BuiltinFactory:
-    """The factory C{factory} of C{mailproxy.filters.MODULE}, imported at the first build."""
-
-    def __init__(self, name: str, module: str, factory: str) -> None:
-        self.name = name
-        self._where = (f"mailproxy.filters.{module}", factory)
-
-    def build(self, options: Mapping[str, object], reactor: IReactorTime) -> IFilter:
-        module, factory = self._where
-        built: IFilter = getattr(importlib.import_module(module), factory)().build(
-            options, reactor
-        )
-        return built
-
-    def __repr__(self) -> str:
-        return f"<built-in filter {self.name}: {'.'.join(self._where)}>"
-
-
-access = BuiltinFactory("access", "access", "AccessFilterFactory")
-clamd = BuiltinFactory("clamd", "clamd", "ClamdFilterFactory")
-dkim = BuiltinFactory("dkim", "dkim", "DKIMFilterFactory")
-dmarc = BuiltinFactory("dmarc", "dmarc", "DMARCFilterFactory")
-dnsbl = BuiltinFactory("dnsbl", "dnsbl", "DNSBLFilterFactory")
-headers = BuiltinFactory("headers", "headers", "HeadersFilterFactory")
-mime = BuiltinFactory("mime", "mime", "MimeFilterFactory")
-p0f = BuiltinFactory("p0f", "p0f", "P0fFilterFactory")
-rspamd = BuiltinFactory("rspamd", "rspamd", "RspamdFilterFactory")
-size = BuiltinFactory("size", "size", "SizeFilterFactory")
-spamd = BuiltinFactory("spamd", "spamd", "SpamdFilterFactory")
-spf = BuiltinFactory("spf", "spf", "SPFFilterFactory")
-surbl = BuiltinFactory("surbl", "surbl", "SURBLFilterFactory")
+access = AccessFilterFactory()
+clamd = ClamdFilterFactory()
+dkim = DKIMFilterFactory()
+dmarc = DMARCFilterFactory()
+dnsbl = DNSBLFilterFactory()
+headers = HeadersFilterFactory()
+mime = MimeFilterFactory()
+p0f = P0fFilterFactory()
+rspamd = RspamdFilterFactory()
+size = SizeFilterFactory()
+spamd = SpamdFilterFactory()
+spf = SPFFilterFactory()
+surbl = SURBLFilterFactory()
