@@ -291,6 +291,8 @@ spool_dir = "{workdir / "spool"}"
 hostname = "mailproxy.soak"
 client_names = "off"
 bare_line_endings = "reject"
+# One process: the soak's descriptor and memory checks read the process that serves.
+workers = 1
 
 [limits]
 message_size = {MESSAGE_SIZE}
@@ -970,7 +972,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             stats = {}
         fdEnd, rssEnd = (sampler.fds[-1], sampler.rss[-1]) if proxyAlive else (-1, -1.0)
-        spoolLeft = sorted(p.name for p in (workdir / "spool").iterdir())
+        spoolLeft = sorted(str(p) for p in (workdir / "spool").rglob("*") if not p.is_dir())
         mta.settle()
         own, _ = reconcile(soak.ledger, mta.maildir)
         stop(proxy)

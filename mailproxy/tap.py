@@ -111,10 +111,17 @@ def _twistdUser(options: usage.Options) -> tuple[int | None, int | None]:
 
 
 def _logTarget(options: usage.Options) -> str:
-    """Where twistd writes its log, for the workers to write theirs: C{"-"} or a path."""
+    """
+    Where twistd writes its log, for the workers to write theirs: C{"-"} or a path; or
+    C{"master"} when it goes to syslog or to another C{--logger}, which only the master's
+    twistd has: the workers' lines then come through the master.
+    """
     twistd = options.parent
     if twistd is None:
         return "-"
+    ours = (None, logs.TWISTD_OBSERVER, logs.twistdObserver)  # L{_cheapLog}'s, named or found
+    if twistd.get("syslog") or twistd.get("logger") not in ours:
+        return "master"
     logfile = twistd.get("logfile")
     if logfile is None or logfile == "-":
         return "-" if twistd.get("nodaemon") else "twistd.log"
