@@ -26,6 +26,7 @@ from mailproxy.envelope import Envelope, Message, Session
 from mailproxy.filters import BaseFilter, FilterError, IFilter, IFilterFactory, Stage, Verdict
 from mailproxy.filters.daemon import StreamingQuery, ask, shown
 from mailproxy.filters.options import Options
+from mailproxy.filters.support import tooLarge
 
 #: The command: "z" makes clamd end its reply with a NUL rather than a newline.
 COMMAND = b"zINSTREAM\0"
@@ -136,13 +137,7 @@ class ClamdFilter(BaseFilter):
     def checkMessage(
         self, session: Session, envelope: Envelope, message: Message
     ) -> Deferred[Verdict]:
-        if self.maxSize and message.size > self.maxSize:
-            self._log.info(
-                "{session} clamd: not scanned: {size} bytes, over max_size {maxSize}",
-                session=session.id,
-                size=message.size,
-                maxSize=self.maxSize,
-            )
+        if tooLarge(self._log, self.name, session, message, self.maxSize):
             return succeed(Verdict.accept())
         return self.client.scan(message).addCallback(self._verdict, session)
 

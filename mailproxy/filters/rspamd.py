@@ -56,6 +56,7 @@ from mailproxy.filters import (
 )
 from mailproxy.filters.daemon import shown
 from mailproxy.filters.options import Options
+from mailproxy.filters.support import tooLarge
 
 #: rspamd's normal worker (C{worker-normal.inc}'s C{bind_socket}).
 DEFAULT_ENDPOINT = "tcp:host=127.0.0.1:port=11333"
@@ -439,13 +440,7 @@ class RspamdFilter(BaseFilter):
     def checkMessage(
         self, session: Session, envelope: Envelope, message: Message
     ) -> Deferred[Verdict]:
-        if self.maxSize and message.size > self.maxSize:
-            self._log.info(
-                "{session} rspamd: not scanned: {size} bytes, over max_size {maxSize}",
-                session=session.id,
-                size=message.size,
-                maxSize=self.maxSize,
-            )
+        if tooLarge(self._log, self.name, session, message, self.maxSize):
             return succeed(Verdict.accept())
         headers = requestHeaders(
             session,

@@ -35,6 +35,7 @@ from mailproxy.filters import (
 )
 from mailproxy.filters.daemon import StreamingQuery, ask, shown
 from mailproxy.filters.options import Options
+from mailproxy.filters.support import tooLarge
 
 #: The protocol version we speak: spamd answers SYMBOLS with a Content-length and a
 #: C{Spam:} header, then the comma-separated rule names.
@@ -183,13 +184,7 @@ class SpamdFilter(BaseFilter):
     def checkMessage(
         self, session: Session, envelope: Envelope, message: Message
     ) -> Deferred[Verdict]:
-        if message.size > self.maxSize:
-            self._log.info(
-                "{session} spamd: not scanned: {size} bytes, over max_size {maxSize}",
-                session=session.id,
-                size=message.size,
-                maxSize=self.maxSize,
-            )
+        if tooLarge(self._log, self.name, session, message, self.maxSize):
             return succeed(Verdict.accept())
         if message.size == 0:
             return succeed(Verdict.accept())

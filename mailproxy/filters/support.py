@@ -28,8 +28,10 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 
 from mailproxy import headergrammar
+from mailproxy.envelope import Message, Session
 from mailproxy.filters.options import Options
 
 _T = TypeVar("_T")
@@ -367,3 +369,20 @@ def inThreadPool(
     """
     threads = requireThreads(reactor)
     return deferToThreadPool(threads, threads.getThreadPool(), f, *args, **kwargs)
+
+
+def tooLarge(log: Logger, scanner: str, session: Session, message: Message, limit: int) -> bool:
+    """
+    Whether C{message} is over a scanner's C{max_size} (0: no limit), which then leaves it
+    unscanned and accepted, as the daemons themselves do; logged, naming the sizes.
+    """
+    if not limit or message.size <= limit:
+        return False
+    log.info(
+        "{session} {scanner}: not scanned: {size} bytes, over max_size {maxSize}",
+        session=session.id,
+        scanner=scanner,
+        size=message.size,
+        maxSize=limit,
+    )
+    return True
