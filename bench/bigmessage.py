@@ -317,6 +317,7 @@ def proxyConfig(workdir: Path, port: int, sinkPort: int, sizeBytes: int, extra: 
         f'upstream = "tcp:host={HOST}:port={sinkPort}"\n'
         f'spool_dir = "{workdir / "spool"}"\n'
         'hostname = "mailproxy.bench"\n'
+        "workers = 1\n"  # one process: the one measured
         "[limits]\n"
         f"message_size = {limit}\n" + extra
     )

@@ -6,7 +6,7 @@ Benchmark: 5,000 concurrent idle clients on one mailproxy process, and a 5,001st
     python3 bench/idle.py --clients 2000 --hold 10
 
 It starts Postfix's smtp-sink as the MTA (C{-m} raised to take every session's MTA leg),
-then mailproxy (C{twistd -n mailproxy}, C{workers} left at 1 on a checkout without the key,
+then mailproxy (C{twistd -n mailproxy}, C{workers = 1},
 C{[limits] connections} = clients + 1000) under C{prlimit --nofile=65536:65536}, as the
 systemd unit's C{LimitNOFILE=65536} would; raises this process's own limit the same way;
 opens the clients from 127.0.2.1 to 127.0.2.10 (the proxy's
@@ -111,6 +111,7 @@ def configuration(work: Path, port: int, sinkPort: int, connections: int) -> Pat
         f'upstream = "tcp:host={HOST}:port={sinkPort}"\n'
         'client_names = "off"\n'
         f'spool_dir = "{spool}"\n'
+        "workers = 1\n"  # one process: the one measured
         "\n"
         "[limits]\n"
         f"connections = {connections}\n"

@@ -834,22 +834,12 @@ def setup(work: Path, checkout: Path) -> None:
     venv(work, "aiosmtpd", ["aiosmtpd"])
     venv(work, "plot", ["matplotlib"])
     python = venv(work, "mailproxy", [str(checkout)])
-    # A regular install of this checkout, again each run: the venv keeps its dependencies.
+    # A regular install of this checkout, again each run: first what it needs that the venv
+    # lacks (a dependency added since), then the checkout itself over the installed one.
     print(f"peers: pip install {checkout} into {python.parent.parent}", flush=True)
-    subprocess.run(
-        [
-            str(python),
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--disable-pip-version-check",
-            "--no-deps",
-            "--force-reinstall",
-            str(checkout),
-        ],
-        check=True,
-    )
+    pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, str(checkout)], check=True)
+    subprocess.run([*pip, "--no-deps", "--force-reinstall", str(checkout)], check=True)
 
 
 # --- main ------------------------------------------------------------------------------------

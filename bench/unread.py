@@ -37,6 +37,8 @@ upstream = "{upstream}"
 spool_dir = "{workdir / "spool"}"
 hostname = "mailproxy.bench"
 client_names = "off"
+# One process: the one measured.
+workers = 1
 
 [limits]
 connections = 500
