@@ -734,12 +734,3 @@ class Stuffer:
             stuffed = b"." + stuffed
         self._lineStart = chunk.endswith(b"\n")
         return stuffed
-
-
-def headerBytes(headers: tuple[tuple[str, str], ...]) -> bytes:
-    """Header fields to prepend to a message, with any CR or LF in them flattened."""
-    out = []
-    for name, value in headers:
-        clean = " ".join(value.split())
-        out.append(f"{name}: {clean}\r\n".encode("utf-8", "replace"))
-    return b"".join(out)

@@ -138,6 +138,18 @@ def lineLengthsOk(field: bytes) -> bool:
 class HeaderEditTests(SynchronousTestCase):
     """The header block the release writes, from the client's and the filters' edits."""
 
+    def test_addedFlattened(self) -> None:
+        """
+        The filters' added headers are CRLF lines; a CR or LF in a value cannot start a new
+        field (a header injection), and a NUL is dropped.
+        """
+        self.assertEqual(
+            headeredit.addedBytes(
+                (("X-Spam-Status", "No, score=1.0"), ("X-Evil", "a\r\nBcc: x@y\n\tz\0"))
+            ),
+            b"X-Spam-Status: No, score=1.0\r\nX-Evil: a Bcc: x@y z\r\n",
+        )
+
     @settings(max_examples=400, deadline=None)
     @given(blocks, bodies, edits, st.booleans())
     def test_anyEdits(

@@ -29,7 +29,6 @@ from mailproxy.wire import (
     ReplyParser,
     Stuffer,
     editCapabilities,
-    headerBytes,
     parseBdat,
     parseCommand,
     parsePath,
@@ -165,13 +164,6 @@ class ReplyTests(SynchronousTestCase):
     def test_queueIdAbsent(self) -> None:
         """A reply that names no queue id gives C{None}."""
         self.assertIsNone(queueId(Reply(250, (b"2.0.0 Ok",))))
-
-    def test_headerBytes(self) -> None:
-        """Added headers are CRLF lines; a CR or LF in a value cannot start a new field."""
-        self.assertEqual(
-            headerBytes((("X-Spam-Status", "No, score=1.0"), ("X-Evil", "a\r\nBcc: x@y\n\tz"))),
-            b"X-Spam-Status: No, score=1.0\r\nX-Evil: a Bcc: x@y z\r\n",
-        )
 
 
 class ReplyParserTests(SynchronousTestCase):
