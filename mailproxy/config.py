@@ -74,6 +74,7 @@ class NulBytes(enum.Enum):
     REJECT = "reject"
     STRIP = "strip"
 
+
 class Greeting(enum.Enum):
     """C{proxy.greeting}: whose banner the client gets first."""
 

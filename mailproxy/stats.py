@@ -78,6 +78,17 @@ class SessionInfo:
     #: The worker process serving it (L{mailproxy.workers}); L{None} in one process.
     worker: int | None = None
 
+    def toJSON(self) -> dict[str, Any]:
+        """Its fields but the worker, as the snapshot and the workers' reports carry them."""
+        return {
+            "id": self.id,
+            "client": self.client,
+            "helo": self.helo,
+            "sender": self.sender,
+            "recipients": self.recipients,
+            "phase": self.phase,
+        }
+
 
 class SessionView(Protocol):
     """A live session (the relay's inbound protocol) that can describe itself."""
@@ -704,12 +715,7 @@ class Stats:
             "total": self.total.toJSON(),
             "active": [
                 {
-                    "id": info.id,
-                    "client": info.client,
-                    "helo": info.helo,
-                    "sender": info.sender,
-                    "recipients": info.recipients,
-                    "phase": info.phase,
+                    **info.toJSON(),
                     "age": round(age, 3),
                     **({} if info.worker is None else {"worker": info.worker}),
                 }

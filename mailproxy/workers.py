@@ -187,18 +187,7 @@ FLUSH_TIMEOUT = 1.0
 
 def sessionsToWire(sessions: Sequence[tuple[SessionInfo, float]]) -> list[dict[str, Any]]:
     """Active sessions, each with when it started, as L{Report} carries them."""
-    return [
-        {
-            "id": info.id,
-            "client": info.client,
-            "helo": info.helo,
-            "sender": info.sender,
-            "recipients": info.recipients,
-            "phase": info.phase,
-            "started": started,
-        }
-        for info, started in sessions
-    ]
+    return [{**info.toJSON(), "started": started} for info, started in sessions]
 
 
 def sessionsFromWire(data: Sequence[Mapping[str, Any]]) -> list[tuple[SessionInfo, float]]:
