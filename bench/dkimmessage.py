@@ -47,18 +47,10 @@ def peakRSS() -> float:
 def generate(path: str, sizeMB: int) -> None:
     """Write the signed message to C{path}, and its key record to C{path}.json."""
     import dkim  # type: ignore[import-untyped]
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
 
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    private = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
-    public = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    from tests.test_dkim import rsaKey
+
+    private, record = rsaKey()
     header = (
         b"From: Bench <bench@bench.example>\r\nTo: sink@sink.example\r\n"
         b"Subject: a big signed message\r\nMessage-ID: <big@bench.example>\r\n\r\n"
@@ -72,7 +64,6 @@ def generate(path: str, sizeMB: int) -> None:
     with open(path, "wb") as f:
         f.write(field)
         f.write(message)
-    record = "v=DKIM1; k=rsa; p=" + base64.b64encode(public).decode()
     Path(path + ".json").write_text(json.dumps({"big._domainkey.bench.example": record}))
 
 
