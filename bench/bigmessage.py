@@ -269,9 +269,14 @@ def freePort() -> int:
         return port
 
 
-def waitForBanner(port: int, process: subprocess.Popen[bytes], log: Path | None) -> None:
-    """Poll (bounded) until a 220 greeting comes from C{port}."""
-    deadline = time.monotonic() + START_TIMEOUT
+def waitForBanner(
+    port: int,
+    process: subprocess.Popen[bytes],
+    log: Path | None,
+    timeout: float = START_TIMEOUT,
+) -> None:
+    """Poll (bounded by C{timeout} seconds) until a 220 greeting comes from C{port}."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             break
@@ -283,15 +288,15 @@ def waitForBanner(port: int, process: subprocess.Popen[bytes], log: Path | None)
         except OSError:
             time.sleep(0.1)
     detail = log.read_text(errors="replace") if log and log.exists() else ""
-    raise RuntimeError(f"nothing greeted on port {port} within {START_TIMEOUT} s\n{detail}")
+    raise RuntimeError(f"nothing greeted on port {port} within {timeout} s\n{detail}")
 
 
-def stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL after 10 s."""
+def stop(process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after C{grace} seconds."""
     if process.poll() is None:
         process.terminate()
         try:
-            process.wait(10)
+            process.wait(grace)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(10)

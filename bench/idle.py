@@ -26,13 +26,14 @@ import os
 import re
 import resource
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import bigmessage as big
 
 HERE = Path(__file__).resolve().parent
 CHECKOUT = HERE.parent
@@ -45,13 +46,6 @@ _HARD = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 NOFILE = UNIT_NOFILE if _HARD == resource.RLIM_INFINITY else min(UNIT_NOFILE, _HARD)
 START_TIMEOUT = 30.0
 RSS_TARGET_MB = 200.0
-
-
-def freePort() -> int:
-    """A TCP port nothing listens on at the moment."""
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def memory(pid: int, key: str) -> float:
@@ -70,34 +64,6 @@ def sinkCount(out: Path) -> int:
     """Messages smtp-sink C{-c} has counted so far."""
     found = re.findall(rb"mesg=(\d+)", out.read_bytes()[-4096:])
     return int(found[-1]) if found else 0
-
-
-def waitForBanner(port: int, process: subprocess.Popen[bytes], timeout: float) -> None:
-    """Wait until something on C{port} greets with 220."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"idle: {process.args} exited with status {process.returncode}")
-        try:
-            with socket.create_connection((HOST, port), timeout=2) as sock:
-                if sock.recv(512).startswith(b"220"):
-                    sock.sendall(b"QUIT\r\n")
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"idle: nothing greets on port {port} after {timeout:.0f} s")
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL after 40 s (mailproxy's shutdown grace is 30 s)."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(40)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def configuration(work: Path, port: int, sinkPort: int, connections: int) -> Path:
@@ -158,7 +124,7 @@ def checkWarning(work: Path, config: Path) -> str:
                 if "file descriptors:" in line:
                     found = line.split("] ", 1)[-1]
     finally:
-        stop(process)
+        big.stop(process, 40)
     return found
 
 
@@ -223,7 +189,7 @@ def oneMessage(port: int) -> tuple[float, list[bytes]]:
 
 async def run(options: argparse.Namespace, work: Path) -> int:
     """Everything but the setup and the clean-up."""
-    sinkPort, port = freePort(), freePort()
+    sinkPort, port = big.freePort(), big.freePort()
     connections = options.clients + 1000
     sinkOut = work / "smtp-sink.out"
     sink = subprocess.Popen(
@@ -246,12 +212,12 @@ async def run(options: argparse.Namespace, work: Path) -> int:
     proxy = None
     opened: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     try:
-        waitForBanner(sinkPort, sink, START_TIMEOUT)
+        big.waitForBanner(sinkPort, sink, None, START_TIMEOUT)
         config = configuration(work, port, sinkPort, connections)
         warning = checkWarning(work, config) if not options.skip_warning else "(skipped)"
         log = work / "mailproxy.log"
         proxy = twistd(config, log, NOFILE)
-        waitForBanner(port, proxy, START_TIMEOUT)
+        big.waitForBanner(port, proxy, None, START_TIMEOUT)
         # prlimit execs the Python, so the pid is mailproxy's.
         pid = proxy.pid
         time.sleep(0.5)
@@ -308,8 +274,8 @@ this client {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}
         for _, writer in opened:
             writer.close()
         if proxy is not None:
-            stop(proxy)
-        stop(sink)
+            big.stop(proxy, 40)  # mailproxy's shutdown grace is 30 s
+        big.stop(sink)
 
 
 def main(argv: list[str]) -> int:
