@@ -26,7 +26,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailproxy.envelope import Envelope, Message, Session
 from mailproxy.filters import IFilter, OptionError
-from mailproxy.filters.dkim import BodyHasher, DKIMFilter, DKIMFilterFactory
+from mailproxy.filters.dkim import BodyHasher, DKIMFilter, DKIMFilterFactory, _signature
 from tests.dnsserver import DNSServer, freePort, txt
 from tests.fakes import ProxyTestCase
 
@@ -383,6 +383,14 @@ class SignatureTests(DKIMCase):
         self.assertEqual(self.results(envelope), ["dkim=none"])
         self.assertEqual(envelope.notes["dkim"], [])
         self.assertEqual(server.queries, [])
+
+    def test_headerBOnlyBase64(self) -> None:
+        """
+        header.b, the sender's bytes in our Authentication-Results, keeps only base64: a
+        "(" or a quote there would open a comment or a string swallowing the rest of it.
+        """
+        signature = _signature(1, 'v=1; a=rsa-sha256; d=example.org; s=sel; bh=YQ==; b=((((x"y+/z9')
+        self.assertEqual(signature.b, "xy+/z9")
 
     async def test_malformed(self) -> None:
         """A signature that is not a tag list: permerror, nothing asked."""

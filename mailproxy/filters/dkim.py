@@ -341,7 +341,9 @@ def _signature(index: int, value: str) -> Signature:
     except ValueError as e:
         return Signature(index, "", "", "", None, str(e))
     domain, selector = _name(tags, b"d"), _name(tags, b"s")
-    b = _WSP.sub(b"", tags.get(b"b", b"")).decode("ascii", "replace")[:8]
+    # The sender's bytes, for header.b in the one Authentication-Results: base64 only, so
+    # that no "(" or quote can open a comment or a string that swallows the rest of it.
+    b = re.sub(rb"[^A-Za-z0-9+/]", b"", tags.get(b"b", b""))[:8].decode("ascii")
     if domain is None or selector is None:
         return Signature(index, domain or "", selector or "", b, None, "no usable d= or s=")
     return Signature(index, domain, selector, b, bodyKey(tags))

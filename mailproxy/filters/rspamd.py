@@ -125,11 +125,28 @@ def headerValue(text: str, limit: int = MAX_HEADER_VALUE) -> str:
     return clean
 
 
+def _finite(value: float) -> bool:
+    """Whether C{value} is a finite float (a JSON integer of 400 digits is not one)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _number(answer: Mapping[str, Any], key: str) -> float:
     value = answer.get(key, 0.0)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not _finite(value):
         raise FilterError(f"rspamd's {key} is not a number: {shown(repr(value).encode())!r}")
     return float(value)
+
+
+def _theirs(name: str) -> bool:
+    """
+    A field rspamd's milter headers may not touch: the one C{Authentication-Results} is the
+    headers filter's (RFC 8601: ours added, forged ones with our authserv-id removed, the
+    others kept), not rspamd's own routine's, which adds one and removes every other.
+    """
+    return name.lower() == "authentication-results"
 
 
 def _addHeaders(block: object) -> tuple[tuple[str, str], ...]:
@@ -143,6 +160,8 @@ def _addHeaders(block: object) -> tuple[tuple[str, str], ...]:
     for name, values in block.items():
         if not isinstance(name, str) or not _FIELD_NAME.fullmatch(name):
             continue
+        if _theirs(name):
+            continue
         for item in values if isinstance(values, list) else [values]:
             order: object = 0
             value: object = item
@@ -150,7 +169,7 @@ def _addHeaders(block: object) -> tuple[tuple[str, str], ...]:
                 value, order = item.get("value"), item.get("order", 0)
             if not isinstance(value, str):
                 continue
-            if isinstance(order, bool) or not isinstance(order, int | float):
+            if isinstance(order, bool) or not isinstance(order, int | float) or not _finite(order):
                 order = 0
             found.append((float(order), len(found), name, headerValue(value)))
     found.sort()
@@ -164,7 +183,7 @@ def _removeHeaders(block: object) -> tuple[tuple[str, int], ...]:
         return ()
     found = []
     for name, occurrence in block.items():
-        if not isinstance(name, str) or not _FIELD_NAME.fullmatch(name):
+        if not isinstance(name, str) or not _FIELD_NAME.fullmatch(name) or _theirs(name):
             continue
         if isinstance(occurrence, bool) or not isinstance(occurrence, int):
             continue
