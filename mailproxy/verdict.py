@@ -100,6 +100,9 @@ class HeaderEdit:
 
 def _checkVerdict(verdict: Verdict) -> None:
     action, code, enhanced = verdict.action, verdict.code, verdict.enhanced
+    for name, _ in verdict.headers:
+        if not _FIELD_NAME.fullmatch(name):
+            raise InvalidVerdictError(f"not a header field name: {name!r}")
     if action in (Action.ACCEPT, Action.ALLOW):
         if code is not None or enhanced is not None or verdict.text:
             raise InvalidVerdictError(f"{action.value} carries no code or text: {verdict!r}")

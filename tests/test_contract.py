@@ -72,7 +72,7 @@ class VerdictTests(SynchronousTestCase):
     def test_headerEditsChecked(self) -> None:
         """
         A header edit that could break the header block cannot be made: a name with a
-        colon or a space, a value with CR, LF or NUL, a removal with a value, an addition
+        colon, a space or a line break (as an edit or an added header), a value with CR, LF or NUL, a removal with a value, an addition
         without one; and a refusal changes no header.
         """
         for bad in (
@@ -86,6 +86,8 @@ class VerdictTests(SynchronousTestCase):
             lambda: HeaderEdit(EditKind.ADD, "X-Spam", "yes", matching=re.compile("y")),
             lambda: Verdict(Action.REJECT, 550, "5.7.1", "no", edits=(HeaderEdit.remove("X"),)),
             lambda: Verdict(Action.TEMPFAIL, 451, "4.7.1", "later", headers=(("X", "y"),)),
+            lambda: Verdict.accept(headers=(("X\r\nBcc", "victim@example.org"),)),
+            lambda: Verdict.accept(headers=(("X-Spam:", "yes"),)),
         ):
             self.assertRaises(InvalidVerdictError, bad)
         edit = HeaderEdit.remove("X-Spam", -1, re.compile("yes"))
