@@ -305,7 +305,7 @@ class Delta:
                 for hour, counts in data["hours"].items()
             },
             latency={str(n): Latency.fromWire(lat) for n, lat in data["latency"].items()},
-            refusals=[Refusal.fromJSON(r) for r in data["refusals"]],
+            refusals=[Refusal.fromJSON(r) for r in data["refusals"][-REFUSALS_KEPT:]],
         )
 
 
@@ -535,6 +535,8 @@ class Stats:
         if self._delta is not None:
             self._counted(self._delta)
             self._delta.refusals.append(refusal)
+            # The master keeps the last REFUSALS_KEPT: a report carries no more.
+            del self._delta.refusals[: -(self.refusals.maxlen or REFUSALS_KEPT)]
 
     def released(self, session: Session) -> None:
         """The message's final dot went to the MTA; its reply is awaited."""

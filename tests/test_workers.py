@@ -32,7 +32,7 @@ from mailproxy import workers
 from mailproxy.envelope import Session
 from mailproxy.filters import Stage, Verdict
 from mailproxy.filters.pipeline import Checked
-from mailproxy.stats import Delta, SessionInfo, Stats, _midnight
+from mailproxy.stats import REFUSALS_KEPT, Delta, SessionInfo, Stats, _midnight
 from mailproxy.testing import RawClient
 from mailproxy.wire import Reply
 from mailproxy.workers import (
@@ -92,6 +92,19 @@ class DeltaTests(SynchronousTestCase):
     def wire(self, delta: Delta) -> Delta:
         """What the master reads: the delta through JSON."""
         return Delta.fromWire(json.loads(json.dumps(delta.toWire())))
+
+    def test_refusalsBounded(self) -> None:
+        """
+        A report carries at most the refusals the master keeps, the newest; more refused
+        between two reports only count.
+        """
+        for n in range(REFUSALS_KEPT + 30):
+            self.worker.refused(SESSION, Stage.RCPT, Reply(550, (b"5.1.1 no",)), reason=f"r{n}")
+        delta = self.worker.takeDelta()
+        self.assertEqual(len(delta.toWire()["refusals"]), REFUSALS_KEPT)
+        self.assertEqual(delta.refusals[-1].by, f"r{REFUSALS_KEPT + 29}")
+        self.master.merge(1, self.wire(delta))
+        self.assertEqual(sum(self.master.total.recipientsRefused.values()), REFUSALS_KEPT + 30)
 
     def test_summed(self) -> None:
         """Two reports add up in the master's totals and today's counters."""
