@@ -1053,10 +1053,19 @@ def load(path: str, reactor: IReactorTime) -> Config:
             raise ConfigError(path, f"proxy.{key}", f"missing: {what} is required")
     proxy.setdefault("hostname", socket.gethostname())
     proxy.setdefault("spoolDir", os.path.abspath("spool"))
-    proxy.setdefault("workers", os.cpu_count() or 1)
+    limits = Limits(**_section(path, document, "limits", _LIMITS_KEYS))
+    # One worker a core this process may run on, but no more than connections to share.
+    proxy.setdefault("workers", min(len(os.sched_getaffinity(0)), limits.connections))
+    if proxy["workers"] > limits.connections:
+        raise ConfigError(
+            path,
+            "proxy.workers",
+            f"{proxy['workers']} is more than limits.connections ({limits.connections}),"
+            " which the workers share: each needs one at least",
+        )
     config = Config(
         path=path,
-        limits=Limits(**_section(path, document, "limits", _LIMITS_KEYS)),
+        limits=limits,
         timeouts=Timeouts(**_section(path, document, "timeouts", _TIMEOUTS_KEYS)),
         filters=_filters(path, document),
         logging=Logging(**_section(path, document, "logging", _LOGGING_KEYS)),

@@ -730,9 +730,13 @@ def _once(protocol: amp.AMP) -> Factory:
     return factory
 
 
-def workerShare(connections: int, workers: int) -> int:
-    """One worker's part of C{limits.connections}: an equal share (rounded up), at least 1."""
-    return max(1, -(-connections // workers))
+def workerShare(connections: int, workers: int, index: int) -> int:
+    """
+    Worker C{index}'s part (1 to C{workers}) of C{limits.connections}: equal shares that add
+    up to it exactly (the first ones take the remainder), so that it stays the whole
+    proxy's bound; at least 1.
+    """
+    return max(1, connections // workers + (index <= connections % workers))
 
 
 def workerSpool(spoolDir: str, index: int) -> str:
@@ -802,6 +806,9 @@ class WorkerService(ProxyService):
         publisher: LogPublisher | None = None,
     ) -> None:
         self.index = index
+        #: The workers there are: a reload's file may say another number, which takes a
+        #: restart (the share stays this one's).
+        self._workers = config.workers
         self._inherited = listeners
         self._publisher = publisher
         super().__init__(self._adjust(config), reactor, factories)
@@ -823,7 +830,8 @@ class WorkerService(ProxyService):
             config,
             spoolDir=workerSpool(config.spoolDir, self.index),
             limits=attrs.evolve(
-                config.limits, connections=workerShare(config.limits.connections, config.workers)
+                config.limits,
+                connections=workerShare(config.limits.connections, self._workers, self.index),
             ),
         )
 

@@ -155,6 +155,20 @@ class SampleTests(ConfigTestCase):
 class MappingTests(ConfigTestCase):
     """What the keys become."""
 
+    def test_workersShareConnections(self) -> None:
+        """
+        The workers share limits.connections: by default no more of them than there are
+        connections (however many cores); more, set by hand, is refused with one line.
+        """
+        few = self.configure("[limits]\nconnections = 1\n")
+        self.assertEqual(self.load(few).workers, 1)
+        self.assertError(
+            self.configure("[limits]\nconnections = 1\n", "workers = 2"),
+            "proxy.workers",
+            "2 is more than limits.connections (1), which the workers share: each needs one"
+            " at least",
+        )
+
     def test_minimal(self) -> None:
         """
         With only the required keys, everything else takes its default, the host name is
@@ -171,7 +185,7 @@ class MappingTests(ConfigTestCase):
                 upstream=UPSTREAM,
                 hostname=socket.gethostname(),
                 spoolDir=self.spool,
-                workers=os.cpu_count() or 1,
+                workers=min(len(os.sched_getaffinity(0)), 90),
             ),
         )
         self.assertIs(config.bareLineEndings, BareLineEndings.REJECT)

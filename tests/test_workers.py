@@ -781,11 +781,15 @@ class ShareTests(SynchronousTestCase):
     """A worker's part of limits.connections."""
 
     def test_share(self) -> None:
-        """Equal shares, rounded up, never below one."""
-        self.assertEqual(
-            [workers.workerShare(n, w) for n, w in ((90, 2), (91, 2), (1, 4), (500, 3))],
-            [45, 46, 1, 167],
-        )
+        """
+        The shares add up to limits.connections exactly (so it stays below the MTA's
+        process limit however many cores), the remainder to the first; never below one.
+        """
+        for connections, count in ((90, 2), (91, 2), (90, 64), (500, 3), (100, 7)):
+            shares = [workers.workerShare(connections, count, i) for i in range(1, count + 1)]
+            self.assertEqual(sum(shares), connections, (connections, count))
+            self.assertLessEqual(max(shares) - min(shares), 1)
+        self.assertEqual([workers.workerShare(1, 4, i) for i in range(1, 5)], [1, 1, 1, 1])
 
 
 class WorkerUserTests(ProxyTestCase):
