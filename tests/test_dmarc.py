@@ -67,11 +67,18 @@ class FromTests(SynchronousTestCase):
             ("a@x.example, B <b@y.example>, c@x.example", ["x.example", "y.example"]),
             ("team: a@x.example, b@y.example;", ["x.example", "y.example"]),
             ("<a@bücher.example>", ["xn--bcher-kva.example"]),
+            ("Bob (x (y z) \\) <e@evil.example>) <bob@example.org>", ["example.org"]),
+            ('"A \\" (x) <e@evil.example>" <bob@example.org>', ["example.org"]),
+            ("(" * 5000 + ")" * 5000 + " bob@example.org", ["example.org"]),
+            ("x " * 30000 + "<bob@example.org>", ["example.org"]),
         ]:
             self.assertEqual(authorDomains(value), expected, value)
 
     def test_noDomain(self) -> None:
-        """No address, or an address without a usable domain: FromError."""
+        """
+        No address, an address without a usable domain, an unclosed comment, or more
+        than MAX_AUTHOR_DOMAINS (10) author domains: FromError.
+        """
         for value in [
             "",
             "Alice",
@@ -80,6 +87,8 @@ class FromTests(SynchronousTestCase):
             "a@[192.0.2.1]",
             "a@localhost",
             "undisclosed:;",
+            "(unclosed <a@example.org>",
+            ", ".join(f"a@d{n}.example" for n in range(11)),
         ]:
             self.assertRaises(FromError, authorDomains, value)
 
