@@ -462,6 +462,20 @@ class ARCTests(DKIMCase):
         envelope = await self.check(self.build(self.keys(), max_arc_sets=1), sealed)
         self.assertEqual(envelope.notes["arc"]["result"], "fail")
 
+    async def test_manySetsOfOneInstance(self) -> None:
+        """
+        50 ARC sets that all say i=1, each naming its own key: fail, unchecked: no key is
+        looked up, however low the highest i= is.
+        """
+        arc = arcSeal(MESSAGE, "forwarder.example").removesuffix(MESSAGE)
+        sets = b"".join(
+            arc.replace(b"forwarder.example", f"f{n}.example".encode()) for n in range(50)
+        )
+        server = self.keys()
+        envelope = await self.check(self.build(server), sets + MESSAGE)
+        self.assertEqual(envelope.notes["arc"]["result"], "fail")
+        self.assertEqual(server.queries, [])
+
     async def test_off(self) -> None:
         """arc = false: the chain is not looked at."""
         server = self.keys()

@@ -31,6 +31,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -365,10 +366,12 @@ def scanMessage(message: Message, maxHeaderBytes: int, maxSignatures: int, maxAr
     found = [v for n, v in fields if n.lower() == "dkim-signature"]
     signatures = tuple(_signature(i, v) for i, v in enumerate(found[:maxSignatures]))
     arcSets, arcKeys, arcBodies = 0, set(), set()
+    arcFields: Counter[str] = Counter()
     for name, value in fields:
         lower = name.lower()
         if lower not in ("arc-seal", "arc-message-signature", "arc-authentication-results"):
             continue
+        arcFields[lower] += 1
         found_i = re.search(r"(?:^|[\s;])i\s*=\s*(\d{1,4})", value)
         if found_i is not None:
             arcSets = max(arcSets, int(found_i.group(1)))
@@ -385,6 +388,9 @@ def scanMessage(message: Message, maxHeaderBytes: int, maxSignatures: int, maxAr
             key = bodyKey(tags, b"relaxed/relaxed")
             if key is not None:
                 arcBodies.add(key)
+    # One field of each kind per set: their number bounds the sets as much as the highest
+    # i= does (a sender could send thousands of sets all i=1, each a key and a body hash).
+    arcSets = max(arcSets, *arcFields.values(), 0)
     if arcSets > maxArcSets:
         arcKeys, arcBodies = set(), set()
     return Scan(
