@@ -38,7 +38,7 @@ from typing import Final
 import attrs
 
 from mailproxy import headergrammar
-from mailproxy.verdict import EditKind, HeaderEdit
+from mailproxy.verdict import EditKind, HeaderEdit, Matching
 
 #: The column a folded line should not pass (RFC 5322 2.1.1's "SHOULD"), CRLF excluded.
 WIDTH: Final = 78
@@ -163,6 +163,12 @@ def addedBytes(headers: Iterable[tuple[str, str]]) -> bytes:
     )
 
 
+def _matches(matching: Matching, value: str) -> bool:
+    if isinstance(matching, re.Pattern):
+        return matching.search(value) is not None
+    return matching(value)
+
+
 def chosen(fields: Sequence[Field], edit: HeaderEdit) -> list[int]:
     """The indexes of the client's fields that C{edit} picks (see the module)."""
     name = edit.name.lower()
@@ -170,7 +176,7 @@ def chosen(fields: Sequence[Field], edit: HeaderEdit) -> list[int]:
     candidates = [
         index
         for index, f in enumerate(fields)
-        if f.name.lower() == name and (matching is None or matching.search(f.value))
+        if f.name.lower() == name and (matching is None or _matches(matching, f.value))
     ]
     occurrence = edit.occurrence
     if occurrence == 0:

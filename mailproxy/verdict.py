@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Callable
 
 import attrs
 
@@ -41,6 +42,11 @@ _ENHANCED = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
 _FIELD_NAME = re.compile(r"[!-9;-~]+")
 
 
+#: What picks the fields a removal removes, by their unfolded value: a pattern to search,
+#: or a predicate (for what no regular expression reads, as nested comments).
+Matching = re.Pattern[str] | Callable[[str], bool]
+
+
 class EditKind(enum.Enum):
     """What a L{HeaderEdit} does to the released message's header block."""
 
@@ -64,14 +70,14 @@ class HeaderEdit:
     @ivar occurrence: which fields of C{name}: 0 every one; N > 0 the Nth from the top;
         N < 0 the Nth from the bottom (milter's and rspamd's convention).
     @ivar matching: for L{EditKind.REMOVE}, only the fields whose unfolded value this
-        searches successfully.
+        pattern searches successfully, or this predicate holds of.
     """
 
     kind: EditKind
     name: str
     value: str | None = None
     occurrence: int = 0
-    matching: re.Pattern[str] | None = attrs.field(default=None, eq=False)
+    matching: Matching | None = attrs.field(default=None, eq=False)
 
     def __attrs_post_init__(self) -> None:
         if not _FIELD_NAME.fullmatch(self.name):
@@ -89,7 +95,7 @@ class HeaderEdit:
 
     @classmethod
     def remove(
-        cls, name: str, occurrence: int = 0, matching: re.Pattern[str] | None = None
+        cls, name: str, occurrence: int = 0, matching: Matching | None = None
     ) -> HeaderEdit:
         return cls(EditKind.REMOVE, name, None, occurrence, matching)
 

@@ -72,6 +72,7 @@ from mailproxy.filters.support import (
     parseHeaders,
     readHeaderBlock,
     requireThreads,
+    stripComments,
 )
 from mailproxy.psl import registeredDomain
 
@@ -160,39 +161,6 @@ _DOMAIN = re.compile(
 )
 
 
-def _stripComments(value: str) -> str:
-    """
-    The value with its quoted strings emptied and its comments (nested too) removed, in
-    one pass (a sender chooses how deep they nest).
-    """
-    out: list[str] = []
-    depth = 0
-    quoted = escaped = False
-    for c in value:
-        if escaped:
-            escaped = False
-            if not depth and quoted:
-                continue
-        elif c == "\\" and (depth or quoted):
-            escaped = True
-        elif quoted:
-            if c == '"':
-                quoted = False
-                out.append('""')
-        elif c == "(":
-            depth += 1
-        elif c == ")" and depth:
-            depth -= 1
-            if not depth:
-                out.append(" ")
-        elif not depth:
-            if c == '"':
-                quoted = True
-            else:
-                out.append(c)
-    return "".join(out)
-
-
 def authorDomains(value: str) -> list[str]:
     """
     The domains of the addresses of one From: field value (RFC 5322 §3.4: mailboxes,
@@ -200,7 +168,7 @@ def authorDomains(value: str) -> list[str]:
 
     @raise FromError: no address, or one without a usable domain.
     """
-    text = _stripComments(value)
+    text = stripComments(value)
     # Groups: their members. A group starts after a delimiter (or at the start): the
     # regex tries no other place, so a long run without one costs one pass, not n.
     text = re.sub(r"(?:\A|(?<=[,;]))[^,:;]*:([^;]*);", r"\1,", text)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -58,13 +58,13 @@ from mailproxy.filters.support import (
     parseHeaders,
     readHeaderBlock,
     requireThreads,
+    stripComments,
 )
 
 AUTHENTICATION_RESULTS = "Authentication-Results"
 # An authserv-id as this filter accepts it: a domain-like token (RFC 8601 allows a
 # quoted string too, which nobody uses).
 _AUTHSERV_ID = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+\Z")
-_COMMENTS = re.compile(r"\((?:[^()\\]|\\.)*\)")
 
 
 class ForgedResults(enum.Enum):
@@ -91,27 +91,21 @@ class _Findings:
 
 
 def authservId(value: str) -> str:
-    """The authserv-id of an C{Authentication-Results} value (comments skipped), lower case."""
-    bare = _COMMENTS.sub(" ", value).strip()
+    """
+    The authserv-id of an C{Authentication-Results} value, lower case: its first word
+    once quotes are opened and comments (nested too, as RFC 5322 reads them) skipped.
+    """
+    bare = stripComments(value, keepQuoted=True).strip()
     return re.split(r"[\s;]", bare, maxsplit=1)[0].strip('"').lower()
 
 
-def authservPattern(authserv: str) -> re.Pattern[str]:
+def claiming(authserv: str) -> Callable[[str], bool]:
     """
-    What finds an C{Authentication-Results} value whose authserv-id is C{authserv}, as
-    L{authservId} reads it: after whitespace and comments, the id (any ASCII case, in
-    quotes or not), then whitespace, a C{";"}, a comment or the end. For the release's
-    removal (L{HeaderEdit.remove}'s C{matching}), which reads the value unfolded.
-
-    @param authserv: an authserv-id as the filter accepts it (no quote, parenthesis,
-        semicolon or whitespace).
+    Whether an C{Authentication-Results} value claims C{authserv} (as L{authservId}
+    reads it): the release's removal (L{HeaderEdit.remove}'s C{matching}).
     """
-    letters = "".join(
-        f"[{c.lower()}{c.upper()}]" if c.isascii() and c.isalpha() else re.escape(c)
-        for c in authserv
-    )
-    comment = _COMMENTS.pattern
-    return re.compile(rf'\A(?:\s|{comment})*"*{letters}"*(?=[\s;]|\Z|{comment})')
+    ours = authserv.lower()
+    return lambda value: authservId(value) == ours
 
 
 def resultsValue(authserv: str, results: object) -> str:
@@ -173,7 +167,7 @@ class HeadersFilter(BaseFilter):
                 if removing:
                     edits = (
                         HeaderEdit.remove(
-                            AUTHENTICATION_RESULTS, matching=authservPattern(self.authservId)
+                            AUTHENTICATION_RESULTS, matching=claiming(self.authservId)
                         ),
                     )
             if not self.addResults:

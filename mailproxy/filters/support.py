@@ -386,3 +386,44 @@ def tooLarge(log: Logger, scanner: str, session: Session, message: Message, limi
         maxSize=limit,
     )
     return True
+
+
+def stripComments(value: str, keepQuoted: bool = False) -> str:
+    """
+    A structured header value (RFC 5322 section 3.2.2) with its comments, nested too, each
+    replaced by a space, in one pass however deep a sender nests them (an unclosed comment
+    runs to the end); its quoted strings emptied (C{""}), or with C{keepQuoted} kept as
+    they are, escapes and all.
+    """
+    out: list[str] = []
+    depth = 0
+    quoted = escaped = False
+    for c in value:
+        if escaped:
+            escaped = False
+            if quoted and keepQuoted:
+                out.append(c)
+        elif c == "\\" and (depth or quoted):
+            escaped = True
+            if quoted and keepQuoted:
+                out.append(c)
+        elif quoted:
+            if c == '"':
+                quoted = False
+                out.append('"' if keepQuoted else '""')
+            elif keepQuoted:
+                out.append(c)
+        elif c == "(":
+            depth += 1
+        elif c == ")" and depth:
+            depth -= 1
+            if not depth:
+                out.append(" ")
+        elif not depth:
+            if c == '"':
+                quoted = True
+                if keepQuoted:
+                    out.append(c)
+            else:
+                out.append(c)
+    return "".join(out)
