@@ -32,7 +32,7 @@ from mailproxy.proxyprotocol import ProxyHeaderFactory
 from mailproxy.quarantine import Quarantine
 from mailproxy.relay import RelayFactory, Settings
 from mailproxy.session import Policy
-from mailproxy.spool import sweep
+from mailproxy.spool import sweepAll
 from mailproxy.startup import Listener, StartupError, oneLine
 from mailproxy.stats import Stats, StatsService
 from mailproxy.upstream import UpstreamProbe
@@ -322,8 +322,11 @@ class ProxyService(MultiService):
             self._startService(swept)
 
     def _sweep(self) -> list[str]:
-        """Remove the spool files an earlier run left; their names."""
-        return sweep(self.config.spoolDir)
+        """
+        Remove the spool files an earlier run left, its workers' too (no worker of this
+        run has started yet); their names.
+        """
+        return sweepAll(self.config.spoolDir)
 
     #: Whether SIGHUP reloads (a worker reloads when its master tells it to).
     hangUpReloads = True

@@ -193,3 +193,16 @@ def sweep(directory: str) -> list[str]:
                 continue
             removed.append(name)
     return removed
+
+
+def sweepAll(directory: str) -> list[str]:
+    """
+    L{sweep} C{directory} and every worker's subdirectory of it (C{worker-N}, of this run's
+    workers or an earlier run's, with more workers or one); the names, relative to it.
+    """
+    removed = sweep(directory)
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if name.startswith("worker-") and name[7:].isdigit() and os.path.isdir(path):
+            removed += [os.path.join(name, left) for left in sweep(path)]
+    return removed

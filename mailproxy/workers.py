@@ -70,7 +70,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailproxy import proxyprotocol, spool
+from mailproxy import proxyprotocol
 from mailproxy.config import Config, load
 from mailproxy.filters import IFilterFactory
 from mailproxy.logs import ClassicText, eventText
@@ -637,16 +637,6 @@ class MasterService(ProxyService):
                 " installation readable by that user, or set workers = 1"
             )
 
-    def _sweep(self) -> list[str]:
-        """The spool and every worker's subdirectory: no worker runs yet."""
-        swept = spool.sweep(self.config.spoolDir)
-        for index in range(1, max(self.config.workers, _highestWorker(self.config.spoolDir)) + 1):
-            directory = workerSpool(self.config.spoolDir, index)
-            if os.path.isdir(directory):
-                swept += [os.path.join(os.path.basename(directory), n)
-                          for n in spool.sweep(directory)]  # fmt: skip
-        return swept
-
     def _spawn(
         self, index: int, protocol: WorkerProcess
     ) -> tuple[IProcessTransport, MasterChannel | None]:
@@ -742,15 +732,6 @@ def workerShare(connections: int, workers: int, index: int) -> int:
 def workerSpool(spoolDir: str, index: int) -> str:
     """Worker C{index}'s spool directory: a subdirectory of C{proxy.spool_dir} of its own."""
     return os.path.join(spoolDir, f"worker-{index}")
-
-
-def _highestWorker(spoolDir: str) -> int:
-    """The highest index of the worker spool directories in C{spoolDir} (0: none)."""
-    found = [0]
-    for name in os.listdir(spoolDir):
-        if name.startswith("worker-") and name[7:].isdigit():
-            found.append(int(name[7:]))
-    return max(found)
 
 
 # -- the worker's side ------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from mailproxy.envelope import Message
-from mailproxy.spool import PREFIX, RELEASE_CHUNK, SUFFIX, Spool, SpoolSender, sweep
+from mailproxy.spool import PREFIX, RELEASE_CHUNK, SUFFIX, Spool, SpoolSender, sweep, sweepAll
 from mailproxy.wire import Stuffer
 from tests.test_wire import contents, stuffWhole
 
@@ -189,6 +189,25 @@ class SweepTests(SynchronousTestCase):
         self.assertEqual(sweep(directory), ours)
         self.assertEqual(sorted(os.listdir(directory)), sorted(others))
         self.assertEqual(sweep(directory), [])
+
+    def test_sweepAll(self) -> None:
+        """
+        At start-up, however many workers run now, the files every worker of an earlier
+        run left are swept too, and nothing else.
+        """
+        directory = self.mktemp()
+        for sub in ("worker-1", "worker-7", "worker-x", "other"):
+            os.makedirs(os.path.join(directory, sub))
+        for path in ("mailproxy-a.msg", "worker-1/mailproxy-b.msg", "worker-7/mailproxy-c.msg",
+                     "worker-x/mailproxy-d.msg", "other/mailproxy-e.msg"):  # fmt: skip
+            with open(os.path.join(directory, path), "wb") as f:
+                f.write(b"x")
+        self.assertEqual(
+            sweepAll(directory),
+            ["mailproxy-a.msg", "worker-1/mailproxy-b.msg", "worker-7/mailproxy-c.msg"],
+        )
+        self.assertEqual(os.listdir(os.path.join(directory, "worker-x")), ["mailproxy-d.msg"])
+        self.assertEqual(os.listdir(os.path.join(directory, "other")), ["mailproxy-e.msg"])
 
     def test_sweepLeftoverSpool(self) -> None:
         """A spool file left open by an earlier run is swept."""
