@@ -71,9 +71,6 @@ class Peer:
     #: The 1 KB runs send this many times fewer messages (a peer too slow for 2,000 in the
     #: time budget); the rates stay per second.
     divisor: int = 1
-    #: mailproxy only: whether its configuration takes C{[proxy] workers} (it refuses unknown
-    #: keys), found out at start; if it does, C{workers} is always written, even 1.
-    workersKey: bool = False
 
 
 def startHAProxy(peer: Peer, work: Path) -> subprocess.Popen[bytes]:
@@ -132,9 +129,8 @@ def mailproxyConfig(peer: Peer, work: Path, workers: int, filters: bool) -> Path
         f'upstream = "tcp:host={HOST}:port={SINK_PORT}"',
         'client_names = "off"',
         f'spool_dir = "{spool}"',
+        f"workers = {workers}",
     ]
-    if peer.workersKey:
-        lines.append(f"workers = {workers}")
     lines += [
         "",
         "[limits]",
@@ -887,9 +883,6 @@ def inside(options: argparse.Namespace, argv: list[str]) -> int:
     failures: list[str] = []
     loads1: list[float] = []
     try:
-        mailproxies = [p for p in peers if p.name.startswith("mailproxy")]
-        if mailproxies:
-            checkWorkers(mailproxies, work)
         active = [p for p in peers if not p.pending]
         for round in range(options.rounds):
             shift = round % len(active)
@@ -950,31 +943,6 @@ def inside(options: argparse.Namespace, argv: list[str]) -> int:
     print(text)
     print(f"peers: wrote {out / stem}.md and .png", flush=True)
     return 0
-
-
-def checkWorkers(peers: list[Peer], work: Path) -> None:
-    """
-    Start mailproxy once with C{[proxy] workers = 1}: if this checkout's configuration
-    refuses the key (mailproxy refuses unknown keys; the workers branch has not landed),
-    leave it out and mark the C{workers = 2} peer pending, else write it for every peer.
-    """
-    probe = Peer("mailproxy-probe", "", 20107, mailproxyStarter(1, False), workersKey=True)
-    assert probe.start is not None
-    process = probe.start(probe, work)
-    try:
-        waitForBanner(probe.port, process)
-        known = True
-    except RuntimeError as e:
-        log = (work / f"{probe.name}.log").read_text(errors="replace")
-        if "workers" not in log:
-            raise SystemExit(f"peers: mailproxy did not start: {e}; see {work}") from e
-        known = False
-    finally:
-        stop(process)
-    for peer in peers:
-        peer.workersKey = known
-        if not known and peer.name == "mailproxy-w2":
-            peer.pending = "this checkout's configuration refuses [proxy] workers"
 
 
 def main(argv: list[str]) -> int:
