@@ -288,6 +288,9 @@ class _Slot:
     started: float = 0.0
     delay: float = BACKOFF_FIRST
     restart: IDelayedCall | None = None
+    #: The Flush asked of this worker and not answered yet: every read waits for that one,
+    #: so a stuck worker holds one request, however many reads time out on it.
+    flushing: Deferred[Any] | None = None
 
 
 class Supervisor:
@@ -381,12 +384,32 @@ class Supervisor:
 
     async def flush(self, timeout: float) -> None:
         """Have every running worker report now; wait for them at most C{timeout} seconds."""
-        calls = [
-            slot.channel.callRemote(Flush).addTimeout(timeout, self._clock)  # type: ignore[no-untyped-call]
+        waits = [
+            self._flushing(slot).addTimeout(timeout, self._clock)
             for slot in self._slots
             if slot.channel is not None
         ]
-        await defer.DeferredList(calls, consumeErrors=True)
+        await defer.DeferredList(waits, consumeErrors=True)
+
+    def _flushing(self, slot: _Slot) -> Deferred[None]:
+        """A Deferred of this worker's answer to the Flush in flight (asked now if none)."""
+        assert slot.channel is not None
+        if slot.flushing is None:
+            asked: Deferred[Any] = slot.channel.callRemote(Flush)  # type: ignore[no-untyped-call]
+
+            def answered(result: object) -> None:
+                slot.flushing = None
+
+            slot.flushing = asked.addBoth(answered)
+        waiter: Deferred[None] = Deferred()
+
+        def done(result: object) -> object:
+            if not waiter.called:
+                waiter.callback(None)
+            return result
+
+        slot.flushing.addBoth(done)
+        return waiter
 
     async def reload(self) -> list[bool]:
         """Tell every running worker to reload; whether each applied it."""

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock, deferLater
@@ -339,6 +340,42 @@ class _FakeProcess:
 
     def signalProcess(self, name: str) -> None:
         self.signals.append(name)
+
+
+class _FakeChannel:
+    """A worker's channel that records the commands and answers when told."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[object, Deferred[Any]]] = []
+
+    def callRemote(self, command: object, **arguments: object) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.calls.append((command, d))
+        return d
+
+
+class FlushTests(SynchronousTestCase):
+    """Reads of the counters share the Flush asked of a worker, answered or not."""
+
+    def test_shared(self) -> None:
+        """
+        Reads while a worker has not answered wait for the same Flush, each at most its
+        timeout: a stuck worker holds one request however many reads time out on it; the
+        answer ends every read still waiting, and the next read asks again.
+        """
+        clock = Clock()
+        channel = _FakeChannel()
+        supervisor = Supervisor(1, lambda i, p: (_FakeProcess(100 + i), channel), clock, Stats(clock))
+        supervisor.start()
+        reads = [Deferred.fromCoroutine(supervisor.flush(1.0)) for _ in range(3)]
+        clock.advance(1.0)
+        self.assertEqual([self.successResultOf(d) for d in reads], [None] * 3)
+        waiting = Deferred.fromCoroutine(supervisor.flush(1.0))
+        self.assertEqual([c for c, _ in channel.calls], [Flush])
+        channel.calls[0][1].callback({})
+        self.assertIsNone(self.successResultOf(waiting))
+        Deferred.fromCoroutine(supervisor.flush(1.0))
+        self.assertEqual([c for c, _ in channel.calls], [Flush, Flush])
 
 
 class SupervisorTests(SynchronousTestCase):
