@@ -37,7 +37,9 @@ from twisted.internet.interfaces import (
     ITransport,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.tcp import Connection
 from twisted.logger import Logger, LogLevel
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -271,6 +273,37 @@ class _ReplyBacklog:
         """The connection is lost: L{InboundProtocol.connectionLost} cleans up."""
 
 
+def _sendNow(transport: ITransport, data: bytes) -> bool:
+    """
+    Write C{data} to the socket under C{transport} at once, when nothing waits before it
+    and the socket takes all of it: Twisted's own write would register the socket with
+    epoll, wait a turn to learn it is writable, send, and unregister (two C{epoll_ctl}
+    a reply). What the socket does not take, or a transport under TLS or closing, goes
+    through C{transport.write} as usual: False, so that L{_writeNow} follows.
+
+    Only a wrapper that passes writes through as they are (the PROXY protocol's) is
+    looked under; TLS's wrapper and any other keep every write.
+    """
+    fd: object = transport
+    while isinstance(fd, ProtocolWrapper) and type(fd).write is ProtocolWrapper.write:
+        fd = fd.transport
+    if (
+        isinstance(fd, Connection)
+        and not fd.TLS
+        and fd.connected
+        and not fd.disconnecting
+        and not fd._tempDataLen
+        and len(fd.dataBuffer) == fd.offset
+    ):
+        sent = fd.writeSomeData(data)
+        if isinstance(sent, int) and sent > 0:  # else an error, or nothing taken
+            if sent == len(data):
+                return True
+            data = data[sent:]
+    transport.write(data)
+    return False
+
+
 def _writeNow(transport: object) -> None:
     """
     Send what the socket transport under C{transport} holds now, instead of at the
@@ -342,6 +375,11 @@ class InboundProtocol(Protocol):
         self._running = False
         #: Something was written in this batch of effects: L{_writeNow} after it.
         self._wrote = False
+        #: Writes of this batch not yet sent (L{_flushWrites}), to the client and to the
+        #: MTA leg that was current when they were made.
+        self._clientOut: list[bytes] = []
+        self._mtaOut: list[bytes] = []
+        self._mtaOutTo: UpstreamProtocol | None = None
         #: The session's timers. One cancelled while the client is connected stays
         #: scheduled, disarmed (not in L{_armed}), so that starting it again moves it
         #: (C{reset}) instead of making a new one: the MTA's reply timer, say, is
@@ -479,10 +517,13 @@ class InboundProtocol(Protocol):
         try:
             while self._effects:
                 effect = self._effects.popleft()
-                handler = _HANDLERS[type(effect)]
-                handler(self, effect)
+                kind = type(effect)
+                if kind not in _BESIDE_WRITES and (self._clientOut or self._mtaOut):
+                    self._flushWrites()
+                _HANDLERS[kind](self, effect)
         finally:
             self._running = False
+        self._flushWrites()
         if self._wrote:
             self._wrote = False
             _writeNow(self.transport)
@@ -491,8 +532,24 @@ class InboundProtocol(Protocol):
 
     def _sendClient(self, effect: core.SendClient) -> None:
         if self.transport is not None and not self._clientGone:
-            self.transport.write(effect.data)
-            self._wrote = True
+            self._clientOut.append(effect.data)
+
+    def _flushWrites(self) -> None:
+        """
+        Send the batch's writes, one per connection (L{_sendNow}): before any effect that
+        may close, secure or reconnect a connection, and at the end of the batch.
+        """
+        if self._clientOut:
+            data = b"".join(self._clientOut)
+            self._clientOut.clear()
+            if self.transport is not None and not self._clientGone:
+                self._wrote |= not _sendNow(self.transport, data)
+        if self._mtaOut:
+            mta, data = self._mtaOutTo, b"".join(self._mtaOut)
+            self._mtaOut.clear()
+            self._mtaOutTo = None
+            if mta is not None and mta.transport is not None:
+                self._wrote |= not _sendNow(mta.transport, data)
 
     def disconnect(self) -> None:
         """
@@ -595,9 +652,12 @@ class InboundProtocol(Protocol):
             connecting.cancel()
 
     def _sendMta(self, effect: core.SendMta) -> None:
-        if self._mta is not None and self._mta.transport is not None:
-            self._mta.transport.write(effect.data)
-            self._wrote = True
+        mta = self._mta
+        if mta is not None and mta.transport is not None:
+            if self._mtaOutTo is not mta:
+                self._flushWrites()
+                self._mtaOutTo = mta
+            self._mtaOut.append(effect.data)
 
     def _closeMta(self, effect: core.CloseMta) -> None:
         mta, self._mta = self._mta, None
@@ -841,6 +901,31 @@ class InboundProtocol(Protocol):
         ):
             self.closed.callback(None)
 
+
+#: Effects that touch no connection: the batch's writes wait for its end across them.
+#: Any other is carried out after them (a close, STARTTLS, a release, a new MTA leg).
+_BESIDE_WRITES: frozenset[type[Any]] = frozenset(
+    {
+        core.SendClient,
+        core.SendMta,
+        core.Log,
+        core.Report,
+        core.StartTimer,
+        core.CancelTimer,
+        core.RunCheck,
+        core.CancelCheck,
+        core.SpoolOpen,
+        core.SpoolWrite,
+        core.SpoolClose,
+        core.SpoolRemove,
+        core.Quarantine,
+        core.TlsEstablished,
+        core.Refused,
+        core.Delivered,
+        core.MtaError,
+        core.LimitReached,
+    }
+)
 
 _HANDLERS: dict[type[Any], Callable[[InboundProtocol, Any], None]] = {
     core.SendClient: InboundProtocol._sendClient,
