@@ -767,7 +767,11 @@ class InboundProtocol(Protocol):
             self._feed(self.machine.releaseFailed("the MTA or the spool is gone"))
             return
         transport = mta.transport
-        f = open(spool.path, "rb")  # closed when the transfer ends
+        try:
+            f = spool.reader()  # closed when the transfer ends
+        except OSError as e:
+            self._feed(self.machine.releaseFailed(str(e)))
+            return
         try:
             head, offset = self._releasedHead(effect, f)
         except _UnreleasableError as e:

@@ -1,15 +1,18 @@
 """
-The spool: one private temporary file per message, written as the content arrives.
+The spool: one private file per message, written as the content arrives.
 
 Files are created with mode 0600 in the configured directory, capped in size while
-writing, removed at the end of every transaction, and swept at start-up. The spool
-needs no fsync: nothing is acknowledged to the client before the MTA has it.
+writing, read back from the same descriptor for the release, removed at the end of
+every transaction, and swept at start-up. The spool needs no fsync: nothing is
+acknowledged to the client before the MTA has it.
 """
 
 from __future__ import annotations
 
+import errno
+import itertools
 import os
-import tempfile
+import typing
 from collections.abc import Callable
 from typing import BinaryIO
 
@@ -21,6 +24,12 @@ from mailproxy.envelope import Message
 
 PREFIX = "mailproxy-"
 SUFFIX = ".msg"
+
+#: Names are this process's own (its pid and a count): the directory is private, and
+#: O_EXCL refuses a name already taken, so they need no randomness (L{tempfile}'s costs
+#: a dozen Python calls a message).
+_serial = itertools.count()
+_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class Spool:
@@ -34,8 +43,17 @@ class Spool:
 
     def __init__(self, directory: str, maxSize: int) -> None:
         """@raise OSError: the file cannot be created."""
-        fd, self.path = tempfile.mkstemp(prefix=PREFIX, suffix=SUFFIX, dir=directory)
-        self._file: BinaryIO | None = os.fdopen(fd, "wb")
+        pid = os.getpid()
+        while True:
+            self.path = os.path.join(directory, f"{PREFIX}{pid}-{next(_serial)}{SUFFIX}")
+            try:
+                fd = os.open(self.path, _FLAGS, 0o600)
+            except FileExistsError:
+                continue  # left by an earlier process of the same pid: the next name
+            break
+        # Unbuffered: content comes in large pieces, each one write; nothing to flush.
+        self._file: BinaryIO | None = open(fd, "r+b", buffering=0)
+        self._writing = True
         self._maxSize = maxSize
         self.size = 0
         self.overflowed = False
@@ -52,28 +70,42 @@ class Spool:
         self.size += len(data)
         if self.size > self._maxSize:
             self.overflowed = True
-        if not self.usable or self._file is None:
+        if not self.usable or self._file is None or not self._writing:
             return
         try:
-            self._file.write(data)
+            view, written = memoryview(data), 0
+            while written < len(data):  # a regular file takes it all, or fails
+                taken = self._file.write(view[written:])
+                if not taken:
+                    raise OSError(errno.EIO, "the spool file took no bytes")
+                written += taken
         except OSError as e:
             self.error = e
 
     def close(self) -> None:
-        """Finish writing; a failure to flush counts as a write error."""
+        """Finish writing: the file stays open for L{reader}."""
+        self._writing = False
+
+    def reader(self) -> BinaryIO:
+        """
+        The file, from its start, to read the message back (the release), for the caller
+        to close: a duplicate of the descriptor it was written through, so no path is
+        looked up again, and a transfer outlives the spool's removal.
+
+        @raise OSError: the spool was removed.
+        """
         if self._file is None:
-            return
-        try:
-            self._file.close()
-        except OSError as e:
-            self.error = self.error or e
-        self._file = None
+            raise OSError("the spool file is closed")
+        f = open(os.dup(self._file.fileno()), "rb", buffering=0)
+        f.seek(0)  # the duplicate shares the position, which writing left at the end
+        return typing.cast(BinaryIO, f)
 
     def message(self) -> Message:
         return Message(self.path, self.size)
 
     def remove(self) -> None:
         """Close and delete the file; safe to call more than once."""
+        self._writing = False
         if self._file is not None:
             try:
                 self._file.close()

@@ -131,19 +131,49 @@ class SpoolTests(SynchronousTestCase):
         self.assertFalse(os.path.exists(spool.path))
 
     def test_devFull(self) -> None:
-        """A disk that fills when the buffer is flushed at close counts as a write error."""
+        """
+        A disk that is full fails the write itself (the spool is unbuffered: nothing is
+        left to fail at close), and the error is kept.
+        """
         if not os.path.exists("/dev/full"):
             raise SkipTest("no /dev/full here")
         spool = self.spool()
         real = spool._file
         assert real is not None
         real.close()
-        spool._file = open("/dev/full", "wb")
+        spool._file = open("/dev/full", "wb", buffering=0)
         spool.write(b"short\r\n")
-        spool.close()
         assert spool.error is not None
         self.assertEqual(spool.error.errno, errno.ENOSPC)
         self.assertFalse(spool.usable)
+        spool.close()
+        self.assertFalse(spool.usable)
+
+    def test_readerOutlivesRemoval(self) -> None:
+        """
+        The release's reader starts at the beginning, and keeps reading the message after
+        the spool is removed (an MTA that answers before the release ends).
+        """
+        spool = self.spool()
+        spool.write(b"Subject: x\r\n\r\nbody\r\n")
+        spool.close()
+        reader = spool.reader()
+        self.addCleanup(reader.close)
+        self.assertEqual(reader.read(9), b"Subject: ")
+        spool.remove()
+        self.assertEqual(reader.read(), b"x\r\n\r\nbody\r\n")
+        self.assertRaises(OSError, spool.reader)
+
+    def test_namesDiffer(self) -> None:
+        """Every spool of a process has its own file, even past a name already taken."""
+        first = self.spool()
+        taken = first.path.replace(f"-{first.path.rsplit('-', 1)[1]}", "")
+        serial = int(first.path[len(taken) + 1 : -len(SUFFIX)])
+        with open(f"{taken}-{serial + 1}{SUFFIX}", "wb"):
+            pass  # the next name, left by an earlier process of the same pid
+        second = self.spool()
+        self.assertNotIn(second.path, (first.path, f"{taken}-{serial + 1}{SUFFIX}"))
+        self.assertEqual(read(second.path), b"")
 
     def test_devFullLargeWrite(self) -> None:
         """A write larger than the buffer fails at once and is kept in C{error}."""
