@@ -682,6 +682,11 @@ class InboundProtocol(Protocol):
     def _runCheck(self, effect: core.RunCheck) -> None:
         pipeline = self.settings.pipeline
         stage = effect.stage
+        if not pipeline.wants(stage):
+            # What the pipeline would answer, without a Deferred: most stages have no filter.
+            self._checking = None
+            self._feed(self.machine.verdict(stage, _NO_FILTER))
+            return
         if stage is Stage.CONNECT:
             d = pipeline.checkConnect(effect.session)
         elif stage is Stage.HELO:
@@ -905,6 +910,9 @@ class InboundProtocol(Protocol):
         ):
             self.closed.callback(None)
 
+
+#: The verdict of a stage no filter checks.
+_NO_FILTER = Verdict.accept()
 
 #: Effects that touch no connection: the batch's writes wait for its end across them.
 #: Any other is carried out after them (a close, STARTTLS, a release, a new MTA leg).
