@@ -380,12 +380,13 @@ class InboundProtocol(Protocol):
         self._clientOut: list[bytes] = []
         self._mtaOut: list[bytes] = []
         self._mtaOutTo: UpstreamProtocol | None = None
-        #: The session's timers. One cancelled while the client is connected stays
-        #: scheduled, disarmed (not in L{_armed}), so that starting it again moves it
-        #: (C{reset}) instead of making a new one: the MTA's reply timer, say, is
-        #: started and cancelled for every command.
-        self._timers: dict[core.Timer, IDelayedCall] = {}
-        self._armed: set[core.Timer] = set()
+        #: The session's timers, by when each is due, and the one call of the clock that
+        #: rings at the earliest of them (L{_ring}): a session starts and stops its timers
+        #: on every command, and a number set costs less than a DelayedCall made, moved
+        #: or cancelled. One stopped stays in the clock until it rings, finds nothing
+        #: due, and is set for the next.
+        self._due: dict[core.Timer, float] = {}
+        self._alarm: IDelayedCall | None = None
         self._mta: UpstreamProtocol | None = None
         #: MTA connections not yet closed (an old one may still be closing after a reconnect).
         self._legs: set[UpstreamProtocol] = set()
@@ -845,32 +846,44 @@ class InboundProtocol(Protocol):
         return headeredit.addedBytes(added) + edited, end
 
     def _startTimer(self, effect: core.StartTimer) -> None:
-        timer = self._timers.get(effect.timer)
-        if timer is not None and timer.active():
-            timer.reset(effect.seconds)
-        else:
-            self._timers[effect.timer] = self._clock.callLater(
-                effect.seconds, self._timerFired, effect.timer
-            )
-        self._armed.add(effect.timer)
+        due = self._clock.seconds() + effect.seconds
+        self._due[effect.timer] = due
+        alarm = self._alarm
+        if alarm is None:
+            self._setAlarm()
+        elif due < alarm.getTime():
+            alarm.reset(effect.seconds)
 
-    def _timerFired(self, timer: core.Timer) -> None:
-        self._timers.pop(timer, None)
-        if timer in self._armed:
-            self._armed.discard(timer)
-            self._feed(self.machine.timerFired(timer))
+    def _setAlarm(self) -> None:
+        if self._due:
+            wait = max(0.0, min(self._due.values()) - self._clock.seconds())
+            self._alarm = self._clock.callLater(wait, self._ring)
+
+    def _ring(self) -> None:
+        """Fire the timers now due, the earliest first; then wait for the next one."""
+        self._alarm = None
+        now = self._clock.seconds() + _TIMER_SLACK
+        for timer, due in sorted(self._due.items(), key=lambda item: item[1]):
+            if due > now:
+                break
+            if self._due.get(timer) == due:  # not stopped or started again since
+                del self._due[timer]
+                self._feed(self.machine.timerFired(timer))
+        if self._alarm is None:
+            self._setAlarm()
 
     def _cancelTimer(self, effect: core.CancelTimer) -> None:
-        self._armed.discard(effect.timer)
+        self._due.pop(effect.timer, None)
         if self._clientGone:
             self._dropDisarmed()
 
     def _dropDisarmed(self) -> None:
-        """Cancel the disarmed timers: no session goes on to start them again."""
-        for name in [name for name in self._timers if name not in self._armed]:
-            timer = self._timers.pop(name)
-            if timer.active():
-                timer.cancel()
+        """The client is gone: no session starts timers again, so none left, no alarm."""
+        alarm = self._alarm
+        if not self._due and alarm is not None:
+            self._alarm = None
+            if alarm.active():
+                alarm.cancel()
 
     def _logEffect(self, effect: core.Log) -> None:
         _sessionLog.emit(
@@ -910,6 +923,9 @@ class InboundProtocol(Protocol):
         ):
             self.closed.callback(None)
 
+
+#: How early a timer may fire: the clock's float arithmetic may ring a hair before it.
+_TIMER_SLACK = 1e-6
 
 #: The verdict of a stage no filter checks.
 _NO_FILTER = Verdict.accept()

@@ -21,6 +21,7 @@ from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailproxy import relay
+from mailproxy import session as core
 from mailproxy.config import Config, Limits, Timeouts
 from mailproxy.filters import IFilter, Stage, Verdict
 from mailproxy.filters.access import AccessFilterFactory
@@ -540,14 +541,12 @@ class ChunkingTests(SynchronousTestCase):
 
 
 class TimerReuseTests(SynchronousTestCase):
-    """The session's timers are moved when started again, not made anew per command."""
+    """The session's timers share one delayed call, moved, not made anew per command."""
 
     def sessionTimers(self, h: Harness) -> list[object]:
         """The delayed calls scheduled for the sessions' timers."""
         return [
-            call
-            for call in h.clock.getDelayedCalls()
-            if getattr(call.func, "__name__", "") == "_timerFired"
+            call for call in h.clock.getDelayedCalls() if getattr(call.func, "__name__", "") == "_ring"
         ]
 
     def test_secondMessageNoNewTimers(self) -> None:
@@ -566,12 +565,12 @@ class TimerReuseTests(SynchronousTestCase):
         h.clock.callLater = counting  # type: ignore[method-assign]
         client = h.greeted()
         h.send(client, envelope() + b"DATA\r\n" + STUFFED)
-        first = [f for f in made if getattr(f, "__name__", "") == "_timerFired"]
+        first = [f for f in made if getattr(f, "__name__", "") == "_ring"]
         del made[:]
         h.send(client, envelope() + b"DATA\r\n" + STUFFED)
         self.assertEqual(client.codes, [220, 250, 250, 250, 354, 250, 250, 250, 354, 250])
         self.assertTrue(first)
-        self.assertEqual([f for f in made if getattr(f, "__name__", "") == "_timerFired"], [])
+        self.assertEqual([f for f in made if getattr(f, "__name__", "") == "_ring"], [])
         self.assertEqual(len(h.mta.messages), 2)
 
     def test_disarmedTimerDoesNothing(self) -> None:
@@ -587,6 +586,38 @@ class TimerReuseTests(SynchronousTestCase):
         self.assertTrue(client.connected)
         h.send(client, envelope() + b"DATA\r\n" + STUFFED)
         self.assertEqual(client.codes[-1], 250)
+
+    def test_dueTogether(self) -> None:
+        """
+        Timers due at one ring fire earliest first, and one that an earlier one's firing
+        stopped, or started again for later, does not fire then.
+        """
+        h = Harness(self)
+        client, server = h.memory.connect()
+        h.memory.flush()
+        fired: list[core.Timer] = []
+
+        def timerFired(timer: core.Timer) -> list[core.Effect]:
+            fired.append(timer)
+            if timer is core.Timer.IDLE:
+                server._cancelTimer(core.CancelTimer(core.Timer.COMMAND))
+                server._startTimer(core.StartTimer(core.Timer.KEEPALIVE, 10.0))
+            return []
+
+        server.machine.timerFired = timerFired  # type: ignore[method-assign]
+        for timer, seconds in [
+            (core.Timer.COMMAND, 3.0),
+            (core.Timer.KEEPALIVE, 2.0),
+            (core.Timer.IDLE, 1.0),
+            (core.Timer.MTA_REPLY, 3.0),
+        ]:
+            server._startTimer(core.StartTimer(timer, seconds))
+        h.clock.advance(5)
+        self.assertEqual(fired, [core.Timer.IDLE, core.Timer.MTA_REPLY])
+        h.clock.advance(10)
+        self.assertEqual(fired, [core.Timer.IDLE, core.Timer.MTA_REPLY, core.Timer.KEEPALIVE])
+        self.assertEqual(len(self.sessionTimers(h)), 1)  # the session's own, still armed
+        client.transport.loseConnection()
 
     def test_noTimerLeftAfterQuit(self) -> None:
         """Once the client has quit, none of its session's timers is left scheduled."""
