@@ -104,10 +104,10 @@ def stuffChunks(chunks: Iterable[bytes]) -> bytes:
 
 class ReferenceDataScanner:
     """
-    L{DataScanner} as it was before two translates replaced its three counts: what the
-    new one must give, byte for byte, for every input in every chunking. Three
-    whole-buffer counts find bare line endings; a find, then a replace, the end and
-    the stuffing.
+    L{DataScanner} as it was before one split replaced its find and replace and two
+    translates its three counts: what the new one must give, byte for byte, for every
+    input in every chunking. Three whole-buffer counts find bare line endings; a find,
+    then a replace, the end and the stuffing.
     """
 
     def __init__(self, normalise: bool, stripNul: bool = False) -> None:
@@ -642,12 +642,17 @@ class DataScannerTests(SynchronousTestCase):
 class ScannerEquivalenceTests(SynchronousTestCase):
     """
     L{DataScanner} gives exactly what L{ReferenceDataScanner} gives, after every buffer,
-    for any bytes cut anywhere, in both modes, NULs stripped or not.
+    for any bytes cut anywhere, in both modes, NULs stripped or not, however many dot
+    lines a buffer has; and its C{dotLines} is never wrong to say there are none.
     """
 
-    def compare(self, stream: bytes, cuts: list[int], normalise: bool, stripNul: bool) -> None:
+    def compare(
+        self, stream: bytes, cuts: list[int], normalise: bool, stripNul: bool, few: int
+    ) -> None:
         scanner = DataScanner(normalise, stripNul=stripNul)
+        scanner._fewDotLines = few
         reference = ReferenceDataScanner(normalise, stripNul=stripNul)
+        content = b""
         for chunk in splits(stream, cuts):
             got = scanner.feed(chunk)
             self.assertEqual(got, reference.feed(chunk))
@@ -655,14 +660,20 @@ class ScannerEquivalenceTests(SynchronousTestCase):
                 (scanner.bare, scanner.nul, scanner.size, scanner.done),
                 (reference.bare, reference.nul, reference.size, reference.done),
             )
+            content += got[0]
+            if not scanner.dotLines:
+                self.assertEqual(Stuffer()(content), content)
+            if not scanner.bare and not (stripNul and b"\x00" in stream):
+                # Exact: dotLines says True only of content the Stuffer changes.
+                self.assertEqual(scanner.dotLines, Stuffer()(content) != content)
 
     @settings(max_examples=1500, deadline=None)
-    @given(dataBytes, denseCuts, st.booleans(), st.booleans())
+    @given(dataBytes, denseCuts, st.booleans(), st.booleans(), st.sampled_from([0, 1, 2, 32]))
     def test_sameAsReference(
-        self, stream: bytes, cuts: list[int], normalise: bool, stripNul: bool
+        self, stream: bytes, cuts: list[int], normalise: bool, stripNul: bool, few: int
     ) -> None:
         """Every buffer's content and rest, and bare, nul, size and done after it, are the reference's."""
-        self.compare(stream, cuts, normalise, stripNul)
+        self.compare(stream, cuts, normalise, stripNul, few)
 
     @FAST
     @given(dataBytes, st.booleans(), st.booleans())
@@ -670,7 +681,34 @@ class ScannerEquivalenceTests(SynchronousTestCase):
         self, stream: bytes, normalise: bool, stripNul: bool
     ) -> None:
         """Fed a byte at a time, too (feeding on after the end included)."""
-        self.compare(stream, list(range(len(stream))), normalise, stripNul)
+        self.compare(stream, list(range(len(stream))), normalise, stripNul, 32)
+
+    @FAST
+    @given(contents, cutLists, st.booleans())
+    def test_noDotLines(self, content: bytes, cuts: list[int], normalise: bool) -> None:
+        """Canonical content with no line starting with a dot is seen to have none."""
+        content = b"".join(line.lstrip(b".") + b"\r\n" for line in content.split(b"\r\n")[:-1])
+        scanner = DataScanner(normalise)
+        got = b"".join(scanner.feed(c)[0] for c in splits(stuffWhole(content) + b".\r\n", cuts))
+        self.assertEqual((got, scanner.done, scanner.dotLines), (content, True, False))
+
+    def test_dotLines(self) -> None:
+        """A stuffed line is a dot line, wherever the buffers are cut; an unstuffed dot is removed."""
+        stream = b"a\r\n..b\r\n.\r\n"
+        for cut in range(len(stream) + 1):
+            scanner = DataScanner(normalise=False)
+            scanner.feed(stream[:cut])
+            scanner.feed(stream[cut:])
+            self.assertEqual((scanner.done, scanner.dotLines), (True, True), cut)
+        scanner = DataScanner(normalise=False)
+        self.assertEqual(scanner.feed(b"a\r\n.b\r\n.\r\n"), (b"a\r\nb\r\n", b""))
+        self.assertFalse(scanner.dotLines)
+
+    def test_strippedNulMakesDotLine(self) -> None:
+        """With NULs stripped a NUL before a dot leaves a dot line: dotLines is True."""
+        scanner = DataScanner(normalise=False, stripNul=True)
+        self.assertEqual(scanner.feed(b"a\r\n\x00.b\r\n.\r\n"), (b"a\r\n.b\r\n", b""))
+        self.assertTrue(scanner.dotLines)
 
     @FAST
     @given(rawBytes)
@@ -703,6 +741,14 @@ class StufferTests(SynchronousTestCase):
         """The stuffed output of any chunking equals the stuffing of the whole."""
         self.assertEqual(stuffChunks(splits(content, cuts)), stuffWhole(content))
         self.assertEqual(Stuffer()(content), stuffWhole(content))
+
+    @FAST
+    @given(st.lists(rawBytes.filter(lambda chunk: b"\n." not in chunk), max_size=8))
+    def test_dotFree(self, chunks: list[bytes]) -> None:
+        """For chunks with no LF dot inside, dotFree gives what calling the Stuffer does."""
+        stuffer, light = Stuffer(), Stuffer()
+        for chunk in chunks:
+            self.assertEqual(light.dotFree(chunk), stuffer(chunk))
 
     @FAST
     @given(rawBytes, cutLists, cutLists, st.booleans())
