@@ -647,10 +647,17 @@ class ScannerEquivalenceTests(SynchronousTestCase):
     """
 
     def compare(
-        self, stream: bytes, cuts: list[int], normalise: bool, stripNul: bool, few: int
+        self,
+        stream: bytes,
+        cuts: list[int],
+        normalise: bool,
+        stripNul: bool,
+        few: int,
+        block: int = 32 * 1024,
     ) -> None:
         scanner = DataScanner(normalise, stripNul=stripNul)
         scanner._fewDotLines = few
+        self.patch(wire, "_MASK_BLOCK", block)
         reference = ReferenceDataScanner(normalise, stripNul=stripNul)
         content = b""
         for chunk in splits(stream, cuts):
@@ -668,12 +675,29 @@ class ScannerEquivalenceTests(SynchronousTestCase):
                 self.assertEqual(scanner.dotLines, Stuffer()(content) != content)
 
     @settings(max_examples=1500, deadline=None)
-    @given(dataBytes, denseCuts, st.booleans(), st.booleans(), st.sampled_from([0, 1, 2, 32]))
+    @given(
+        dataBytes,
+        denseCuts,
+        st.booleans(),
+        st.booleans(),
+        st.sampled_from([0, 1, 2, 32]),
+        st.sampled_from([1, 2, 7, 32 * 1024]),
+    )
     def test_sameAsReference(
-        self, stream: bytes, cuts: list[int], normalise: bool, stripNul: bool, few: int
+        self,
+        stream: bytes,
+        cuts: list[int],
+        normalise: bool,
+        stripNul: bool,
+        few: int,
+        block: int,
     ) -> None:
-        """Every buffer's content and rest, and bare, nul, size and done after it, are the reference's."""
-        self.compare(stream, cuts, normalise, stripNul, few)
+        """
+        Every buffer's content and rest, and bare, nul, size and done after it, are the
+        reference's (with few dot lines handled one by one, or none; masks in blocks of
+        any size).
+        """
+        self.compare(stream, cuts, normalise, stripNul, few, block)
 
     @FAST
     @given(dataBytes, st.booleans(), st.booleans())
@@ -711,9 +735,13 @@ class ScannerEquivalenceTests(SynchronousTestCase):
         self.assertTrue(scanner.dotLines)
 
     @FAST
-    @given(rawBytes)
-    def test_hasBare(self, text: bytes) -> None:
-        """The translate check finds a bare CR or LF exactly when the regular expression does."""
+    @given(rawBytes, st.sampled_from([1, 2, 3, 5, 32 * 1024]))
+    def test_hasBare(self, text: bytes, block: int) -> None:
+        """
+        The translate check finds a bare CR or LF exactly when the regular expression
+        does, whatever the block size (a CRLF across two blocks included).
+        """
+        self.patch(wire, "_MASK_BLOCK", block)
         self.assertEqual(wire._hasBare(text), BARE.search(text) is not None)
 
     @FAST
