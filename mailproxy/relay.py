@@ -797,7 +797,8 @@ class InboundProtocol(Protocol):
                 prefix=stuffer(head),
                 # End of data is CRLF.CRLF whether or not the message ends its last line.
                 suffix=_endOfData(head, f, offset, effect.spooled),
-                transform=stuffer,
+                # A spool without dot lines has no LF dot to search each chunk for.
+                transform=stuffer if effect.stuffing else stuffer.dotFree,
                 length=rest,
             )
         d = sender.beginTransfer(typing.cast(IConsumer, transport))

@@ -369,6 +369,9 @@ class Release:
         of another size (not the message the filters passed).
     @ivar edits: the message filters' header edits, in filter order. Only the message
         stage's count: the earlier stages' filters add C{headers}, never edit.
+    @ivar stuffing: whether the spooled content may have a line starting with a dot
+        (L{wire.DataScanner.dotLines}; the header grammar makes none). When not, the
+        driver stuffs only what goes on top and need not search the rest for dots.
     """
 
     headers: Headers
@@ -376,6 +379,7 @@ class Release:
     trace: Trace | None = None
     edits: tuple[HeaderEdit, ...] = ()
     chunked: bool = False
+    stuffing: bool = True
 
 
 @attrs.frozen
@@ -1935,7 +1939,8 @@ class Session:
             self._replies.append(txn.final)
             self._mtaSlots.append(txn.final)
             self._inFlight += 1
-            self._emit(Release(headers, txn.size, trace, edits))
+            stuffing = txn.scanner is None or txn.scanner.dotLines
+            self._emit(Release(headers, txn.size, trace, edits, stuffing=stuffing))
             return None
 
         self._relay(b"DATA", dataReply, expects=_MORE, barrier=True)

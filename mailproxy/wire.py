@@ -571,27 +571,54 @@ def saslLogin(mechanism: bytes, response: bytes, first: bool) -> str | None:
 
 
 _END_OF_DATA: Final = b"\r\n.\r\n"
+#: What starts a line with a dot (the client's transparency dot, removed); CRLF.CRLF too.
+_DOT_LINE: Final = b"\r\n."
 _ANY_LINE_ENDING: Final = re.compile(rb"\r\n|\r|\n")
+#: C{bytes.translate} tables: 1 for a CR (an LF), 0 for every other byte.
+_CR_MASK: Final = bytes(int(byte == 0x0D) for byte in range(256))
+_LF_MASK: Final = bytes(int(byte == 0x0A) for byte in range(256))
+
+
+#: The bytes translated at a time: the masks are temporaries, and ones as large as a
+#: received buffer are fresh pages for the allocator (hundreds of page faults per MB).
+_MASK_BLOCK: Final = 32 * 1024
+
+
+def _hasBare(text: bytes) -> bool:
+    """
+    Whether C{text} has a CR not followed by LF or an LF not after a CR: in each block,
+    its CRs, shifted one byte on, must fall exactly on its LFs (blocks overlap by a byte).
+    Two C{translate} passes cost less than three counts, one of them of CRLF (a two-byte
+    search, slower than one byte); the masks are compared in place, not sliced.
+    """
+    if text.startswith(b"\n") or text.endswith(b"\r"):
+        return True
+    for start in range(0, len(text) - 1, _MASK_BLOCK):
+        block = text[start : start + _MASK_BLOCK + 1]
+        crs, lfs = block.translate(_CR_MASK), block.translate(_LF_MASK)
+        if not lfs.startswith(memoryview(crs)[:-1], 1):
+            return True
+    return False
 
 
 def _lineEndings(text: bytes, normalise: bool, bare: bool) -> tuple[bytes, bool]:
     """
     Content whose bare CR and LF are made CRLF (C{normalise}), or the content as it is
-    and whether one was found (C{bare}: one already was).
+    and whether one was found (C{bare}: one already was). Content without one is
+    returned itself, not a copy.
     """
     if normalise:
-        return _ANY_LINE_ENDING.sub(CRLF, text), bare
-    if not bare:
-        crlf = text.count(CRLF)
-        bare = text.count(b"\r") != crlf or text.count(b"\n") != crlf
-    return text, bare
+        return (_ANY_LINE_ENDING.sub(CRLF, text) if _hasBare(text) else text), bare
+    return text, bare or _hasBare(text)
 
 
 def _nul(text: bytes, strip: bool, found: bool) -> tuple[bytes, bool]:
     """Content without its NULs (C{strip}), or as it is and whether one was found."""
+    if b"\x00" not in text:  # memchr: no count, no copy
+        return text, found
     if strip:
         return text.replace(b"\x00", b""), found
-    return text, found or b"\x00" in text
+    return text, True
 
 
 class DataScanner:
@@ -600,65 +627,124 @@ class DataScanner:
     dot-stuffing, and finds or normalises bare CR and LF.
 
     Feed it every received buffer; it returns the message content to spool (CRLF lines,
-    not dot-stuffed) and, once the end is seen, the bytes that followed it.
+    not dot-stuffed) and, once the end is seen, the bytes that followed it. One split of
+    each buffer at CRLF dot finds both the end and the lines to unstuff; a buffer
+    without a dot line costs that one search and the bare line ending check.
 
     @param normalise: turn every bare CR or LF into CRLF; otherwise only note them in
         L{bare} so that the message can be refused.
     @param stripNul: remove every NUL (after unstuffing: a line that a NUL kept from
         being stuffed stays a line of its own, and the release stuffs it); otherwise
         note them in L{nul}.
+    @ivar dotLines: whether the content given out so far may have a line starting with
+        a dot (C{Stuffer} would change it). Exact unless a bare line ending was seen in
+        reject mode or a NUL was stripped: then always C{True}.
     """
+
+    #: Above this many CRLF dots in one buffer their pieces are not handled one by one in
+    #: Python: C-level replace and searches do it (a message of only dot lines).
+    _fewDotLines = 32
 
     def __init__(self, normalise: bool, stripNul: bool = False) -> None:
         self._normalise = normalise
         self._stripNul = stripNul
         self.nul = False
-        # The CRLF that ended the DATA command starts the first line: a message of only
-        # ".\r\n" is empty. It is dropped from the content.
-        self._tail = CRLF
+        # The stream bytes not yet given out: a CR whose LF may come next (counted in
+        # size already, L{_heldCR}), then what could start a split CRLF.CRLF. The CRLF
+        # that ended the DATA command starts the first line (a message of only ".\r\n"
+        # is empty); it is neither content nor counted (L{_skip}).
+        self._held = CRLF
+        self._heldCR = 0
         self._skip = len(CRLF)
-        self._carry = b""
-        self._lineStart = True
+        self._lineStart = True  # the text so far ends in CRLF: a dot next is a stuffing dot
+        self._outLineStart = True  # the content so far is empty or ends in LF
         self.size = 0
         self.bare = False
         self.done = False
+        self.dotLines = False
 
     def feed(self, data: bytes) -> tuple[bytes, bytes | None]:
         """
         @return: the content this buffer completes, and the bytes after the end of data
             (C{None} while the end has not been seen).
         """
-        buffer = self._tail + data
-        end = buffer.find(_END_OF_DATA)
+        buffer = self._held + data
+        heldCR = self._heldCR
+        # No more parts than are handled one by one, and one for the rest, unsplit.
+        parts = buffer.split(_DOT_LINE, self._fewDotLines + 1)
+        # Where each CRLF dot before the end is, or None: too many to list one by one.
+        listed: list[int] = []
+        dots: list[int] | None = listed
+        end = -1
+        if len(parts) > self._fewDotLines + 1:
+            dots = None
+            end = buffer.find(_END_OF_DATA, len(parts[0]))
+        elif len(parts) > 1:
+            at, last = len(parts[0]), len(parts) - 1
+            for i in range(1, len(parts)):
+                part = parts[i]
+                # CRLF.CRLF: CRLF follows this CRLF dot (or the next CRLF dot does).
+                if part.startswith(CRLF) or (not part and i < last):
+                    end = at
+                    break
+                listed.append(at)
+                at += len(_DOT_LINE) + len(part)
         if end >= 0:
-            raw, rest = buffer[: end + 2], buffer[end + len(_END_OF_DATA) :]
-            self._tail = b""
+            rawEnd, rest = end + len(CRLF), buffer[end + len(_END_OF_DATA) :]
             self.done = True
         else:
             # Keep what could be the start of a split CRLF.CRLF.
-            split = max(0, len(buffer) - (len(_END_OF_DATA) - 1))
-            raw, self._tail, rest = buffer[:split], buffer[split:], None
+            rawEnd, rest = max(heldCR, len(buffer) - (len(_END_OF_DATA) - 1)), None
+        start = heldCR
         if self._skip:
-            dropped = min(self._skip, len(raw))
-            raw, self._skip = raw[dropped:], self._skip - dropped
-        self.size += len(raw)
-        return self._content(raw), rest
+            dropped = min(self._skip, rawEnd - start)
+            start, self._skip = start + dropped, self._skip - dropped
+        self.size += rawEnd - start
+        start -= heldCR  # the held CR starts the text
+        stop = rawEnd
+        if not self.done and stop > start and buffer[stop - 1] == 0x0D:
+            stop -= 1  # its LF may come in the next buffer
+        self._held, self._heldCR = (buffer[stop:], int(stop < rawEnd)) if end < 0 else (b"", 0)
+        if stop <= start:
+            return b"", rest
+        return self._content(buffer, start, stop, dots), rest
 
-    def _content(self, raw: bytes) -> bytes:
-        text, self._carry = self._carry + raw, b""
-        if not self.done and text.endswith(b"\r"):
-            # Its LF may come in the next buffer.
-            text, self._carry = text[:-1], b"\r"
-        if not text:
-            return text
-        text, self.bare = _lineEndings(text, self._normalise, self.bare)
-        # A line starts after CRLF only, as in the replace below: in reject mode a bare LF
-        # may end a buffer, and a dot after it must be kept whatever the chunking.
+    def _content(self, buffer: bytes, start: int, stop: int, dots: list[int] | None) -> bytes:
+        """The content of C{buffer[start:stop]}, whose CRLF dots are at C{dots} (or unknown)."""
+        raw = buffer[start:stop]
+        text, self.bare = _lineEndings(raw, self._normalise, self.bare)
+        # A line starts after CRLF only, as in the unstuffing below: in reject mode a bare
+        # LF may end a buffer, and a dot after it must be kept whatever the chunking.
         startsLine, self._lineStart = self._lineStart, text.endswith(CRLF)
-        if startsLine and text.startswith(b"."):
-            text = text[1:]
-        text = text.replace(b"\r\n.", CRLF)
-        text, self.nul = _nul(text, self._stripNul, self.nul)
+        first = 1 if startsLine and text.startswith(b".") else 0
+        if text is not raw or dots is None:
+            # Normalised (its CRLF dots are not those of the buffer), or too many of them.
+            text = text[first:].replace(_DOT_LINE, CRLF)
+            self.dotLines = self.dotLines or b"\n." in text
+        else:
+            inside = [at - start for at in dots if start <= at and at + len(_DOT_LINE) <= stop]
+            if inside:
+                view, pieces, pos = memoryview(text), list[memoryview](), first
+                for at in inside:
+                    pieces.append(view[pos : at + len(CRLF)])
+                    pos = at + len(_DOT_LINE)
+                    # A stuffed dot line: its second dot starts a line of the content.
+                    self.dotLines = self.dotLines or text[pos : pos + 1] == b"."
+                pieces.append(view[pos:])
+                text = b"".join(pieces)
+            elif first:
+                text = text[first:]
+        if b"\x00" in text:  # memchr: no count, no copy
+            if self._stripNul:
+                text = text.replace(b"\x00", b"")
+                self.dotLines = True  # removing the NUL of "\r\n\x00." makes a dot line
+            else:
+                self.nul = True
+        if self.bare:
+            self.dotLines = True  # a bare LF and a dot are a dot line the Stuffer stuffs
+        if text:
+            self.dotLines = self.dotLines or (self._outLineStart and text.startswith(b"."))
+            self._outLineStart = text.endswith(b"\n")
         return text
 
 
@@ -675,6 +761,10 @@ class ChunkScanner:
         NULs are L{mailproxy.headergrammar}'s).
     @param stripNul: remove every NUL; otherwise note them in L{nul}.
     """
+
+    #: Whether the content may have a line starting with a dot: not looked for (a chunk
+    #: has no stuffing to read it from), so always C{True}, as L{DataScanner.dotLines}.
+    dotLines: Final = True
 
     def __init__(self, normalise: bool, raw: bool = False, stripNul: bool = False) -> None:
         self._normalise = normalise
@@ -732,5 +822,18 @@ class Stuffer:
         stuffed = chunk.replace(b"\n.", b"\n..")
         if self._lineStart and chunk.startswith(b"."):
             stuffed = b"." + stuffed
+        self._lineStart = chunk.endswith(b"\n")
+        return stuffed
+
+    def dotFree(self, chunk: bytes) -> bytes:
+        """
+        The same as calling the Stuffer, for a chunk of content with no line starting
+        with a dot (L{DataScanner.dotLines}): it holds no LF followed by a dot, so only
+        a dot that starts it, after a chunk that ended a line, can need one; nothing is
+        searched.
+        """
+        if not chunk:
+            return chunk
+        stuffed = b"." + chunk if self._lineStart and chunk.startswith(b".") else chunk
         self._lineStart = chunk.endswith(b"\n")
         return stuffed

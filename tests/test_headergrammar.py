@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailproxy import headergrammar as g
+from mailproxy import wire
 from mailproxy.filters.mime import walk
 from mailproxy.filters.support import (
     AmbiguousHeaderError,
@@ -204,6 +205,8 @@ LINES = st.sampled_from(
         b"",
     ]
 )
+#: Lines with dots where they may come to start a line.
+DOTTED = st.sampled_from([b".dotted: x", b"X: a.b", b" .folded", b". : spaced", b"\x00.nul", b"\t."])
 BLOCKS = st.lists(LINES, max_size=12).map(lambda lines: b"".join(line + b"\r\n" for line in lines))
 #: What the filters can get: the session refused or normalised bare CR and LF before.
 SPOOLED = BLOCKS.filter(lambda block: b"\r" not in block.replace(b"\r\n", b"") and b"\n" not in block.replace(b"\r\n", b""))
@@ -229,6 +232,27 @@ class AgreementTests(SynchronousTestCase):
             self.assertEqual(out, content)
         elif checker.finding is None:
             self.assertIsNone(streamed(out, False)[1].finding)
+
+    @settings(max_examples=500, deadline=None)
+    @given(
+        st.lists(st.one_of(LINES, DOTTED), max_size=12).map(lambda ls: b"".join(line + b"\r\n" for line in ls)),
+        st.lists(st.integers(0, 400), max_size=6),
+        st.booleans(),
+        st.booleans(),
+    )
+    def test_noDotLineMade(
+        self, content: bytes, cuts: list[int], normalise: bool, stripNul: bool
+    ) -> None:
+        """
+        What the grammar spools has a line starting with a dot only if its input has
+        one: the DATA scanner's dotLines, read before it, holds for the spool (the
+        release skips searching it). (That scanner removes NULs itself, if any are.)
+        """
+        if stripNul:
+            content = content.replace(b"\x00", b"")
+        out, _ = streamed(content, normalise, cuts, stripNul=stripNul)
+        if wire.Stuffer()(content) == content:
+            self.assertEqual(wire.Stuffer()(out), out)
 
     @settings(max_examples=500, deadline=None)
     @given(SPOOLED, st.sampled_from([b"", b"\r\nbody\r\nX : y\r\n", b"\r\n"]))

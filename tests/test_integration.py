@@ -97,6 +97,34 @@ class LoopbackTests(ProxyTestCase):
 
         return defer.Deferred.fromCoroutine(run())
 
+    def test_bigMessageWithoutDotLines(self) -> defer.Deferred[None]:
+        """
+        A 5 MB message with no line starting with a dot, then one with a stuffed line,
+        over real sockets: the MTA reads the first exactly as the client sent it, and
+        the second with its line still stuffed.
+        """
+
+        async def run() -> None:
+            port = self.startProxy()
+            client = await self.connect(port)
+            client.send(b"EHLO c\r\nMAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n")
+            await client.expect(5)
+            content = b"Subject: big\r\n\r\nA sentence. Another.\r\n" + b"y" * 76 + b"\r\n"
+            content += (b"y" * 76 + b"\r\n") * 70000
+            client.send(content + b".\r\nMAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n")
+            await client.expect(9)
+            client.send(b"Subject: dots\r\n\r\n..foo\r\n.\r\n")
+            replies = await client.expect(10)
+            self.assertEqual([r.code for r in replies[5:]], [250, 250, 250, 354, 250])
+            self.assertEqual(
+                [m.content for m in self.mta.messages], [content, b"Subject: dots\r\n\r\n.foo\r\n"]
+            )
+            transcript = bytes(self.mta.transcripts[0])
+            self.assertIn(b"\r\nDATA\r\n" + content + b".\r\n", transcript)
+            self.assertIn(b"\r\nDATA\r\nSubject: dots\r\n\r\n..foo\r\n.\r\n", transcript)
+
+        return defer.Deferred.fromCoroutine(run())
+
 
 class LoopbackFailureTests(ProxyTestCase):
     """

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 from hypothesis import given, settings
@@ -20,10 +20,10 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailproxy import relay
+from mailproxy import relay, wire
 from mailproxy import session as core
 from mailproxy.config import Config, Limits, Timeouts
-from mailproxy.filters import IFilter, Stage, Verdict
+from mailproxy.filters import HeaderEdit, IFilter, Stage, Verdict
 from mailproxy.filters.access import AccessFilterFactory
 from mailproxy.localmta import LocalMTA
 from mailproxy.spool import Spool
@@ -501,6 +501,82 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual(client.codes[-1], 221)
         self.assertFalse(client.connected)
         self.assertTrue(bytes(h.mta.transcripts[0]).endswith(b"QUIT\r\n"))
+
+
+class RecordingStuffer(wire.Stuffer):
+    """A Stuffer that notes the size of each chunk it searches for dots to stuff."""
+
+    searched: ClassVar[list[int]] = []
+
+    def __call__(self, chunk: bytes) -> bytes:
+        self.searched.append(len(chunk))
+        return super().__call__(chunk)
+
+
+class DotLineReleaseTests(SynchronousTestCase):
+    """
+    After DATA, the MTA gets every line starting with a dot stuffed, whether it is in
+    the client's content or in what goes on top of it; the spool is searched for dots
+    only when the scanner saw a dot line, and a message without one arrives byte for byte.
+    """
+
+    LINE = b"x" * 76 + b"\r\n"
+
+    def setUp(self) -> None:
+        RecordingStuffer.searched = []
+        self.patch(wire, "Stuffer", RecordingStuffer)
+
+    def released(self, h: Harness, content: bytes) -> bytes:
+        """Send C{content} dot-stuffed after DATA; the bytes the MTA got after its 354."""
+        client = h.greeted()
+        stuffed = content.replace(b"\r\n.", b"\r\n..")
+        h.send(client, envelope() + b"DATA\r\n" + stuffed + b".\r\n")
+        self.assertEqual(client.codes[-1], 250)
+        transcript = bytes(h.mta.transcripts[-1])
+        start = transcript.index(b"\r\nDATA\r\n") + len(b"\r\nDATA\r\n")
+        return transcript[start : transcript.index(b"\r\n.\r\n", start) + len(b"\r\n.\r\n")]
+
+    def test_noDotLine(self) -> None:
+        """
+        A message with no dot line, larger than a release chunk: the MTA gets the added
+        header and the content exactly as spooled; only the added header is searched.
+        """
+        f = FakeFilter(verdicts={Stage.MESSAGE: Verdict.accept((("X-Checked", "yes"),))})
+        h = Harness(self, f)
+        content = b"Subject: big\r\n\r\n" + b"Hello. A line with a dot.\r\n" + self.LINE * 8000
+        head = b"X-Checked: yes\r\n"
+        self.assertEqual(self.released(h, content), head + content + b".\r\n")
+        self.assertEqual(h.mta.messages[0].content, head + content)
+        self.assertEqual(RecordingStuffer.searched, [len(head)])
+
+    def test_stuffedLine(self) -> None:
+        """A client's stuffed line C{..foo} reaches the MTA stuffed, in a large message too."""
+        for lines in (0, 8000):
+            h = Harness(self)
+            content = b"Subject: dots\r\n\r\n" + self.LINE * lines + b".foo\r\n" + self.LINE
+            self.assertEqual(
+                self.released(h, content), content.replace(b"\r\n.foo", b"\r\n..foo") + b".\r\n"
+            )
+            self.assertEqual(h.mta.messages[0].content, content)
+            self.assertGreater(sum(RecordingStuffer.searched), len(content) - 2, lines)
+            RecordingStuffer.searched = []
+
+    def test_dotLineOnTop(self) -> None:
+        """
+        Without a dot line in the spool, what goes on top is stuffed all the same: a
+        filter's added field that starts with a dot, and the edited header block.
+        """
+        edits = (HeaderEdit.add(".Dotted", "on top"), HeaderEdit.remove("X-Spam"))
+        f = FakeFilter(verdicts={Stage.MESSAGE: Verdict.accept(edits=edits)})
+        h = Harness(self, f)
+        content = b"X-Spam: yes\r\nSubject: hi\r\n\r\nbody\r\n" + self.LINE * 8000
+        released = self.released(h, content)
+        self.assertEqual(
+            released,
+            b"..Dotted: on top\r\nSubject: hi\r\n\r\nbody\r\n" + self.LINE * 8000 + b".\r\n",
+        )
+        self.assertEqual(h.mta.messages[0].content, b".Dotted: on top\r\n" + content[13:])
+        self.assertEqual(RecordingStuffer.searched, [len(b".Dotted: on top\r\nSubject: hi\r\n")])
 
 
 class ChunkingTests(SynchronousTestCase):

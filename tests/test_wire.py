@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from mailproxy import wire
 from mailproxy.wire import (
     TOO_LONG,
     BdatSyntaxError,
@@ -101,6 +102,64 @@ def stuffChunks(chunks: Iterable[bytes]) -> bytes:
     return b"".join(stuffer(chunk) for chunk in chunks)
 
 
+class ReferenceDataScanner:
+    """
+    L{DataScanner} as it was before one split replaced its find and replace and two
+    translates its three counts: what the new one must give, byte for byte, for every
+    input in every chunking. Three whole-buffer counts find bare line endings; a find,
+    then a replace, the end and the stuffing.
+    """
+
+    def __init__(self, normalise: bool, stripNul: bool = False) -> None:
+        self._normalise = normalise
+        self._stripNul = stripNul
+        self.nul = False
+        self._tail = b"\r\n"
+        self._skip = 2
+        self._carry = b""
+        self._lineStart = True
+        self.size = 0
+        self.bare = False
+        self.done = False
+
+    def feed(self, data: bytes) -> tuple[bytes, bytes | None]:
+        buffer = self._tail + data
+        end = buffer.find(END)
+        if end >= 0:
+            raw, rest = buffer[: end + 2], buffer[end + len(END) :]
+            self._tail = b""
+            self.done = True
+        else:
+            split = max(0, len(buffer) - (len(END) - 1))
+            raw, self._tail, rest = buffer[:split], buffer[split:], None
+        if self._skip:
+            dropped = min(self._skip, len(raw))
+            raw, self._skip = raw[dropped:], self._skip - dropped
+        self.size += len(raw)
+        return self._content(raw), rest
+
+    def _content(self, raw: bytes) -> bytes:
+        text, self._carry = self._carry + raw, b""
+        if not self.done and text.endswith(b"\r"):
+            text, self._carry = text[:-1], b"\r"
+        if not text:
+            return text
+        if self._normalise:
+            text = re.sub(rb"\r\n|\r|\n", b"\r\n", text)
+        elif not self.bare:
+            crlf = text.count(b"\r\n")
+            self.bare = text.count(b"\r") != crlf or text.count(b"\n") != crlf
+        startsLine, self._lineStart = self._lineStart, text.endswith(b"\r\n")
+        if startsLine and text.startswith(b"."):
+            text = text[1:]
+        text = text.replace(b"\r\n.", b"\r\n")
+        if self._stripNul:
+            text = text.replace(b"\x00", b"")
+        else:
+            self.nul = self.nul or b"\x00" in text
+        return text
+
+
 # -- strategies ---------------------------------------------------------------------------
 
 #: One line of a canonical message (no CR or LF), often starting with dots, sometimes long.
@@ -125,6 +184,21 @@ rawBytes = st.lists(
     max_size=30,
 ).map(b"".join)
 cutLists = st.lists(st.integers(min_value=0, max_value=4000), max_size=12)
+#: What the DATA path must get right, often: CR, LF, dots, NULs, the end, stuffed lines,
+#: a NUL that hides a dot line; and lines long enough that a buffer has no CRLF dot.
+dataBytes = st.lists(
+    st.one_of(
+        st.sampled_from(
+            [b"\r", b"\n", b".", b"\x00", b"a", b"\r\n", b"\r\n.", b"\r\n..", b".\r\n", END,
+             b"..", b"\r\n\x00.", b"\x00\r", *SMUGGLING]
+        ),
+        st.binary(max_size=6),
+        st.integers(min_value=1, max_value=90).map(lambda n: b"x" * n + b"\r\n"),
+    ),
+    max_size=40,
+).map(b"".join)  # fmt: skip
+#: Cuts dense enough to split every piece of a short stream somewhere.
+denseCuts = st.lists(st.integers(min_value=0, max_value=300), max_size=40)
 
 
 # -- replies -------------------------------------------------------------------------------
@@ -565,6 +639,125 @@ class DataScannerTests(SynchronousTestCase):
         self.assertEqual(scan([bytes([b]) for b in stream], normalise), scan([stream], normalise))
 
 
+class ScannerEquivalenceTests(SynchronousTestCase):
+    """
+    L{DataScanner} gives exactly what L{ReferenceDataScanner} gives, after every buffer,
+    for any bytes cut anywhere, in both modes, NULs stripped or not, however many dot
+    lines a buffer has; and its C{dotLines} is never wrong to say there are none.
+    """
+
+    def compare(
+        self,
+        stream: bytes,
+        cuts: list[int],
+        normalise: bool,
+        stripNul: bool,
+        few: int,
+        block: int = 32 * 1024,
+    ) -> None:
+        scanner = DataScanner(normalise, stripNul=stripNul)
+        scanner._fewDotLines = few
+        self.patch(wire, "_MASK_BLOCK", block)
+        reference = ReferenceDataScanner(normalise, stripNul=stripNul)
+        content = b""
+        for chunk in splits(stream, cuts):
+            got = scanner.feed(chunk)
+            self.assertEqual(got, reference.feed(chunk))
+            self.assertEqual(
+                (scanner.bare, scanner.nul, scanner.size, scanner.done),
+                (reference.bare, reference.nul, reference.size, reference.done),
+            )
+            content += got[0]
+            if not scanner.dotLines:
+                self.assertEqual(Stuffer()(content), content)
+            if not scanner.bare and not (stripNul and b"\x00" in stream):
+                # Exact: dotLines says True only of content the Stuffer changes.
+                self.assertEqual(scanner.dotLines, Stuffer()(content) != content)
+
+    @settings(max_examples=1500, deadline=None)
+    @given(
+        dataBytes,
+        denseCuts,
+        st.booleans(),
+        st.booleans(),
+        st.sampled_from([0, 1, 2, 32]),
+        st.sampled_from([1, 2, 7, 32 * 1024]),
+    )
+    def test_sameAsReference(
+        self,
+        stream: bytes,
+        cuts: list[int],
+        normalise: bool,
+        stripNul: bool,
+        few: int,
+        block: int,
+    ) -> None:
+        """
+        Every buffer's content and rest, and bare, nul, size and done after it, are the
+        reference's (with few dot lines handled one by one, or none; masks in blocks of
+        any size).
+        """
+        self.compare(stream, cuts, normalise, stripNul, few, block)
+
+    @FAST
+    @given(dataBytes, st.booleans(), st.booleans())
+    def test_sameAsReferenceByteByByte(
+        self, stream: bytes, normalise: bool, stripNul: bool
+    ) -> None:
+        """Fed a byte at a time, too (feeding on after the end included)."""
+        self.compare(stream, list(range(len(stream))), normalise, stripNul, 32)
+
+    @FAST
+    @given(contents, cutLists, st.booleans())
+    def test_noDotLines(self, content: bytes, cuts: list[int], normalise: bool) -> None:
+        """Canonical content with no line starting with a dot is seen to have none."""
+        content = b"".join(line.lstrip(b".") + b"\r\n" for line in content.split(b"\r\n")[:-1])
+        scanner = DataScanner(normalise)
+        got = b"".join(scanner.feed(c)[0] for c in splits(stuffWhole(content) + b".\r\n", cuts))
+        self.assertEqual((got, scanner.done, scanner.dotLines), (content, True, False))
+
+    def test_dotLines(self) -> None:
+        """A stuffed line is a dot line, wherever the buffers are cut; an unstuffed dot is removed."""
+        stream = b"a\r\n..b\r\n.\r\n"
+        for cut in range(len(stream) + 1):
+            scanner = DataScanner(normalise=False)
+            scanner.feed(stream[:cut])
+            scanner.feed(stream[cut:])
+            self.assertEqual((scanner.done, scanner.dotLines), (True, True), cut)
+        scanner = DataScanner(normalise=False)
+        self.assertEqual(scanner.feed(b"a\r\n.b\r\n.\r\n"), (b"a\r\nb\r\n", b""))
+        self.assertFalse(scanner.dotLines)
+
+    def test_strippedNulMakesDotLine(self) -> None:
+        """With NULs stripped a NUL before a dot leaves a dot line: dotLines is True."""
+        scanner = DataScanner(normalise=False, stripNul=True)
+        self.assertEqual(scanner.feed(b"a\r\n\x00.b\r\n.\r\n"), (b"a\r\n.b\r\n", b""))
+        self.assertTrue(scanner.dotLines)
+
+    @FAST
+    @given(rawBytes, st.sampled_from([1, 2, 3, 5, 32 * 1024]))
+    def test_hasBare(self, text: bytes, block: int) -> None:
+        """
+        The translate check finds a bare CR or LF exactly when the regular expression
+        does, whatever the block size (a CRLF across two blocks included).
+        """
+        self.patch(wire, "_MASK_BLOCK", block)
+        self.assertEqual(wire._hasBare(text), BARE.search(text) is not None)
+
+    @FAST
+    @given(dataBytes, st.booleans())
+    def test_lineEndings(self, text: bytes, bare: bool) -> None:
+        """
+        What both scanners do with line endings is what three counts and an unconditional
+        substitution did (L{ChunkScanner}'s BDAT path included).
+        """
+        crlf = text.count(b"\r\n")
+        counted = bare or text.count(b"\r") != crlf or text.count(b"\n") != crlf
+        self.assertEqual(wire._lineEndings(text, False, bare), (text, counted))
+        normalised = re.sub(rb"\r\n|\r|\n", b"\r\n", text)
+        self.assertEqual(wire._lineEndings(text, True, bare), (normalised, bare))
+
+
 class StufferTests(SynchronousTestCase):
     def test_stuffing(self) -> None:
         """Each line starting with a dot gets one more, the first line's included."""
@@ -576,6 +769,14 @@ class StufferTests(SynchronousTestCase):
         """The stuffed output of any chunking equals the stuffing of the whole."""
         self.assertEqual(stuffChunks(splits(content, cuts)), stuffWhole(content))
         self.assertEqual(Stuffer()(content), stuffWhole(content))
+
+    @FAST
+    @given(st.lists(rawBytes.filter(lambda chunk: b"\n." not in chunk), max_size=8))
+    def test_dotFree(self, chunks: list[bytes]) -> None:
+        """For chunks with no LF dot inside, dotFree gives what calling the Stuffer does."""
+        stuffer, light = Stuffer(), Stuffer()
+        for chunk in chunks:
+            self.assertEqual(light.dotFree(chunk), stuffer(chunk))
 
     @FAST
     @given(rawBytes, cutLists, cutLists, st.booleans())
