@@ -99,6 +99,13 @@ def startAiosmtpd(peer: Peer, work: Path) -> subprocess.Popen[bytes]:
     return spawn(command, work / "aiosmtpd.log")
 
 
+def startPortforward(peer: Peer, work: Path) -> subprocess.Popen[bytes]:
+    """Twisted's C{portforward} TCP relay (in mailproxy's venv): the floor of a Twisted proxy."""
+    python = work / "venv-mailproxy" / "bin" / "python"
+    command = [str(python), str(HERE / "peers" / "twisted_portforward.py"), HOST, str(peer.port)]
+    return spawn([*command, HOST, str(SINK_PORT)], work / "portforward.log")
+
+
 def startProxsmtp(peer: Peer, work: Path) -> subprocess.Popen[bytes]:
     """Debian's proxsmtpd with no FilterCommand: DATA spooled to a file, then sent on."""
     tmp = work / "proxsmtp-tmp"
@@ -175,6 +182,7 @@ def allPeers() -> list[Peer]:
     return [
         Peer("direct", "direct", SINK_PORT),
         Peer("haproxy", "HAProxy tcp mode", 20101, startHAProxy),
+        Peer("portforward", "Twisted portforward", 20107, startPortforward),
         Peer("aiosmtpd", "aiosmtpd Proxy", 20102, startAiosmtpd),
         Peer("proxsmtp", "proxsmtp", 20103, startProxsmtp, divisor=10),
         Peer("mailproxy-w1", "mailproxy workers=1", 20104, mailproxyStarter(1, False)),
