@@ -439,7 +439,7 @@ class InboundProtocol(Protocol):
         self._continuation = self._lingering = None
         self.factory.release(self, self._client)
         self._feed(self.machine.clientLost())
-        self._dropDisarmed()
+        self._dropAlarm()
         self._checkClosed()
 
     def repliesBacklogged(self) -> None:
@@ -876,9 +876,9 @@ class InboundProtocol(Protocol):
     def _cancelTimer(self, effect: core.CancelTimer) -> None:
         self._due.pop(effect.timer, None)
         if self._clientGone:
-            self._dropDisarmed()
+            self._dropAlarm()
 
-    def _dropDisarmed(self) -> None:
+    def _dropAlarm(self) -> None:
         """The client is gone: no session starts timers again, so none left, no alarm."""
         alarm = self._alarm
         if not self._due and alarm is not None:

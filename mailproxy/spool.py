@@ -2,7 +2,7 @@
 The spool: one private file per message, written as the content arrives.
 
 Files are created with mode 0600 in the configured directory, capped in size while
-writing, read back from the same descriptor for the release, removed at the end of
+writing, read back through the same descriptor for the release, removed at the end of
 every transaction, and swept at start-up. The spool needs no fsync: nothing is
 acknowledged to the client before the MTA has it.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import itertools
 import os
-import typing
 from collections.abc import Callable
 from typing import BinaryIO
 
@@ -54,6 +53,7 @@ class Spool:
         # Unbuffered: content comes in large pieces, each one write; nothing to flush.
         self._file: BinaryIO | None = open(fd, "r+b", buffering=0)
         self._writing = True
+        self._removed = False
         self._maxSize = maxSize
         self.size = 0
         self.overflowed = False
@@ -89,16 +89,19 @@ class Spool:
     def reader(self) -> BinaryIO:
         """
         The file, from its start, to read the message back (the release), for the caller
-        to close: a duplicate of the descriptor it was written through, so no path is
-        looked up again, and a transfer outlives the spool's removal.
+        to close. The first call hands over the descriptor the message was written
+        through: no path looked up again, no descriptor more, and a transfer outlives
+        the spool's removal. A later call opens the file again.
 
         @raise OSError: the spool was removed.
         """
-        if self._file is None:
-            raise OSError("the spool file is closed")
-        f = open(os.dup(self._file.fileno()), "rb", buffering=0)
-        f.seek(0)  # the duplicate shares the position, which writing left at the end
-        return typing.cast(BinaryIO, f)
+        if self._removed:
+            raise OSError("the spool file was removed")
+        f, self._file = self._file, None
+        if f is None:
+            return open(self.path, "rb")
+        f.seek(0)  # writing left it at the end
+        return f
 
     def message(self) -> Message:
         return Message(self.path, self.size)
@@ -106,6 +109,7 @@ class Spool:
     def remove(self) -> None:
         """Close and delete the file; safe to call more than once."""
         self._writing = False
+        self._removed = True
         if self._file is not None:
             try:
                 self._file.close()

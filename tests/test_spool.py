@@ -152,7 +152,8 @@ class SpoolTests(SynchronousTestCase):
     def test_readerOutlivesRemoval(self) -> None:
         """
         The release's reader starts at the beginning, and keeps reading the message after
-        the spool is removed (an MTA that answers before the release ends).
+        the spool is removed (an MTA that answers before the release ends); the spool no
+        longer closes the descriptor it handed over.
         """
         spool = self.spool()
         spool.write(b"Subject: x\r\n\r\nbody\r\n")
@@ -160,6 +161,9 @@ class SpoolTests(SynchronousTestCase):
         reader = spool.reader()
         self.addCleanup(reader.close)
         self.assertEqual(reader.read(9), b"Subject: ")
+        again = spool.reader()  # a second release: the file opened again, from its start
+        self.addCleanup(again.close)
+        self.assertEqual(again.read(), b"Subject: x\r\n\r\nbody\r\n")
         spool.remove()
         self.assertEqual(reader.read(), b"x\r\n\r\nbody\r\n")
         self.assertRaises(OSError, spool.reader)
