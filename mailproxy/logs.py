@@ -19,7 +19,6 @@ import os
 import signal
 import socket
 import sys
-import typing
 from types import FrameType
 from typing import IO, Any
 
@@ -37,7 +36,6 @@ from twisted.logger import (
     jsonFileLogObserver,
     timeFormatRFC3339,
 )
-from twisted.python import threadable
 from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
@@ -110,63 +108,6 @@ class ClassicText:
         return line.replace("\n", "\n\t") + "\n"
 
 
-class BatchedLines:
-    """
-    A file for L{FileLogObserver} that writes its lines together, L{DELAY} seconds after
-    the first of them: a session logs each step of its dialogue, and a write and a
-    flush per line cost more than making the line. Lines are written at once when the
-    reactor is not running (start-up, after shutdown), from any other thread, and once
-    L{LIMIT} characters wait. A process killed outright loses its last L{DELAY}'s lines.
-    """
-
-    LIMIT = 64 * 1024
-    DELAY = 0.05
-
-    def __init__(self, out: IO[Any], reactor: Any = None) -> None:
-        self.out = out
-        self._reactor = reactor
-        self._parts: list[str] = []
-        self._size = 0
-        self._pending: Any = None
-        self._hooked = False
-
-    def write(self, text: str) -> None:
-        # Looked up, never imported: the first lines come before twistd installs it.
-        reactor = self._reactor or sys.modules.get("twisted.internet.reactor")
-        if reactor is None or not reactor.running or not threadable.isInIOThread():
-            if self._parts and threadable.isInIOThread():
-                self.writeWaiting()
-            self._write(text)
-            return
-        self._parts.append(text)
-        self._size += len(text)
-        if self._size >= self.LIMIT:
-            self.writeWaiting()
-        elif self._pending is None:
-            if not self._hooked:
-                self._hooked = True
-                reactor.addSystemEventTrigger("after", "shutdown", self.writeWaiting)
-            self._pending = reactor.callLater(self.DELAY, self.writeWaiting)
-
-    def flush(self) -> None:
-        """L{FileLogObserver} flushes after every line: lines wait for L{writeWaiting}."""
-
-    def writeWaiting(self) -> None:
-        """Write the lines waiting, in one write."""
-        pending, self._pending = self._pending, None
-        if pending is not None and pending.active():
-            pending.cancel()
-        if self._parts:
-            text = "".join(self._parts)
-            self._parts.clear()
-            self._size = 0
-            self._write(text)
-
-    def _write(self, text: str) -> None:
-        self.out.write(text)
-        self.out.flush()
-
-
 def textFileObserver(logfile: str | None, nodaemon: bool) -> ILogObserver:
     """
     twistd's log observer (a file, rotated at 1 MB and on SIGUSR1; stdout with C{-n}
@@ -186,7 +127,7 @@ def textFileObserver(logfile: str | None, nodaemon: bool) -> ILogObserver:
                 reactor.callFromThread(logFile.rotate)  # type: ignore[attr-defined]
 
             signal.signal(signal.SIGUSR1, rotate)
-    return FileLogObserver(typing.cast(IO[Any], BatchedLines(out)), ClassicText())
+    return FileLogObserver(out, ClassicText())
 
 
 #: twistd's C{--logger} takes the name of a factory of no arguments: the plugin names

@@ -38,7 +38,6 @@ import os
 import signal
 import socket
 import sys
-import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import IO, Any, ClassVar
 
@@ -74,7 +73,7 @@ from zope.interface import implementer
 from mailproxy import proxyprotocol
 from mailproxy.config import Config, load
 from mailproxy.filters import IFilterFactory
-from mailproxy.logs import BatchedLines, ClassicText, eventText
+from mailproxy.logs import ClassicText, eventText
 from mailproxy.service import ProxyService, wrapFactory
 from mailproxy.startup import StartupError, installReactor, oneLine, reason
 from mailproxy.stats import Delta, SessionInfo, Stats, StatsService
@@ -959,11 +958,6 @@ def _output(target: str) -> IO[str]:
     return open(target, "a", encoding="utf-8", buffering=1)
 
 
-def _batched(out: IO[Any]) -> IO[Any]:
-    """A worker's log output, written in batches (L{BatchedLines})."""
-    return typing.cast(IO[Any], BatchedLines(out))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """
     Run one worker: C{python -c WORKER_ENTRY SPEC}, SPEC the JSON the master passes
@@ -984,11 +978,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     publisher = LogPublisher()
     if spec["log"] == RELAY:
-        publisher.addObserver(FileLogObserver(_batched(sys.stdout), _relayed))
+        publisher.addObserver(FileLogObserver(sys.stdout, _relayed))
     else:
-        publisher.addObserver(
-            FileLogObserver(_batched(_output(spec["log"])), ClassicText())
-        )
+        publisher.addObserver(FileLogObserver(_output(spec["log"]), ClassicText()))
     globalLogBeginner.beginLoggingTo(
         [_Tagged(index, publisher)], discardBuffer=True, redirectStandardIO=False
     )

@@ -11,11 +11,9 @@ import re
 import socket
 import stat
 import sys
-import threading
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet.task import Clock
 from twisted.logger import (
     FileLogObserver,
     Logger,
@@ -28,13 +26,11 @@ from twisted.logger import (
     globalLogPublisher,
     timeFormatRFC3339,
 )
-from twisted.python import threadable
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailproxy.config import Logging, SyslogFormat
 from mailproxy.logs import (
-    BatchedLines,
     ClassicText,
     JSONLinesObserver,
     LogService,
@@ -330,7 +326,7 @@ class ClassicTextTests(SynchronousTestCase):
         """With -n and no --logfile, or --logfile=-, twistd's lines go to stdout."""
         for logfile in (None, "-"):
             observer = textFileObserver(logfile, True)
-            self.assertIs(observer._outFile.out, sys.stdout)  # type: ignore[attr-defined]
+            self.assertIs(observer._outFile, sys.stdout)  # type: ignore[attr-defined]
 
 
 class TwistdLoggerTests(SynchronousTestCase):
@@ -357,91 +353,3 @@ class TwistdLoggerTests(SynchronousTestCase):
         self.assertEqual(self.options(logger="my.Observer")["logger"], "my.Observer")
         self.assertIsNone(self.options(syslog=True)["logger"])
         self.assertIsNone(self.options(logfile="-", nodaemon=False)["logger"])
-
-
-class Written:
-    """A file that records each write and flush."""
-
-    def __init__(self) -> None:
-        self.writes: list[str] = []
-        self.flushes = 0
-
-    def write(self, text: str) -> None:
-        self.writes.append(text)
-
-    def flush(self) -> None:
-        self.flushes += 1
-
-
-class RunningClock(Clock):
-    """A running reactor's timers and shutdown triggers, on L{Clock}."""
-
-    running = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.triggers: list[tuple[str, str, object]] = []
-
-    def addSystemEventTrigger(self, phase: str, event: str, f: object) -> None:
-        self.triggers.append((phase, event, f))
-
-
-class BatchedLinesTests(SynchronousTestCase):
-    """twistd's log lines are written in batches, and none is lost or reordered."""
-
-    def setUp(self) -> None:
-        threadable.registerAsIOThread()
-        self.out, self.clock = Written(), RunningClock()
-        self.lines = BatchedLines(self.out, self.clock)  # type: ignore[arg-type]
-
-    def test_batch(self) -> None:
-        """The lines of the next DELAY seconds go in one write and one flush."""
-        self.lines.write("one\n")
-        self.lines.flush()
-        self.lines.write("two\n")
-        self.assertEqual(self.out.writes, [])
-        self.clock.advance(BatchedLines.DELAY)
-        self.assertEqual((self.out.writes, self.out.flushes), (["one\ntwo\n"], 1))
-        self.lines.write("three\n")
-        self.clock.advance(BatchedLines.DELAY)
-        self.assertEqual(self.out.writes, ["one\ntwo\n", "three\n"])
-        self.assertEqual(self.clock.getDelayedCalls(), [])
-
-    def test_notRunning(self) -> None:
-        """Before the reactor runs, and once it stopped, each line goes at once, in order."""
-        self.clock.running = False
-        self.lines.write("starting\n")
-        self.assertEqual(self.out.writes, ["starting\n"])
-        self.clock.running = True
-        self.lines.write("one\n")
-        self.clock.running = False
-        self.lines.write("stopped\n")
-        self.assertEqual(self.out.writes, ["starting\n", "one\n", "stopped\n"])
-        self.assertEqual(self.clock.getDelayedCalls(), [])
-
-    def test_shutdown(self) -> None:
-        """What waits at shutdown is written by an after-shutdown trigger."""
-        self.lines.write("last\n")
-        [(phase, event, f)] = self.clock.triggers
-        self.assertEqual((phase, event), ("after", "shutdown"))
-        f()  # type: ignore[operator]
-        self.assertEqual(self.out.writes, ["last\n"])
-        self.assertEqual(self.clock.getDelayedCalls(), [])
-        self.lines.write("again\n")
-        self.assertEqual(len(self.clock.triggers), 1)
-
-    def test_limit(self) -> None:
-        """Once LIMIT characters wait they are written, without waiting for the delay."""
-        line = "x" * 1000 + "\n"
-        for _ in range(BatchedLines.LIMIT // len(line) + 1):
-            self.lines.write(line)
-        self.assertEqual(len(self.out.writes), 1)
-        self.assertGreaterEqual(len(self.out.writes[0]), BatchedLines.LIMIT)
-        self.assertEqual(self.clock.getDelayedCalls(), [])
-
-    def test_otherThread(self) -> None:
-        """A line logged from another thread is written at once, by that thread."""
-        thread = threading.Thread(target=self.lines.write, args=("from a thread\n",))
-        thread.start()
-        thread.join()
-        self.assertEqual(self.out.writes, ["from a thread\n"])
