@@ -2,9 +2,8 @@
 The spool: one private file per message, written as the content arrives.
 
 Files are created with mode 0600 in the configured directory, capped in size while
-writing, read back through the same descriptor for the release, removed at the end of
-every transaction, and swept at start-up. The spool needs no fsync: nothing is
-acknowledged to the client before the MTA has it.
+writing, removed at the end of every transaction, and swept at start-up. The spool
+needs no fsync: nothing is acknowledged to the client before the MTA has it.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ SUFFIX = ".msg"
 #: O_EXCL refuses a name already taken, so they need no randomness (L{tempfile}'s costs
 #: a dozen Python calls a message).
 _serial = itertools.count()
-_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class Spool:
@@ -51,8 +50,7 @@ class Spool:
                 continue  # left by an earlier process of the same pid: the next name
             break
         # Unbuffered: content comes in large pieces, each one write; nothing to flush.
-        self._file: BinaryIO | None = open(fd, "r+b", buffering=0)
-        self._writing = True
+        self._file: BinaryIO | None = open(fd, "wb", buffering=0)
         self._removed = False
         self._maxSize = maxSize
         self.size = 0
@@ -70,7 +68,7 @@ class Spool:
         self.size += len(data)
         if self.size > self._maxSize:
             self.overflowed = True
-        if not self.usable or self._file is None or not self._writing:
+        if not self.usable or self._file is None:
             return
         try:
             view, written = memoryview(data), 0
@@ -83,32 +81,33 @@ class Spool:
             self.error = e
 
     def close(self) -> None:
-        """Finish writing: the file stays open for L{reader}."""
-        self._writing = False
+        """
+        Finish writing: the descriptor is closed, so that a session's filters may open the
+        file (C{SESSION_DESCRIPTORS} counts the spool or a filter's reader, not both).
+        """
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError as e:
+                self.error = self.error or e
+            self._file = None
 
     def reader(self) -> BinaryIO:
         """
-        The file, from its start, to read the message back (the release), for the caller
-        to close. The first call hands over the descriptor the message was written
-        through: no path looked up again, no descriptor more, and a transfer outlives
-        the spool's removal. A later call opens the file again.
+        The file from its start, unbuffered (the release reads it in large chunks), for the
+        caller to close; it outlives the spool's removal.
 
-        @raise OSError: the spool was removed.
+        @raise OSError: the spool was removed, or the file cannot be opened.
         """
         if self._removed:
             raise OSError("the spool file was removed")
-        f, self._file = self._file, None
-        if f is None:
-            return open(self.path, "rb")
-        f.seek(0)  # writing left it at the end
-        return f
+        return open(self.path, "rb", buffering=0)
 
     def message(self) -> Message:
         return Message(self.path, self.size)
 
     def remove(self) -> None:
         """Close and delete the file; safe to call more than once."""
-        self._writing = False
         self._removed = True
         if self._file is not None:
             try:

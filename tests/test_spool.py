@@ -152,8 +152,8 @@ class SpoolTests(SynchronousTestCase):
     def test_readerOutlivesRemoval(self) -> None:
         """
         The release's reader starts at the beginning, and keeps reading the message after
-        the spool is removed (an MTA that answers before the release ends); the spool no
-        longer closes the descriptor it handed over.
+        the spool is removed (an MTA that answers before the release ends); each reader
+        is a file of its own.
         """
         spool = self.spool()
         spool.write(b"Subject: x\r\n\r\nbody\r\n")
