@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 from typing import Any, ClassVar
 
 import attrs
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet import tcp
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailproxy import relay, wire
@@ -716,6 +720,93 @@ class RecordingDescriptor(FileDescriptor):
     def writeSomeData(self, data: bytes) -> int:
         self.sent.append(bytes(data))
         return len(data)
+
+
+class SendNowTests(SynchronousTestCase):
+    """
+    L{relay._sendNow}: a batch's bytes go straight to the socket only when nothing waits
+    in Twisted's buffer before them, and only under wrappers that pass writes through.
+    """
+
+    def connection(self) -> tuple[tcp.Connection, socket.socket]:
+        ours, peer = socket.socketpair()
+        ours.setblocking(False)
+        self.addCleanup(ours.close)
+        self.addCleanup(peer.close)
+        conn = tcp.Connection(ours, Protocol(), MemoryReactor())
+        conn.connected = True
+        return conn, peer
+
+    def received(self, peer: socket.socket, size: int) -> bytes:
+        peer.settimeout(1)
+        got = b""
+        while len(got) < size:
+            got += peer.recv(size - len(got))
+        return got
+
+    def test_sentAtOnce(self) -> None:
+        """With nothing waiting, the bytes are sent now, and the socket is not watched."""
+        conn, peer = self.connection()
+        self.assertTrue(relay._sendNow(conn, b"250 2.1.0 Ok\r\n"))
+        self.assertEqual(self.received(peer, 14), b"250 2.1.0 Ok\r\n")
+        self.assertNotIn(conn, conn.reactor.getWriters())  # type: ignore[attr-defined]
+
+    def test_afterWhatWaits(self) -> None:
+        """Bytes already in Twisted's buffer go first: the new ones queue behind them."""
+        conn, peer = self.connection()
+        conn.write(b"250 first\r\n")
+        self.assertFalse(relay._sendNow(conn, b"250 second\r\n"))
+        peer.setblocking(False)
+        self.assertRaises(BlockingIOError, peer.recv, 100)
+        conn.doWrite()
+        self.assertEqual(self.received(peer, 23), b"250 first\r\n250 second\r\n")
+
+    def test_partlyTaken(self) -> None:
+        """What the socket does not take is left to Twisted, in order, nothing lost."""
+        conn, peer = self.connection()
+        data = os.urandom(2 << 20)  # more than one send takes; aperiodic, so a repeat shows
+        self.assertFalse(relay._sendNow(conn, data))
+        self.assertIn(conn, conn.reactor.getWriters())  # type: ignore[attr-defined]
+        got = b""
+        peer.settimeout(1)
+        while len(got) < len(data):
+            got += peer.recv(1 << 20)
+            conn.doWrite()
+        self.assertEqual(got, data)
+        peer.setblocking(False)
+        self.assertRaises(BlockingIOError, peer.recv, 100)  # and nothing more
+
+    def test_tlsKeepsItsWrites(self) -> None:
+        """Under TLS the bytes go through the transport's own write, to be encrypted."""
+        conn, _ = self.connection()
+        conn.TLS = True
+        written: list[bytes] = []
+        self.patch(conn, "write", written.append)
+        self.patch(conn, "writeSomeData", lambda data: self.fail("sent in clear"))
+        self.assertFalse(relay._sendNow(conn, b"250 ok\r\n"))
+        self.assertEqual(written, [b"250 ok\r\n"])
+
+    def test_wrappers(self) -> None:
+        """
+        A wrapper that passes writes through (the PROXY protocol's) is looked under; one
+        with a write of its own (TLS's) is given the bytes.
+        """
+        conn, peer = self.connection()
+        passing = ProtocolWrapper(WrappingFactory(Factory()), Protocol())
+        passing.makeConnection(conn)
+        self.assertTrue(relay._sendNow(passing, b"220 hello\r\n"))
+        self.assertEqual(self.received(peer, 11), b"220 hello\r\n")
+
+        written: list[bytes] = []
+
+        class Own(ProtocolWrapper):
+            def write(self, data: bytes) -> None:
+                written.append(data)
+
+        own = Own(WrappingFactory(Factory()), Protocol())
+        own.makeConnection(conn)
+        self.assertFalse(relay._sendNow(own, b"220 secret\r\n"))
+        self.assertEqual(written, [b"220 secret\r\n"])
 
 
 class WriteNowTests(SynchronousTestCase):
