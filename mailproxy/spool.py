@@ -186,7 +186,7 @@ class SpoolSender:
         assert self._file is not None
         wanted = self._chunkSize if self._left is None else min(self._chunkSize, self._left)
         chunk = self._file.read(wanted)
-        # A buffered read of a regular file is short only at its end.
+        # A read of a regular file (the release reads it unbuffered) is short only at its end.
         last = len(chunk) < wanted
         if self._left is not None:
             self._left -= len(chunk)
