@@ -48,7 +48,7 @@ from mailproxy import session as core
 from mailproxy.config import Config
 from mailproxy.envelope import Session as SessionInfo
 from mailproxy.filters import Stage, Verdict
-from mailproxy.filters.pipeline import Pipeline
+from mailproxy.filters.pipeline import NO_FILTER, Pipeline
 from mailproxy.quarantine import Quarantine
 from mailproxy.replies import Answer, Reason
 from mailproxy.spool import Spool, SpoolSender
@@ -684,9 +684,9 @@ class InboundProtocol(Protocol):
         pipeline = self.settings.pipeline
         stage = effect.stage
         if not pipeline.wants(stage):
-            # What the pipeline would answer, without a Deferred: most stages have no filter.
+            # The pipeline's answer, without a Deferred: most stages have no filter.
             self._checking = None
-            self._feed(self.machine.verdict(stage, _NO_FILTER))
+            self._feed(self.machine.verdict(stage, NO_FILTER))
             return
         if stage is Stage.CONNECT:
             d = pipeline.checkConnect(effect.session)
@@ -927,9 +927,6 @@ class InboundProtocol(Protocol):
 
 #: How early a timer may fire: the clock's float arithmetic may ring a hair before it.
 _TIMER_SLACK = 1e-6
-
-#: The verdict of a stage no filter checks.
-_NO_FILTER = Verdict.accept()
 
 #: Effects that touch no connection: the batch's writes wait for its end across them.
 #: Any other is carried out after them (a close, STARTTLS, a release, a new MTA leg).

@@ -85,6 +85,11 @@ def _call(
     return result
 
 
+#: The verdict of a stage no filter checks (L{Pipeline.wants} says which: the relay gives
+#: it at once, without a Deferred).
+NO_FILTER = Verdict.accept()
+
+
 class Pipeline:
     """
     The filters of one configuration, by stage.
@@ -143,7 +148,7 @@ class Pipeline:
     def _check(self, stage: Stage, session: Session, args: tuple[object, ...]) -> Deferred[Verdict]:
         configured = self._byStage[stage]
         if not configured:
-            return defer.succeed(Verdict.accept())
+            return defer.succeed(NO_FILTER)
         d = Deferred.fromCoroutine(self._run(stage, configured, session, args))
         if not d.called or d.paused:
             d.addTimeout(self._totalTimeout, self._clock)  # as in _one: only if it can be late
