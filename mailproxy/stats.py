@@ -445,10 +445,15 @@ class Stats:
                 delta.hours.setdefault(hour, Counter())[hourly] += n
 
     def _addHour(self, hour: int, key: str, n: int) -> None:
-        self._hours.setdefault(hour, Counter())[key] += n
-        oldest = _hourStart(self._clock.seconds()) - (HOURS_KEPT - 1) * 3600
-        for old in [h for h in self._hours if h < oldest]:
-            del self._hours[old]
+        counts = self._hours.get(hour)
+        if counts is None:
+            # Hours out of the window are dropped as a new one starts, not at every
+            # count: L{hours} reads only the window, so a late drop shows nothing.
+            oldest = _hourStart(self._clock.seconds()) - (HOURS_KEPT - 1) * 3600
+            for old in [h for h in self._hours if h < oldest]:
+                del self._hours[old]
+            counts = self._hours[hour] = Counter()
+        counts[key] += n
 
     def _counted(self, delta: Delta) -> None:
         """A count went into C{delta}: tell the reporter if it is the first."""

@@ -24,7 +24,7 @@ from mailproxy.envelope import Session
 from mailproxy.filters import IFilter, Stage, Verdict
 from mailproxy.filters.pipeline import Checked, ConfiguredFilter, Pipeline
 from mailproxy.localmta import LocalMTA
-from mailproxy.stats import Stats
+from mailproxy.stats import HOURS_KEPT, Stats
 from mailproxy.testing import FakeFilter, MemoryProxy, RawClient
 from mailproxy.wire import Reply
 
@@ -228,6 +228,19 @@ class CountersTests(SynchronousTestCase):
         hours = self.stats.snapshot()["hours"]
         self.assertEqual([h["accepted"] for h in hours], [0] * 24)
         self.assertEqual(hours[0]["rejected"], 1)
+
+    def test_hoursForgotten(self) -> None:
+        """
+        Counting for days keeps at most the chart's hours: an hour out of the window is
+        dropped when a new one starts, and the chart's figures stay those of its hours.
+        """
+        for _ in range(3 * HOURS_KEPT):
+            self.stats.delivered(SESSION, Reply.make(250, "2.0.0", "Ok"), "a@x", 100)
+            self.stats.delivered(SESSION, Reply.make(250, "2.0.0", "Ok"), "a@x", 100)
+            self.clock.advance(3600)
+        self.stats.delivered(SESSION, Reply.make(250, "2.0.0", "Ok"), "a@x", 100)
+        self.assertLessEqual(len(self.stats._hours), HOURS_KEPT)
+        self.assertEqual([h["accepted"] for h in self.stats.snapshot()["hours"]], [2] * 23 + [1])
 
     def test_proxyRefused(self) -> None:
         """
