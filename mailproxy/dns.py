@@ -180,6 +180,35 @@ def makeResolver(server: tuple[str, int], reactor: Any) -> Any:
     return client.Resolver(servers=[server], reactor=reactor)
 
 
+def retryTimeouts(timeout: float) -> tuple[float, float]:
+    """
+    C{twisted.names}' timeouts for a lookup that must end within C{timeout} seconds: one
+    retry, so that a lost UDP datagram costs a third of the time, not all of it.
+    """
+    return (timeout / 3, timeout * 2 / 3)
+
+
+class LookupTempError(Exception):
+    """A lookup that may succeed later: it timed out, or the server or the socket failed."""
+
+
+async def lookupTexts(resolver: Any, name: str, timeouts: tuple[float, ...]) -> list[bytes]:
+    """
+    The TXT records at C{name}, each one's strings joined; none when the name does not
+    exist. @raise LookupTempError: saying why, for the log line or the 4xx.
+    """
+    d: Deferred[Any] = resolver.lookupText(name, timeout=timeouts)
+    try:
+        answers, _, _ = await d
+    except error.DNSNameError:
+        return []
+    except defer.TimeoutError:
+        raise LookupTempError(f"DNS lookup of {name} timed out") from None
+    except (error.DomainError, OSError) as e:
+        raise LookupTempError(f"DNS lookup of {name} failed: {type(e).__name__}") from None
+    return [b"".join(rr.payload.data) for rr in answers if getattr(rr.payload, "data", None)]
+
+
 def _minimumTTL(records: Sequence[Any]) -> int | None:
     ttls = [int(rr.ttl) for rr in records]
     return min(ttls) if ttls else None
@@ -213,8 +242,7 @@ class ListLookup:
     ) -> None:
         self._resolver = resolver
         self._clock = clock
-        # One retry: a lost UDP datagram costs a third of the time, not all of it.
-        self._timeouts = (timeout / 3, timeout * 2 / 3)
+        self._timeouts = retryTimeouts(timeout)
         self._cacheSize = cacheSize
         self._cache: dict[str, tuple[float, tuple[str, ...]]] = {}
         self._inFlight: dict[str, list[Deferred[tuple[str, ...]]]] = {}

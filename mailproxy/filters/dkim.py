@@ -43,12 +43,10 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.logger import Logger
-from twisted.names import error
 from twisted.plugin import IPlugin
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailproxy.dns import makeResolver, readServer
+from mailproxy.dns import LookupTempError, lookupTexts, makeResolver, readServer, retryTimeouts
 from mailproxy.envelope import Envelope, Message, Session
 from mailproxy.filters import BaseFilter, IFilter, IFilterFactory, OptionError, Stage, Verdict
 from mailproxy.filters.options import Options
@@ -423,37 +421,24 @@ class KeyLookup:
 
     def __init__(self, resolver: Any, timeout: float) -> None:
         self._resolver = resolver
-        # One retry: a lost datagram costs a third of the time, not all of it.
-        self._timeouts = (timeout / 3, timeout * 2 / 3)
+        self._timeouts = retryTimeouts(timeout)
 
-    def lookup(self, name: str) -> Deferred[KeyAnswer]:
-        d: Deferred[Any] = self._resolver.lookupText(name, timeout=self._timeouts)
-        return d.addCallbacks(self._found, self._failed, errbackArgs=(name,))
-
-    def _found(self, result: tuple[Sequence[Any], Sequence[Any], Sequence[Any]]) -> KeyAnswer:
-        records = [
-            b"".join(rr.payload.data) for rr in result[0] if getattr(rr.payload, "data", None)
-        ]
+    async def lookup(self, name: str) -> KeyAnswer:
+        try:
+            records = await lookupTexts(self._resolver, name, self._timeouts)
+        except LookupTempError as e:
+            return KeyAnswer(temporary=str(e))
         if not records:
             return KeyAnswer()
         # RFC 6376 §3.6.2.2: one record is expected; prefer a DKIM1 one if there are several.
         tagged = [r for r in records if r.lstrip().startswith(b"v=DKIM1")]
         return KeyAnswer((tagged or records)[0])
 
-    def _failed(self, failure: Failure, name: str) -> KeyAnswer | Failure:
-        if failure.check(error.DNSNameError):
-            return KeyAnswer()
-        if failure.check(defer.TimeoutError):
-            return KeyAnswer(temporary=f"DNS lookup of {name} timed out")
-        if failure.check(error.DomainError, OSError):
-            return KeyAnswer(
-                temporary=f"DNS lookup of {name} failed: {type(failure.value).__name__}"
-            )
-        return failure
-
     async def fetch(self, names: Iterable[str]) -> dict[str, KeyAnswer]:
         names = sorted(set(names))
-        answers = await defer.gatherResults([self.lookup(n) for n in names], consumeErrors=True)
+        answers = await defer.gatherResults(
+            [Deferred.fromCoroutine(self.lookup(n)) for n in names], consumeErrors=True
+        )
         return dict(zip(names, answers, strict=True))
 
 

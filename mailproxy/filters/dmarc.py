@@ -43,15 +43,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
-from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.logger import Logger
-from twisted.names import error
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from mailproxy.dns import makeResolver, readServer
+from mailproxy.dns import LookupTempError, lookupTexts, makeResolver, readServer, retryTimeouts
 from mailproxy.envelope import Envelope, Message, Session
 from mailproxy.filters import (
     BaseFilter,
@@ -222,10 +220,6 @@ def readAuthorDomains(message: Message, maxHeaderBytes: int) -> list[str]:
 # -- the policy records --------------------------------------------------------------
 
 
-class PolicyTempError(Exception):
-    """The policy record could not be fetched now (a timeout, SERVFAIL)."""
-
-
 class PolicyLookup:
     """
     Fetches DMARC records through a C{twisted.names} resolver (RFC 7489 §6.6.3): the
@@ -234,29 +228,16 @@ class PolicyLookup:
 
     def __init__(self, resolver: Any, timeout: float) -> None:
         self._resolver = resolver
-        self._timeouts = (timeout / 3, timeout * 2 / 3)
+        self._timeouts = retryTimeouts(timeout)
 
     async def records(self, name: str) -> list[str]:
-        """The C{v=DMARC1} TXT records at C{_dmarc.NAME}; @raise PolicyTempError."""
-        query = f"_dmarc.{name}"
-        d: Deferred[Any] = self._resolver.lookupText(query, timeout=self._timeouts)
-        try:
-            answers, _, _ = await d
-        except error.DNSNameError:
-            return []
-        except defer.TimeoutError:
-            raise PolicyTempError(f"DNS lookup of {query} timed out") from None
-        except (error.DomainError, OSError) as e:
-            raise PolicyTempError(f"DNS lookup of {query} failed: {type(e).__name__}") from None
-        texts = [
-            b"".join(rr.payload.data).decode("utf-8", "replace")
-            for rr in answers
-            if getattr(rr.payload, "data", None)
-        ]
+        """The C{v=DMARC1} TXT records at C{_dmarc.NAME}; @raise LookupTempError."""
+        records = await lookupTexts(self._resolver, f"_dmarc.{name}", self._timeouts)
+        texts = [record.decode("utf-8", "replace") for record in records]
         return [t for t in texts if re.match(r"v\s*=\s*DMARC1\s*(;|\Z)", t)]
 
     async def find(self, domain: str) -> Record | None:
-        """The policy for C{domain}; None when there is none. @raise PolicyTempError."""
+        """The policy for C{domain}; None when there is none. @raise LookupTempError."""
         organisational = registeredDomain(domain) or domain
         for name in dict.fromkeys((domain, organisational)):
             found = await self.records(name)
@@ -424,7 +405,7 @@ class DMARCFilter(BaseFilter):
         for domain in domains:
             try:
                 record = await self.policies.find(domain)
-            except PolicyTempError as failed:
+            except LookupTempError as failed:
                 evaluations.append(Evaluation(domain, "temperror", reason=str(failed)))
                 continue
             evaluations.append(
