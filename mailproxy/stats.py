@@ -452,6 +452,8 @@ class Stats:
             oldest = _hourStart(self._clock.seconds()) - (HOURS_KEPT - 1) * 3600
             for old in [h for h in self._hours if h < oldest]:
                 del self._hours[old]
+            if hour < oldest:
+                return  # a worker's late report of an hour the chart no longer shows
             counts = self._hours[hour] = Counter()
         counts[key] += n
 

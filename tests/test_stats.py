@@ -12,6 +12,7 @@ import datetime
 import itertools
 import os
 import time
+from collections import Counter
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -24,7 +25,7 @@ from mailproxy.envelope import Session
 from mailproxy.filters import IFilter, Stage, Verdict
 from mailproxy.filters.pipeline import Checked, ConfiguredFilter, Pipeline
 from mailproxy.localmta import LocalMTA
-from mailproxy.stats import HOURS_KEPT, Stats
+from mailproxy.stats import HOURS_KEPT, Delta, Stats
 from mailproxy.testing import FakeFilter, MemoryProxy, RawClient
 from mailproxy.wire import Reply
 
@@ -239,6 +240,9 @@ class CountersTests(SynchronousTestCase):
             self.stats.delivered(SESSION, Reply.make(250, "2.0.0", "Ok"), "a@x", 100)
             self.clock.advance(3600)
         self.stats.delivered(SESSION, Reply.make(250, "2.0.0", "Ok"), "a@x", 100)
+        # A worker's report of an hour the chart no longer shows is not kept either.
+        late = self.stats.hours()[0][0] - 3600
+        self.stats.merge(1, Delta(hours={late: Counter(accepted=5)}))
         self.assertLessEqual(len(self.stats._hours), HOURS_KEPT)
         self.assertEqual([h["accepted"] for h in self.stats.snapshot()["hours"]], [2] * 23 + [1])
 
