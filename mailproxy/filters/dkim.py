@@ -424,6 +424,7 @@ class KeyLookup:
         self._timeouts = retryTimeouts(timeout)
 
     async def lookup(self, name: str) -> KeyAnswer:
+        """The key record at C{name}: the record, none, or why it cannot be had now."""
         try:
             records = await lookupTexts(self._resolver, name, self._timeouts)
         except LookupTempError as e:
