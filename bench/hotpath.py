@@ -27,9 +27,18 @@ import sys
 import tempfile
 import time
 
-SINK_PORT = 12025
-PROXY_PORT = 12525
 TICK = os.sysconf("SC_CLK_TCK")
+
+
+def freePort() -> int:
+    """A port nothing listens on now, so that two runs (or a test suite) can share the machine."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+SINK_PORT = freePort()
+PROXY_PORT = freePort()
 
 
 def waitFor(port: int) -> None:

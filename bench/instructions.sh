@@ -12,7 +12,12 @@ set -eu
 TREE=$(cd "${1:-.}" && pwd)
 IFS=: read -r SIZE COUNT SESSIONS <<<"${2:-1024:300:1}"
 VENV=$(cd "$(dirname "$0")/.." && pwd)/.venv
-SINK_PORT=14025 PROXY_PORT=14525
+# Ports nothing listens on now, so that two runs (or a test suite) can share the machine.
+read -r SINK_PORT PROXY_PORT < <("$VENV/bin/python" -c '
+import socket
+a, b = socket.socket(), socket.socket()
+a.bind(("127.0.0.1", 0)); b.bind(("127.0.0.1", 0))
+print(a.getsockname()[1], b.getsockname()[1])')
 WORK=$(mktemp -d)
 trap 'kill $PROXY $SINK 2>/dev/null; wait 2>/dev/null; rm -rf "$WORK"' EXIT
 mkdir "$WORK/spool"
