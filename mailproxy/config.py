@@ -316,6 +316,9 @@ class Config:
     #: Processes that serve clients (L{mailproxy.workers}); 1: this process serves them
     #: itself. A file without the key gets the number of cores (L{load}).
     workers: int = 1
+    #: The file's bytes as read and validated: the master hands them to its workers, which
+    #: run what it checked, not the file as it may be by then (L{mailproxy.workers}).
+    source: bytes = attrs.field(default=b"", eq=False, repr=False)
 
 
 class _InvalidValueError(Exception):
@@ -671,10 +674,13 @@ def _filters(path: str, document: Mapping[str, object]) -> tuple[FilterSpec, ...
     return tuple(specs)
 
 
-def _read(path: str) -> dict[str, Any]:
+def _read(path: str, text: bytes | None) -> tuple[dict[str, Any], bytes]:
+    """The TOML document of C{text}, or of the file at C{path} if L{None}; and its bytes."""
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        if text is None:
+            with open(path, "rb") as f:
+                text = f.read()
+        return tomllib.loads(text.decode("utf-8")), text
     except OSError as e:
         raise ConfigError(path, "", f"cannot read: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
@@ -1030,7 +1036,7 @@ def _checkService(config: Config) -> None:
     _checkTls(config)
 
 
-def load(path: str, reactor: IReactorTime) -> Config:
+def load(path: str, reactor: IReactorTime, text: bytes | None = None) -> Config:
     """
     Read and validate the configuration file at C{path}. Nothing is created or changed:
     the spool and quarantine directories are only checked (an existing writable one, or
@@ -1038,9 +1044,11 @@ def load(path: str, reactor: IReactorTime) -> Config:
     (L{mailproxy.directories.prepare}).
 
     @param reactor: only used to parse endpoint strings; nothing listens or connects.
+    @param text: the file's content as read before (by a worker's master), validated
+        instead of the file; C{path} then only names it.
     @raise ConfigError: the file is unreadable, not TOML, or any key is wrong.
     """
-    document = _read(path)
+    document, source = _read(path, text)
     for name, value in document.items():
         if name not in _SECTIONS:
             # Only a table is a section to suggest another for: a key outside any section
@@ -1075,6 +1083,7 @@ def load(path: str, reactor: IReactorTime) -> Config:
         web=Web(**_section(path, document, "web", _webKeys(reactor))),
         tls=TLSSettings(**_section(path, document, "tls", _TLS_KEYS)),
         upstreamTls=UpstreamTLS(**_section(path, document, "upstream_tls", _UPSTREAM_TLS_KEYS)),
+        source=source,
         **proxy,
     )
     _checkService(config)

@@ -369,18 +369,20 @@ class ProxyService(MultiService):
         # A signal handler: do the work in the reactor's thread, between two events.
         self._reactor.callFromThread(self.reload)
 
-    def reload(self) -> bool:
+    def reload(self, text: bytes | None = None) -> bool:
         """
         Read the configuration file again (on SIGHUP, or from the manhole). A valid one
         applies to the sessions that start from now on, while those in flight finish
         under theirs; an invalid one is refused with one log line, and the running one
         stays. Also reopens the JSON log, for logrotate.
 
+        @param text: the file's content to apply instead of reading it (a worker's, as its
+            master read and checked it).
         @return: whether the new configuration was applied.
         """
         old = self.config
         try:
-            config = self._adjust(load(old.path, self._reactor))
+            config = self._adjust(load(old.path, self._reactor, text))
             restart = [
                 key
                 for key, name in RESTART_ONLY.items()

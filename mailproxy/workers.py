@@ -16,6 +16,12 @@ master merges the deltas into its own L{Stats}, which the stats socket, the web 
 manhole read. What a worker counted and had not reported when it died (at most
 L{REPORT_INTERVAL} seconds of it) is lost; the rest stays in the sums.
 
+Configuration: the master reads and checks the file; a worker is handed the text it
+checked, never the file again: when it starts (an inherited descriptor, L{_configFile}),
+restarted or not, and with each reload. A file edited since, valid or not, changes
+nothing until SIGHUP; a worker started after a reload keeps, as its siblings do, the
+values that take a restart (L{mailproxy.service.RESTART_ONLY}) from the master's start.
+
 Signals: SIGHUP in the master loads and checks the configuration once; only a valid one
 is passed on, to every worker (L{Reload}). SIGTERM in the master sends SIGTERM to every
 worker, which stops listening and lets its sessions finish (C{shutdown_grace}); the
@@ -38,6 +44,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import IO, Any, ClassVar
 
@@ -74,7 +81,7 @@ from mailproxy import proxyprotocol
 from mailproxy.config import Config, load
 from mailproxy.filters import IFilterFactory
 from mailproxy.logs import ClassicText, eventText
-from mailproxy.service import ProxyService, wrapFactory
+from mailproxy.service import RESTART_ONLY, ProxyService, wrapFactory
 from mailproxy.startup import StartupError, installReactor, oneLine, reason
 from mailproxy.stats import Delta, SessionInfo, Stats, StatsService
 
@@ -168,9 +175,11 @@ class Report(amp.Command):
 
 
 class Reload(amp.Command):
-    """Master to worker: the configuration file is valid again, apply it."""
+    """Master to worker: apply this configuration, the file's text as the master checked it."""
 
-    arguments: ClassVar[list[tuple[bytes, amp.Argument]]] = []
+    arguments: ClassVar[list[tuple[bytes, amp.Argument]]] = [
+        (b"config", JSONValue()),  # type: ignore[no-untyped-call]
+    ]
     response: ClassVar[list[tuple[bytes, amp.Argument]]] = [(b"applied", amp.Boolean())]
 
 
@@ -411,10 +420,12 @@ class Supervisor:
         slot.flushing.addBoth(done)
         return waiter
 
-    async def reload(self) -> list[bool]:
-        """Tell every running worker to reload; whether each applied it."""
+    async def reload(self, text: bytes) -> list[bool]:
+        """Tell every running worker to apply C{text} (a checked file); whether each applied it."""
         calls = [
-            slot.channel.callRemote(Reload).addCallback(lambda answer: bool(answer["applied"]))  # type: ignore[no-untyped-call]
+            slot.channel.callRemote(Reload, config=text.decode("utf-8")).addCallback(  # type: ignore[no-untyped-call]
+                lambda answer: bool(answer["applied"])
+            )
             for slot in self._slots
             if slot.channel is not None
         ]
@@ -594,6 +605,8 @@ class MasterService(ProxyService):
         self._logTarget = logTarget
         self._command = list(workerCommand or [sys.executable, "-c", WORKER_ENTRY])
         super().__init__(config, reactor, factories, uid=uid, gid=gid, daemonised=daemonised)
+        #: The text the master started with: what takes a restart comes from it.
+        self._started = config.source
         self.supervisor = Supervisor(config.workers, self._spawn, reactor, self.stats)
 
     def _addListeners(self, config: Config, reactor: Any) -> None:
@@ -663,9 +676,13 @@ class MasterService(ProxyService):
     def _spawn(
         self, index: int, protocol: WorkerProcess
     ) -> tuple[IProcessTransport, MasterChannel | None]:
-        """Start worker C{index}: its channel on descriptor 3, its sockets from 4 on."""
+        """
+        Start worker C{index}: its channel on descriptor 3, its sockets from 4 on, then
+        its configuration (L{_configFile}).
+        """
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         devnull = os.open(os.devnull, os.O_RDONLY)
+        configFile = _configFile(self._started, self.config.source)
         try:
             childFDs: dict[int, int | str] = {0: devnull, 1: 1, 2: 2, CHANNEL_FD: theirs.fileno()}
             if self._logTarget != "-":
@@ -684,8 +701,11 @@ class MasterService(ProxyService):
                         "tls": bound.tls,
                     }
                 )
+            configFd = CHANNEL_FD + 1 + len(listeners)
+            childFDs[configFd] = configFile.fileno()
             spec = {
                 "config": self.config.path,
+                "configFd": configFd,
                 "index": index,
                 "listeners": listeners,
                 "log": "-" if self._logTarget == "-" else RELAY,
@@ -701,6 +721,7 @@ class MasterService(ProxyService):
             self._reactor.adoptStreamConnection(mine.fileno(), socket.AF_UNIX, _once(channel))
         finally:
             os.close(devnull)
+            configFile.close()
             mine.close()
             theirs.close()
         return process, channel
@@ -714,15 +735,15 @@ class MasterService(ProxyService):
 
         return Deferred.fromCoroutine(fresh())
 
-    def reload(self) -> bool:
+    def reload(self, text: bytes | None = None) -> bool:
         """Load and check the configuration once; only a valid one goes to every worker."""
-        if not super().reload():
+        if not super().reload(text):
             return False
         Deferred.fromCoroutine(self._reloadWorkers())
         return True
 
     async def _reloadWorkers(self) -> None:
-        applied = await self.supervisor.reload()
+        applied = await self.supervisor.reload(self.config.source)
         self._log.info(
             "reload passed to the workers: {applied} of {count} applied it",
             applied=sum(applied),
@@ -734,6 +755,34 @@ class MasterService(ProxyService):
         for bound in {id(b.socket): b for w in self._bound for b in w}.values():
             bound.socket.close()
         self._bound = []
+
+
+def _configFile(started: bytes, running: bytes) -> IO[bytes]:
+    """
+    A private file without a name (its content may hold secrets, which a command line
+    would show to every user) for a worker to read its configuration from: the text the
+    master started with and the one it runs now (the same, or a reload's).
+    """
+    f = tempfile.TemporaryFile()
+    texts = {"started": started.decode("utf-8"), "running": running.decode("utf-8")}
+    f.write(json.dumps(texts).encode())
+    f.seek(0)
+    return f
+
+
+def workerConfig(path: str, reactor: Any, data: bytes) -> Config:
+    """
+    The configuration a worker starts with, from what L{_configFile} holds: the running
+    text, with the values that take a restart from the text the master started with.
+
+    @raise ConfigError: either text no longer validates (a file it names has changed).
+    """
+    texts = json.loads(data)
+    running = load(path, reactor, texts["running"].encode("utf-8"))
+    if texts["started"] == texts["running"]:
+        return running
+    started = load(path, reactor, texts["started"].encode("utf-8"))
+    return attrs.evolve(running, **{name: getattr(started, name) for name in RESTART_ONLY.values()})
 
 
 def _once(protocol: amp.AMP) -> Factory:
@@ -918,8 +967,8 @@ class WorkerChannel(amp.AMP):
         return {}
 
     @Reload.responder
-    def reload(self) -> dict[str, Any]:
-        return {"applied": self._service.reload()}
+    def reload(self, config: str) -> dict[str, Any]:
+        return {"applied": self._service.reload(config.encode("utf-8"))}
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         super().connectionLost(reason)  # type: ignore[no-untyped-call]
@@ -987,7 +1036,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = Logger(namespace="mailproxy.workers")
     status = [0]
     try:
-        config = load(spec["config"], reactor)
+        with open(spec["configFd"], "rb") as f:
+            config = workerConfig(spec["config"], reactor, f.read())
         service = WorkerService(
             config,
             reactor,

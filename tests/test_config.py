@@ -135,7 +135,7 @@ class SampleTests(ConfigTestCase):
 
         sections = [camel(name) for name in SECTIONS.split(", ")[1:]]
         names = [
-            *keys(Config, "path", *sections),
+            *keys(Config, "path", "source", *sections),
             *keys(Limits),
             *keys(TLSSettings),
             *keys(UpstreamTLS),
@@ -329,6 +329,34 @@ class FileErrorTests(ConfigTestCase):
         """An empty file lacks the required C{proxy.listen}."""
         path = self.write("")
         self.assertError(path, "proxy.listen", "missing: a server endpoint string is required")
+
+
+class TextTests(ConfigTestCase):
+    """A text read before (a worker's, from its master) is validated instead of the file."""
+
+    def test_source(self) -> None:
+        """What was read is kept as the configuration's source, byte for byte."""
+        path = self.configure(proxy='hostname = "read.test"')
+        with open(path, "rb") as f:
+            text = f.read()
+        self.assertEqual(self.load(path).source, text)
+
+    def test_textNotFile(self) -> None:
+        """The text is what counts: the file, changed or gone since, is not read."""
+        path = self.configure(proxy='hostname = "checked.test"')
+        with open(path, "rb") as f:
+            text = f.read()
+        os.remove(path)
+        config = load(path, self.reactor, text)
+        self.assertEqual((config.hostname, config.path, config.source), ("checked.test", path, text))
+
+    def test_errorsNameThePath(self) -> None:
+        """A text that is wrong is reported as the file's error would be."""
+        path = self.configure()
+        e = self.assertRaises(ConfigError, load, path, self.reactor, b"[nosuch]\n")
+        self.assertEqual(str(e).split(": ")[0], path)
+        e = self.assertRaises(ConfigError, load, path, self.reactor, b'hostname = "\xff"')
+        self.assertEqual(str(e), f"{path}: not UTF-8 text: invalid start byte at byte 12")
 
 
 class KeyErrorTests(ConfigTestCase):

@@ -226,10 +226,10 @@ class _FakeWorker:
     def __init__(self, clock: Clock) -> None:
         self.stats = Stats(clock)
         self.stats.recordDeltas()
-        self.reloads = 0
+        self.reloads: list[bytes | None] = []
 
-    def reload(self) -> bool:
-        self.reloads += 1
+    def reload(self, text: bytes | None = None) -> bool:
+        self.reloads.append(text)
         return True
 
 
@@ -317,11 +317,15 @@ class ChannelTests(SynchronousTestCase):
         self.assertEqual(self.master.sessions(), [])
 
     def test_reload(self) -> None:
-        """The master's Reload makes the worker reload, and says whether it applied."""
+        """
+        The master's Reload makes the worker apply the text the master checked (not the
+        file, which may have changed since), however long, and says whether it applied.
+        """
+        text = '[proxy]\nhostname = "caf\u00e9.test"\n' + "# padding\n" * 10000
         answers: list[Any] = []
-        self.masterChannel.callRemote(Reload).addCallback(answers.append)
+        self.masterChannel.callRemote(Reload, config=text).addCallback(answers.append)
         self.pump.flush()
-        self.assertEqual(self.service.reloads, 1)
+        self.assertEqual(self.service.reloads, [text.encode("utf-8")])
         self.assertEqual(answers, [{"applied": True}])
 
     def test_masterGone(self) -> None:
@@ -512,13 +516,13 @@ class MasterTests(ProxyTestCase):
         self.json = os.path.join(self.directory, "mailproxy.json")
         self.writeConfig("one.test")
 
-    def writeConfig(self, hostname: str) -> None:
+    def writeConfig(self, hostname: str, spool: str | None = None) -> None:
         with open(self.config, "w") as f:
             f.write(
                 "[proxy]\n"
                 f'listen = "tcp:{self.port}:interface=127.0.0.1"\n'
                 f'upstream = "tcp:host=127.0.0.1:port={self.mtaPort}"\n'
-                f'spool_dir = "{self.spool}"\n'
+                f'spool_dir = "{spool or self.spool}"\n'
                 f'hostname = "{hostname}"\n'
                 'greeting = "own"\n'
                 'client_names = "off"\n'
@@ -590,6 +594,10 @@ class MasterTests(ProxyTestCase):
         return client
 
     async def message(self) -> list[int]:
+        return (await self.transaction()).codes
+
+    async def transaction(self) -> RawClient:
+        """One message sent, and the connection closed; the client, with its replies."""
         client = await self.client()
         client.send(b"EHLO c.test\r\n")
         await client.expect(2)
@@ -597,7 +605,7 @@ class MasterTests(ProxyTestCase):
         await client.expect(5)
         client.send(b"Subject: hi\r\n\r\nhello\r\n.\r\nQUIT\r\n")
         await client.lost
-        return client.codes
+        return client
 
     async def test_bothWorkersServe(self) -> None:
         """Mail goes through both workers; the master's stats socket sums them."""
@@ -693,6 +701,67 @@ class MasterTests(ProxyTestCase):
             self.assertRegex(text, rf"\[worker {index} [^\]]*\] reloaded ")
         banners = {(await self.client()).replies[0].text for _ in range(10)}
         self.assertEqual(banners, {"two.test ESMTP"})
+
+    async def restart(self, index: int) -> None:
+        """Kill worker C{index}; return once the master has started it again and it listens."""
+        victim = self.pids[index - 1]
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        rows = await until(
+            "the worker started again",
+            lambda: (s := self.snapshot())
+            and s["workers"][index - 1]["pid"] not in (None, victim)
+            and s["workers"],
+        )
+        self.pids = [r["pid"] for r in rows]
+        await until("listening again", lambda: self.listening(3))
+
+    async def banners(self) -> set[str]:
+        """The banners of messages sent until each worker has accepted one more."""
+
+        def accepted() -> list[int]:
+            snapshot = self.snapshot()
+            assert snapshot is not None
+            return [r["accepted"] for r in snapshot["workers"]]
+
+        before, texts = accepted(), set()
+        for _ in range(200):
+            client = await self.transaction()
+            self.assertEqual(client.codes[-2:], [250, 221])
+            texts.add(client.replies[0].text)
+            if all(now > then for now, then in zip(accepted(), before, strict=True)):
+                return texts
+        raise AssertionError("one worker took every connection")
+
+    async def test_restartedKeepsTheRunningConfig(self) -> None:
+        """
+        A worker started again reads the configuration the master checked, not the file:
+        one edited since without SIGHUP changes nothing, in any worker.
+        """
+        await self.startMaster()
+        self.writeConfig("edited.test")
+        await self.restart(1)
+        self.assertEqual(await self.banners(), {"one.test ESMTP"})
+
+    async def test_restartedAfterReload(self) -> None:
+        """
+        After a reload, a worker started again runs the reload's text, but keeps the
+        values that take a restart from the master's start, as its sibling does.
+        """
+        await self.startMaster()
+        moved = os.path.join(self.directory, "moved-spool")
+        self.writeConfig("two.test", spool=moved)
+        self.master.send_signal(signal.SIGHUP)
+        await until(
+            "both workers reloaded",
+            lambda: "reload passed to the workers: 2 of 2 applied it" in self.logText(),
+        )
+        self.assertIn("proxy.spool_dir changed, which takes a restart", self.logText())
+        with open(self.config, "w") as f:
+            f.write("[nosuch]\n")  # and then broken, without SIGHUP
+        await self.restart(1)
+        self.assertEqual(await self.banners(), {"two.test ESMTP"})
+        self.assertFalse(os.path.exists(moved), "the restarted worker used the new spool_dir")
 
     async def test_badReloadGoesNowhere(self) -> None:
         """An invalid configuration on SIGHUP is refused once, in the master only."""
