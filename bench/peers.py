@@ -565,7 +565,11 @@ def tableRows(peers: list[Peer], results: Results) -> list[tuple[str, list[str]]
 
 
 def targetChecks(results: Results) -> list[str]:
-    """The issue's targets, as ratios measured in this run."""
+    """
+    The issue's targets, as ratios measured in this run; beside each, what Twisted's own
+    TCP relay (portforward, one process, no SMTP at all) reaches: a proxy on Twisted's
+    reactor that does more than move bytes can hardly pass it.
+    """
 
     def get(name: str, key: str) -> float | None:
         return median(results.get(name, {}).get(key))
@@ -573,61 +577,58 @@ def targetChecks(results: Results) -> list[str]:
     def ratio(a: float | None, b: float | None) -> float | None:
         return a / b if a is not None and b else None
 
-    checks: list[tuple[str, float | None, float, bool]] = [
-        (
-            "1 KB at 20 sessions, workers=2 / aiosmtpd",
-            ratio(get("mailproxy-w2", "small20"), get("aiosmtpd", "small20")),
-            2.5,
-            True,
-        ),
-        (
-            "1 KB at 20 sessions, workers=2 / HAProxy",
-            ratio(get("mailproxy-w2", "small20"), get("haproxy", "small20")),
-            0.5,
-            True,
-        ),
-        (
-            "1 KB at 20 sessions, workers=1 / aiosmtpd",
-            ratio(get("mailproxy-w1", "small20"), get("aiosmtpd", "small20")),
-            1.5,
-            True,
-        ),
-        (
-            "1 KB at 1 session, workers=1 / aiosmtpd",
-            ratio(get("mailproxy-w1", "small1"), get("aiosmtpd", "small1")),
-            1.5,
-            True,
-        ),
-        (
-            "1 MB at 4 sessions, workers=1 / direct",
-            ratio(get("mailproxy-w1", "large4"), get("direct", "large4")),
-            0.6,
-            True,
-        ),
+    def added(name: str) -> float | None:
+        mine, direct = get(name, "latency"), get("direct", "latency")
+        return mine - direct if mine is not None and direct is not None else None
+
+    # label, mailproxy's peer, workload, the reference, wanted, at least (else at most)
+    rated = [
+        ("1 KB at 20 sessions, workers=2 / aiosmtpd", "mailproxy-w2", "small20", "aiosmtpd", 2.5),
+        ("1 KB at 20 sessions, workers=2 / HAProxy", "mailproxy-w2", "small20", "haproxy", 0.5),
+        ("1 KB at 20 sessions, workers=1 / aiosmtpd", "mailproxy-w1", "small20", "aiosmtpd", 1.5),
+        ("1 KB at 1 session, workers=1 / aiosmtpd", "mailproxy-w1", "small1", "aiosmtpd", 1.5),
+        ("1 MB at 4 sessions, workers=1 / direct", "mailproxy-w1", "large4", "direct", 0.6),
     ]
-    direct = get("direct", "latency")
-    w1 = get("mailproxy-w1", "latency")
-    added = w1 - direct if w1 is not None and direct is not None else None
-    checks.append(("added latency, workers=1 (ms)", added, 0.7, False))
+    checks: list[tuple[str, float | None, float | None, float, bool]] = [
+        (
+            label,
+            ratio(get(name, key), get(ref, key)),
+            ratio(get("portforward", key), get(ref, key)),
+            wanted,
+            True,
+        )
+        for label, name, key, ref, wanted in rated
+    ]
+    checks.append(
+        ("added latency, workers=1 (ms)", added("mailproxy-w1"), added("portforward"), 0.7, False)
+    )
     for name in ("mailproxy-w1", "mailproxy-w2"):
         checks.append(
             (
                 f"peak RSS per process with 100 MB, {name} (MiB)",
                 get(name, "big_hwm_max"),
+                None,
                 80.0,
                 False,
             )
         )
-    lines = ["| target | measured | wanted | met |", "| --- | ---: | ---: | --- |"]
-    for label, value, wanted, atLeast in checks:
+
+    def shown(value: float | None, atLeast: bool) -> str:
         if value is None:
-            lines.append(f"| {label} | — | {'≥' if atLeast else '≤'} {wanted:g} | — |")
-            continue
-        met = value >= wanted if atLeast else value <= wanted
-        shown = f"{value:.2f}x" if atLeast else f"{value:.2f}"
+            return "—"
+        return f"{value:.2f}x" if atLeast else f"{value:.2f}"
+
+    lines = [
+        "| target | measured | wanted | met | Twisted portforward |",
+        "| --- | ---: | ---: | --- | ---: |",
+    ]
+    for label, value, floor, wanted, atLeast in checks:
+        want = f"{'≥' if atLeast else '≤'} {wanted:g}{'x' if atLeast else ''}"
+        met = "—"
+        if value is not None:
+            met = "yes" if (value >= wanted if atLeast else value <= wanted) else "no"
         lines.append(
-            f"| {label} | {shown} | {'≥' if atLeast else '≤'} {wanted:g}"
-            f"{'x' if atLeast else ''} | {'yes' if met else 'no'} |"
+            f"| {label} | {shown(value, atLeast)} | {want} | {met} | {shown(floor, atLeast)} |"
         )
     return lines
 
