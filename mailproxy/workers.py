@@ -101,7 +101,8 @@ __all__ = [
 #: Seconds between two reports of a worker's counters, at most (and the most a killed
 #: worker's counts can lose).
 REPORT_INTERVAL = 0.25
-#: While a worker has sessions, it reports them at least this often (their phases change).
+#: A worker looks this often for a change in its sessions that it was not told of (a phase,
+#: a sender), and reports them if there is one.
 SESSIONS_INTERVAL = 1.0
 #: A worker that died is started again after this many seconds, doubled each time it dies
 #: again soon (before L{STABLE_AFTER}), up to L{BACKOFF_MAX}.
@@ -908,8 +909,10 @@ class WorkerService(ProxyService):
 class WorkerChannel(amp.AMP):
     """
     The worker's end of the channel: reports the counters (at most once every
-    L{REPORT_INTERVAL} seconds, only when something was counted, and every
-    L{SESSIONS_INTERVAL} seconds while sessions are active), and reloads when told.
+    L{REPORT_INTERVAL} seconds, only when something was counted) and its sessions (when
+    one starts or ends, and when one has changed, as found every L{SESSIONS_INTERVAL}
+    seconds or at the master's Flush), and reloads when told. Sessions that only idle
+    cost a comparison a second, not a report: the master keeps the list last sent.
     """
 
     _log = Logger()
@@ -920,6 +923,8 @@ class WorkerChannel(amp.AMP):
         self._clock = clock
         self._pending: IDelayedCall | None = None
         self._sessionsSent = True  # none yet: nothing to say
+        #: The sessions as last reported (what the master shows).
+        self._lastSessions: list[tuple[SessionInfo, float]] = []
         self._refresh = LoopingCall(self._refreshSessions)
         self._refresh.clock = clock
         self.lost: Deferred[None] = Deferred()
@@ -935,9 +940,14 @@ class WorkerChannel(amp.AMP):
         self.schedule()
 
     def _refreshSessions(self) -> None:
-        if self._service.stats.localSessions():
-            self._sessionsSent = False
+        if self._sessionsMoved():
             self.schedule()
+
+    def _sessionsMoved(self) -> bool:
+        """Whether the sessions are to be reported: not as last sent, or already due."""
+        if self._sessionsSent and self._service.stats.localSessions() != self._lastSessions:
+            self._sessionsSent = False
+        return not self._sessionsSent
 
     def schedule(self) -> None:
         """Something was counted: report it within L{REPORT_INTERVAL} seconds."""
@@ -952,7 +962,8 @@ class WorkerChannel(amp.AMP):
         stats = self._service.stats
         sessions = None
         if not self._sessionsSent:
-            sessions = sessionsToWire(stats.localSessions())
+            self._lastSessions = stats.localSessions()
+            sessions = sessionsToWire(self._lastSessions)
             self._sessionsSent = True
         d: Deferred[Any] = self.callRemote(  # type: ignore[no-untyped-call]
             Report, delta=stats.takeDelta().toWire(), sessions=sessions
@@ -962,7 +973,9 @@ class WorkerChannel(amp.AMP):
 
     @Flush.responder
     def flushNow(self) -> dict[str, Any]:
-        # The report goes out first: the master has it when this answer arrives.
+        # The report goes out first: the master has it when this answer arrives, with
+        # the sessions as they are now if they changed since the last one.
+        self._sessionsMoved()
         self.flush()
         return {}
 
