@@ -78,7 +78,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailproxy import proxyprotocol
-from mailproxy.config import Config, load
+from mailproxy.config import Config, ConfigError, load
 from mailproxy.filters import IFilterFactory
 from mailproxy.logs import ClassicText, eventText
 from mailproxy.service import RESTART_ONLY, ProxyService, wrapFactory
@@ -97,6 +97,8 @@ __all__ = [
     "WorkerService",
     "main",
 ]
+
+_workerLog = Logger(namespace="mailproxy.workers")
 
 #: Seconds between two reports of a worker's counters, at most (and the most a killed
 #: worker's counts can lose).
@@ -771,18 +773,29 @@ def _configFile(started: bytes, running: bytes) -> IO[bytes]:
     return f
 
 
-def workerConfig(path: str, reactor: Any, data: bytes) -> Config:
+def workerConfig(path: str, reactor: Any, data: bytes, index: int) -> Config:
     """
     The configuration a worker starts with, from what L{_configFile} holds: the running
-    text, with the values that take a restart from the text the master started with.
+    text, with the values that take a restart from the text the master started with. If
+    that one no longer validates (a certificate it named is gone since a reload put
+    another in its place), the running one's values are taken, and a warning says so.
 
-    @raise ConfigError: either text no longer validates (a file it names has changed).
+    @raise ConfigError: the running text no longer validates (a file it names changed).
     """
     texts = json.loads(data)
     running = load(path, reactor, texts["running"].encode("utf-8"))
     if texts["started"] == texts["running"]:
         return running
-    started = load(path, reactor, texts["started"].encode("utf-8"))
+    try:
+        started = load(path, reactor, texts["started"].encode("utf-8"))
+    except ConfigError as e:
+        _workerLog.warn(
+            "worker {worker}: the configuration the master started with no longer"
+            " validates ({why}): what takes a restart is the running one's",
+            worker=index,
+            why=e,
+        )
+        return running
     return attrs.evolve(running, **{name: getattr(started, name) for name in RESTART_ONLY.values()})
 
 
@@ -1046,11 +1059,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     globalLogBeginner.beginLoggingTo(
         [_Tagged(index, publisher)], discardBuffer=True, redirectStandardIO=False
     )
-    log = Logger(namespace="mailproxy.workers")
+    log = _workerLog
     status = [0]
     try:
         with open(spec["configFd"], "rb") as f:
-            config = workerConfig(spec["config"], reactor, f.read())
+            config = workerConfig(spec["config"], reactor, f.read(), index)
         service = WorkerService(
             config,
             reactor,

@@ -25,6 +25,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
@@ -937,6 +939,50 @@ class ReadersTests(SynchronousTestCase):
         names = namespace(Proxy())  # type: ignore[arg-type]
         self.assertEqual([w["pid"] for w in names["workers"]()], [101, None])  # type: ignore[operator]
         self.assertEqual(names["sessions"]()[0]["worker"], 1)  # type: ignore[operator,index]
+
+
+class WorkerConfigTests(SynchronousTestCase):
+    """What a worker starts with: the master's texts, never the file (L{workers.workerConfig})."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.directory = os.path.abspath(self.mktemp())
+        os.mkdir(self.directory)
+        self.path = os.path.join(self.directory, "absent.toml")  # never read
+
+    def text(self, hostname: str, spool: str) -> str:
+        return (
+            '[proxy]\nlisten = "tcp:2525"\nupstream = "tcp:host=127.0.0.1:port=25"\n'
+            f'hostname = "{hostname}"\nspool_dir = "{os.path.join(self.directory, spool)}"\n'
+        )
+
+    def config(self, started: str, running: str) -> Any:
+        data = json.dumps({"started": started, "running": running}).encode()
+        return workers.workerConfig(self.path, self.reactor, data, 1)
+
+    def test_asStarted(self) -> None:
+        """No reload yet: the text the master started with, as it is."""
+        text = self.text("one.test", "spool")
+        config = self.config(text, text)
+        self.assertEqual((config.hostname, config.source), ("one.test", text.encode()))
+
+    def test_afterReload(self) -> None:
+        """After a reload: its text, but the restart-only values of the start."""
+        config = self.config(self.text("one.test", "spool"), self.text("two.test", "moved"))
+        self.assertEqual(config.hostname, "two.test")
+        self.assertEqual(config.spoolDir, os.path.join(self.directory, "spool"))
+
+    def test_startedNoLongerValid(self) -> None:
+        """A start text that no longer validates gives way to the running one, with a warning."""
+        events: list[dict[str, Any]] = []
+        self.patch(workers, "_workerLog", Logger(namespace="mailproxy.workers", observer=events.append))
+        gone = os.path.join(self.directory, "gone", "deeper")
+        started = self.text("one.test", "spool").replace(os.path.join(self.directory, "spool"), gone)
+        config = self.config(started, self.text("two.test", "moved"))
+        self.assertEqual(config.spoolDir, os.path.join(self.directory, "moved"))
+        [event] = events
+        self.assertIn("no longer validates", formatEvent(event))
+        self.assertIn("proxy.spool_dir", formatEvent(event))
 
 
 class ShareTests(SynchronousTestCase):
