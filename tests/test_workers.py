@@ -329,15 +329,20 @@ class ChannelTests(SynchronousTestCase):
         self.pump.flush()
         self.assertEqual(self.master.sessions(), [])
 
+    def reported(self) -> _View:
+        """A session started, in greeting, and its report received."""
+        view = _View("S1", "greeting")
+        self.service.stats.sessionStarted(view)
+        self.clock.advance(REPORT_INTERVAL)
+        self.pump.flush()
+        return view
+
     def test_idleSessionsNotResent(self) -> None:
         """
         Sessions that only idle are reported once, not again every second: the master
         keeps the list it was sent (5,000 idle sessions cost a report of 700 KB a second).
         """
-        view = _View("S1", "greeting")
-        self.service.stats.sessionStarted(view)
-        self.clock.advance(REPORT_INTERVAL)
-        self.pump.flush()
+        self.reported()
         self.assertEqual(len(self.reports), 1)
         for _ in range(5):
             self.clock.advance(SESSIONS_INTERVAL)
@@ -350,10 +355,7 @@ class ChannelTests(SynchronousTestCase):
 
     def test_changedSessionResent(self) -> None:
         """A session's new phase reaches the master within a second, with no other count."""
-        view = _View("S1", "greeting")
-        self.service.stats.sessionStarted(view)
-        self.clock.advance(REPORT_INTERVAL)
-        self.pump.flush()
+        view = self.reported()
         view.phase = "data"
         self.clock.advance(SESSIONS_INTERVAL)
         self.clock.advance(REPORT_INTERVAL)
@@ -364,10 +366,7 @@ class ChannelTests(SynchronousTestCase):
 
     def test_flushSeesChangedSession(self) -> None:
         """The master's Flush (a read of the page or the stats socket) gets the phase of now."""
-        view = _View("S1", "greeting")
-        self.service.stats.sessionStarted(view)
-        self.clock.advance(REPORT_INTERVAL)
-        self.pump.flush()
+        view = self.reported()
         view.phase = "data"
         self.masterChannel.callRemote(Flush)
         self.pump.flush()
