@@ -98,6 +98,7 @@ __all__ = [
     "main",
 ]
 
+#: A worker's own events, before and besides its service's (the namespace its lines always had).
 _workerLog = Logger(namespace="mailproxy.workers")
 
 #: Seconds between two reports of a worker's counters, at most (and the most a killed
