@@ -57,7 +57,22 @@ RESTART_ONLY = {
 EXPIRY_INTERVAL = 86400.0
 
 
-__all__ = ["RESTART_ONLY", "ProxyService", "StartupError", "wrapFactory"]
+__all__ = ["RESTART_ONLY", "ProxyService", "StartupError", "keepRestartOnly", "wrapFactory"]
+
+
+def keepRestartOnly(config: Config, running: Config) -> tuple[Config, list[str]]:
+    """
+    C{config} with the values that take a restart kept from C{running}, and the keys of
+    those it would have changed.
+    """
+    changed = [
+        key for key, name in RESTART_ONLY.items() if getattr(config, name) != getattr(running, name)
+    ]
+    if changed:
+        config = attrs.evolve(
+            config, **{name: getattr(running, name) for name in RESTART_ONLY.values()}
+        )
+    return config, changed
 
 
 def wrapFactory(
@@ -382,16 +397,8 @@ class ProxyService(MultiService):
         """
         old = self.config
         try:
-            config = self._adjust(load(old.path, self._reactor, text))
-            restart = [
-                key
-                for key, name in RESTART_ONLY.items()
-                if getattr(config, name) != getattr(old, name)
-            ]
-            if restart:
-                config = attrs.evolve(
-                    config, **{name: getattr(old, name) for name in RESTART_ONLY.values()}
-                )
+            loaded = self._adjust(load(old.path, self._reactor, text))
+            config, restart = keepRestartOnly(loaded, old)
             settings = self._settings(config)
             directories.prepare(config)  # a new quarantine directory (as the service user)
         except ConfigError as e:

@@ -81,7 +81,7 @@ from mailproxy import proxyprotocol
 from mailproxy.config import Config, ConfigError, load
 from mailproxy.filters import IFilterFactory
 from mailproxy.logs import ClassicText, eventText
-from mailproxy.service import RESTART_ONLY, ProxyService, wrapFactory
+from mailproxy.service import ProxyService, keepRestartOnly, wrapFactory
 from mailproxy.startup import StartupError, installReactor, oneLine, reason
 from mailproxy.stats import Delta, SessionInfo, Stats, StatsService
 
@@ -684,9 +684,9 @@ class MasterService(ProxyService):
         Start worker C{index}: its channel on descriptor 3, its sockets from 4 on, then
         its configuration (L{_configFile}).
         """
+        configFile = _configFile(self._started, self.config.source)
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         devnull = os.open(os.devnull, os.O_RDONLY)
-        configFile = _configFile(self._started, self.config.source)
         try:
             childFDs: dict[int, int | str] = {0: devnull, 1: 1, 2: 2, CHANNEL_FD: theirs.fileno()}
             if self._logTarget != "-":
@@ -797,7 +797,7 @@ def workerConfig(path: str, reactor: Any, data: bytes, index: int) -> Config:
             why=e,
         )
         return running
-    return attrs.evolve(running, **{name: getattr(started, name) for name in RESTART_ONLY.values()})
+    return keepRestartOnly(running, started)[0]
 
 
 def _once(protocol: amp.AMP) -> Factory:
